@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything beyond Rust and Python is installed here, pinned, into the project tree (.venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+TOOLS_STAMP := $(VENV)/.installed
+export MOTO_SERVER := $(VENV)/bin/moto_server
+
+.PHONY: help tools demo test fmt lint unit clean
+
+help:
+	@echo "make demo   build, start the local emulators and replay the sample story"
+	@echo "make test   formatting, lints, unit and end-to-end tests against local emulators"
+	@echo "make tools  install the pinned local tools into .venv (done by demo and test)"
+
+# Pinned Python tools (moto server) in a project-local virtual environment.
+$(TOOLS_STAMP): tests/requirements.txt
+	@echo "==> installing pinned tools into .venv"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+tools: $(TOOLS_STAMP)
+
+demo: tools
+	cargo run --quiet --package local-emulators --bin demo
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+test: tools lint
+	cargo test --workspace
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

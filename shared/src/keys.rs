@@ -1,0 +1,172 @@
+//! Symmetric keys as Azure DPS uses them, and the enrollment-group key derivation.
+//!
+//! A [`SymmetricKey`] holds decoded key bytes. Its `Debug` output is redacted and its memory is
+//! wiped on drop, so a key that ends up in a log line or an error by mistake shows nothing.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ring::hmac;
+
+/// Why a key was refused. Carries no part of the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("key is empty")]
+    Empty,
+    #[error("key is not valid base64")]
+    NotBase64,
+}
+
+/// A symmetric key (group key or device key), as decoded bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SymmetricKey(Vec<u8>);
+
+impl SymmetricKey {
+    /// Decodes a key as the Azure portal and CLI show it: standard base64 with padding.
+    /// Surrounding whitespace (a trailing newline from `aws ssm put-parameter --value file://`)
+    /// is ignored.
+    pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
+        let trimmed = encoded.trim();
+        if trimmed.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        let bytes = STANDARD.decode(trimmed).map_err(|_| KeyError::NotBase64)?;
+        if bytes.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(Self(bytes))
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, KeyError> {
+        if bytes.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The key in the form devices and connection strings carry it.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(&self.0)
+    }
+
+    /// HMAC-SHA256 of `message` under this key.
+    pub fn sign(&self, message: &[u8]) -> [u8; 32] {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
+        let tag = hmac::sign(&key, message);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Checks `tag` against the HMAC-SHA256 of `message` in constant time.
+    pub fn verify(&self, message: &[u8], tag: &[u8]) -> bool {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
+        hmac::verify(&key, message, tag).is_ok()
+    }
+
+    /// The device key of `registration_id` in the enrollment group whose key this is:
+    /// `HMAC-SHA256(key = group key, msg = registration id)`, as every Azure device SDK derives it.
+    pub fn derive_device_key(&self, registration_id: &str) -> SymmetricKey {
+        SymmetricKey(self.sign(registration_id.as_bytes()).to_vec())
+    }
+}
+
+impl std::fmt::Debug for SymmetricKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SymmetricKey([redacted])")
+    }
+}
+
+impl Drop for SymmetricKey {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites a buffer so that a dropped secret does not linger in freed memory.
+pub(crate) fn wipe(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference; volatile keeps the store.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Compares two byte strings in time that depends only on their lengths, for comparing
+/// signatures or tokens that an attacker may probe byte by byte.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derives_the_documented_device_key() {
+        let group = SymmetricKey::from_base64(
+            "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==",
+        )
+        .unwrap();
+        let device = group.derive_device_key("sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6");
+        assert_eq!(
+            device.to_base64(),
+            "Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc="
+        );
+    }
+
+    #[test]
+    fn derivation_depends_on_registration_id() {
+        let group =
+            SymmetricKey::from_base64("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=").unwrap();
+        assert_ne!(group.derive_device_key("a"), group.derive_device_key("b"));
+    }
+
+    #[test]
+    fn refuses_bad_keys_without_echoing_them() {
+        assert_eq!(SymmetricKey::from_base64("  \n"), Err(KeyError::Empty));
+        let err = SymmetricKey::from_base64("not*base64!secret").unwrap_err();
+        assert_eq!(err, KeyError::NotBase64);
+        assert!(!err.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn tolerates_trailing_newline() {
+        let key =
+            SymmetricKey::from_base64("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=\n").unwrap();
+        assert_eq!(
+            key.to_base64(),
+            "VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM="
+        );
+    }
+
+    #[test]
+    fn debug_is_redacted() {
+        let key =
+            SymmetricKey::from_base64("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=").unwrap();
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("VGhp"));
+        assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn verify_accepts_own_tag_and_rejects_others() {
+        let key =
+            SymmetricKey::from_base64("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=").unwrap();
+        let tag = key.sign(b"message");
+        assert!(key.verify(b"message", &tag));
+        assert!(!key.verify(b"massage", &tag));
+        assert!(!key.verify(b"message", &tag[..31]));
+    }
+
+    #[test]
+    fn ct_eq_compares_content_and_length() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"abcd"));
+        assert!(ct_eq(b"", b""));
+    }
+}

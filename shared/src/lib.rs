@@ -1,0 +1,20 @@
+//! Domain code shared by the provisioning functions.
+//!
+//! Nothing here knows about `lambda_runtime` or event types: the functions adapt their events to
+//! these types, so the same logic serves Lambda, the local emulators and the tests.
+//!
+//! - [`keys`]: symmetric keys, DPS group-key derivation, constant-time comparison.
+//! - [`sas`]: Azure DPS SAS tokens (build, parse, verify).
+//! - [`soracom`]: SIM identity from a SORACOM Funk client context, SORACOM Beam signatures.
+//! - [`secrets`]: secret lookup (SSM Parameter Store, DynamoDB) behind a trait, with a TTL cache.
+//! - [`registry`]: the device table (SIM and serial allowlists, provisioning records).
+//! - [`config`]: environment configuration read once, with errors that name the variable.
+//! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
+
+pub mod aws;
+pub mod config;
+pub mod keys;
+pub mod registry;
+pub mod sas;
+pub mod secrets;
+pub mod soracom;

@@ -1,0 +1,303 @@
+//! Shared access signature (SAS) tokens for the Azure DPS device registration API.
+//!
+//! `SharedAccessSignature sr={resource}&sig={signature}&se={expiry}&skn=registration` where
+//! `resource = urlencode("{idScope}/registrations/{registrationId}")` and the signature is
+//! `urlencode(base64(HMAC-SHA256(device key, resource + "\n" + expiry)))`. The signature covers
+//! the resource exactly as it is sent, which is why [`ParsedSas`] keeps the raw form: the device
+//! SDKs differ (`%2F`, `%2f` or no encoding at all) and a verifier must accept each as signed.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::keys::SymmetricKey;
+
+/// A complete token, ready to be used as the MQTT password. `Debug` is redacted: the token is a
+/// bearer credential until it expires.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SasToken(String);
+
+impl SasToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SasToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SasToken([redacted])")
+    }
+}
+
+/// The `sr` value for a registration: `{idScope}/registrations/{registrationId}`, percent-encoded
+/// with upper-case hex as RFC 3986 recommends (`/` becomes `%2F`).
+pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
+    percent_encode(
+        &format!("{id_scope}/registrations/{registration_id}"),
+        false,
+    )
+}
+
+/// base64 of the HMAC over `resource + "\n" + expiry`, not yet URL-encoded.
+pub fn signature(key: &SymmetricKey, resource_as_sent: &str, expiry: &str) -> String {
+    STANDARD.encode(key.sign(string_to_sign(resource_as_sent, expiry).as_bytes()))
+}
+
+/// The token a device presents to DPS when registering `registration_id` in `id_scope`, valid
+/// until `expiry` (Unix seconds).
+pub fn registration_token(
+    id_scope: &str,
+    registration_id: &str,
+    key: &SymmetricKey,
+    expiry: u64,
+) -> SasToken {
+    let resource = registration_resource(id_scope, registration_id);
+    let expiry = expiry.to_string();
+    let sig = percent_encode(&signature(key, &resource, &expiry), false);
+    SasToken(format!(
+        "SharedAccessSignature sr={resource}&sig={sig}&se={expiry}&skn=registration"
+    ))
+}
+
+fn string_to_sign(resource: &str, expiry: &str) -> String {
+    format!("{resource}\n{expiry}")
+}
+
+/// Why a presented token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SasError {
+    #[error("token does not start with 'SharedAccessSignature '")]
+    Scheme,
+    #[error("token lacks the '{0}' field")]
+    MissingField(&'static str),
+    #[error("token field '{0}' is malformed")]
+    Malformed(&'static str),
+}
+
+/// A token as received, fields read by name (their order varies between SDKs).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ParsedSas {
+    /// `sr` exactly as sent: the signature covers this form.
+    pub resource_as_sent: String,
+    /// `sr` percent-decoded, for comparing scope and registration id.
+    pub resource: String,
+    /// `se` exactly as sent.
+    pub expiry_as_sent: String,
+    pub expiry: u64,
+    /// `skn`, absent in tokens from the Python SDK.
+    pub key_name: Option<String>,
+    signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for ParsedSas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedSas")
+            .field("resource", &self.resource)
+            .field("expiry", &self.expiry)
+            .field("key_name", &self.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParsedSas {
+    pub fn parse(token: &str) -> Result<Self, SasError> {
+        let fields = token
+            .strip_prefix("SharedAccessSignature ")
+            .ok_or(SasError::Scheme)?;
+        let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
+        for pair in fields.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "sr" => sr = Some(value),
+                "sig" => sig = Some(value),
+                "se" => se = Some(value),
+                "skn" => skn = Some(value),
+                _ => {}
+            }
+        }
+        let sr = sr.ok_or(SasError::MissingField("sr"))?;
+        let sig = sig.ok_or(SasError::MissingField("sig"))?;
+        let se = se.ok_or(SasError::MissingField("se"))?;
+        let resource = percent_decode(sr).ok_or(SasError::Malformed("sr"))?;
+        let signature = percent_decode(sig)
+            .and_then(|s| STANDARD.decode(s).ok())
+            .ok_or(SasError::Malformed("sig"))?;
+        let expiry = se.parse::<u64>().map_err(|_| SasError::Malformed("se"))?;
+        let key_name = skn
+            .map(|k| percent_decode(k).ok_or(SasError::Malformed("skn")))
+            .transpose()?;
+        Ok(Self {
+            resource_as_sent: sr.to_owned(),
+            resource,
+            expiry_as_sent: se.to_owned(),
+            expiry,
+            key_name,
+            signature,
+        })
+    }
+
+    /// Whether the signature was made with `key` over the resource and expiry as sent.
+    /// Constant time in the signature.
+    pub fn verify(&self, key: &SymmetricKey) -> bool {
+        key.verify(
+            string_to_sign(&self.resource_as_sent, &self.expiry_as_sent).as_bytes(),
+            &self.signature,
+        )
+    }
+
+    /// Splits the decoded resource into `(idScope, registrationId)` if it has the registration
+    /// form `{idScope}/registrations/{registrationId}`.
+    pub fn registration(&self) -> Option<(&str, &str)> {
+        let (scope, rest) = self.resource.split_once('/')?;
+        let (kind, registration_id) = rest.split_once('/')?;
+        (kind == "registrations" && !scope.is_empty() && !registration_id.is_empty())
+            .then_some((scope, registration_id))
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(input: &str, lowercase_hex: bool) -> String {
+    const UPPER: &[u8; 16] = b"0123456789ABCDEF";
+    const LOWER: &[u8; 16] = b"0123456789abcdef";
+    let hex = if lowercase_hex { LOWER } else { UPPER };
+    let mut out = String::with_capacity(input.len() * 3);
+    for &b in input.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(hex[usize::from(b >> 4)] as char);
+            out.push(hex[usize::from(b & 0x0f)] as char);
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` escapes (either case). `None` on a broken escape or invalid UTF-8.
+pub fn percent_decode(input: &str) -> Option<String> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = (*bytes.get(i + 1)? as char).to_digit(16)?;
+            let lo = (*bytes.get(i + 2)? as char).to_digit(16)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b64: &str) -> SymmetricKey {
+        SymmetricKey::from_base64(b64).unwrap()
+    }
+
+    #[test]
+    fn documented_vector_lowercase_escape() {
+        let k = key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=");
+        let sr = percent_encode("0ne000EEBBD/registrations/FirstDevice", true);
+        assert_eq!(sr, "0ne000EEBBD%2fregistrations%2fFirstDevice");
+        let sig = percent_encode(&signature(&k, &sr, "1591921306"), false);
+        assert_eq!(sig, "hwgBlMB6G2Zg5ZcYtwmtLVKRbifiSCPfUMyscbVWa8o%3D");
+    }
+
+    #[test]
+    fn vector_upper_and_lower_forms_differ() {
+        let k = key("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=");
+        let upper = registration_resource("eight675309", "1-1-2-3-5-8-13-21");
+        assert_eq!(upper, "eight675309%2Fregistrations%2F1-1-2-3-5-8-13-21");
+        assert_eq!(
+            signature(&k, &upper, "1596897539"),
+            "oWi3PIRBfMqk0q0x6RlxP9uGTZlPAe32w8qe/D/zgfA="
+        );
+        let lower = percent_encode("eight675309/registrations/1-1-2-3-5-8-13-21", true);
+        assert_eq!(
+            signature(&k, &lower, "1596897539"),
+            "npj3I09+Jtl6VYHZM/H5mKMG8jn4Y3zty3dMjMkMMDs="
+        );
+    }
+
+    #[test]
+    fn token_has_documented_shape_and_verifies() {
+        let k = key("VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=");
+        let token = registration_token("eight675309", "1-1-2-3-5-8-13-21", &k, 1596897539);
+        assert_eq!(
+            token.as_str(),
+            "SharedAccessSignature sr=eight675309%2Fregistrations%2F1-1-2-3-5-8-13-21\
+             &sig=oWi3PIRBfMqk0q0x6RlxP9uGTZlPAe32w8qe%2FD%2FzgfA%3D&se=1596897539&skn=registration"
+        );
+        let parsed = ParsedSas::parse(token.as_str()).unwrap();
+        assert!(parsed.verify(&k));
+        assert_eq!(
+            parsed.registration(),
+            Some(("eight675309", "1-1-2-3-5-8-13-21"))
+        );
+        assert_eq!(parsed.key_name.as_deref(), Some("registration"));
+        assert!(!parsed.verify(&key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=")));
+    }
+
+    #[test]
+    fn verifies_each_sdk_form_as_sent() {
+        let k = key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=");
+        for sr in [
+            "0ne000EEBBD%2fregistrations%2fFirstDevice",
+            "0ne000EEBBD%2Fregistrations%2FFirstDevice",
+            "0ne000EEBBD/registrations/FirstDevice",
+        ] {
+            let sig = percent_encode(&signature(&k, sr, "1591921306"), false);
+            // Field order varies between SDKs, and the Python SDK sends no skn.
+            let token = format!("SharedAccessSignature se=1591921306&sig={sig}&sr={sr}");
+            let parsed = ParsedSas::parse(&token).unwrap();
+            assert!(parsed.verify(&k), "{sr}");
+            assert_eq!(parsed.registration(), Some(("0ne000EEBBD", "FirstDevice")));
+            assert_eq!(parsed.key_name, None);
+        }
+    }
+
+    #[test]
+    fn tampered_expiry_fails_verification() {
+        let k = key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=");
+        let token = registration_token("scope", "dev", &k, 100);
+        let tampered = token.as_str().replace("se=100", "se=999");
+        assert!(!ParsedSas::parse(&tampered).unwrap().verify(&k));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused_by_field() {
+        assert_eq!(ParsedSas::parse("Bearer x").unwrap_err(), SasError::Scheme);
+        assert_eq!(
+            ParsedSas::parse("SharedAccessSignature sig=AA%3D%3D&se=1").unwrap_err(),
+            SasError::MissingField("sr")
+        );
+        assert_eq!(
+            ParsedSas::parse("SharedAccessSignature sr=a&sig=%zz&se=1").unwrap_err(),
+            SasError::Malformed("sig")
+        );
+        assert_eq!(
+            ParsedSas::parse("SharedAccessSignature sr=a&sig=AA%3D%3D&se=soon").unwrap_err(),
+            SasError::Malformed("se")
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let k = key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=");
+        let token = registration_token("scope", "dev", &k, 100);
+        assert!(!format!("{token:?}").contains("sig="));
+    }
+
+    #[test]
+    fn percent_round_trip() {
+        let s = "a/b:c d%";
+        assert_eq!(percent_decode(&percent_encode(s, false)).unwrap(), s);
+        assert_eq!(percent_decode("%2f%2F").unwrap(), "//");
+        assert_eq!(percent_decode("%2"), None);
+    }
+}

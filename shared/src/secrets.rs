@@ -1,0 +1,300 @@
+//! Secret lookup: enrollment-group keys and individual device keys.
+//!
+//! [`SecretStore`] is the seam; [`SsmSecretStore`] (Parameter Store SecureString, decrypted
+//! through KMS) and [`DynamoSecretStore`] (one attribute of an item) are the adapters, and
+//! [`CachedSecretStore`] keeps answers for a TTL so a warm function does not call SSM on every
+//! invocation (SSM's default throughput is 40 TPS per account, shared with everything else).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_ssm::types::ParameterType;
+
+use crate::aws::{classify, Failure};
+use crate::keys::{wipe, KeyError, SymmetricKey};
+
+/// A secret value. `Debug` is redacted and memory is wiped on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        // SAFETY: zero bytes are valid UTF-8, so the String stays well-formed.
+        wipe(unsafe { self.0.as_bytes_mut() });
+    }
+}
+
+/// Why a secret could not be had. Names the secret, never its value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("secret {0} not found")]
+    NotFound(String),
+    #[error("secret {0} is stored as plain text; store it as an SSM SecureString")]
+    NotEncrypted(String),
+    #[error("secret {0} is empty")]
+    Empty(String),
+    #[error("secret store throttled the lookup of {0}")]
+    Throttled(String),
+    #[error("secret store unavailable for {name}: {reason}")]
+    Unavailable { name: String, reason: String },
+}
+
+impl SecretError {
+    fn from_failure(name: &str, failure: Failure) -> Self {
+        match failure {
+            Failure::Throttled => Self::Throttled(name.to_owned()),
+            Failure::Service(code) | Failure::Unavailable(code) => Self::Unavailable {
+                name: name.to_owned(),
+                reason: code,
+            },
+        }
+    }
+
+    /// Whether a later attempt may succeed (as opposed to a configuration problem).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled(_) | Self::Unavailable { .. })
+    }
+}
+
+/// Looks a secret up by name.
+pub trait SecretStore: Send + Sync {
+    fn get(&self, name: &str) -> impl Future<Output = Result<Secret, SecretError>> + Send;
+}
+
+/// Why a key could not be loaded: the lookup failed, or the stored value is not a key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyLookupError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error("secret {name} does not hold a usable key: {source}")]
+    Key {
+        name: String,
+        #[source]
+        source: KeyError,
+    },
+}
+
+/// Fetches the secret `name` and decodes it as a base64 symmetric key.
+pub async fn load_key(
+    store: &impl SecretStore,
+    name: &str,
+) -> Result<SymmetricKey, KeyLookupError> {
+    let secret = store.get(name).await?;
+    SymmetricKey::from_base64(secret.expose()).map_err(|source| KeyLookupError::Key {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// SSM Parameter Store. Only `SecureString` parameters are accepted: a key stored as a plain
+/// `String` is readable by anyone with `ssm:GetParameter*` and shows in the console.
+#[derive(Clone, Debug)]
+pub struct SsmSecretStore {
+    client: aws_sdk_ssm::Client,
+}
+
+impl SsmSecretStore {
+    pub fn new(client: aws_sdk_ssm::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl SecretStore for SsmSecretStore {
+    async fn get(&self, name: &str) -> Result<Secret, SecretError> {
+        let out = self
+            .client
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_parameter_not_found())
+                {
+                    SecretError::NotFound(name.to_owned())
+                } else {
+                    SecretError::from_failure(name, classify(&e))
+                }
+            })?;
+        let parameter = out
+            .parameter
+            .ok_or_else(|| SecretError::NotFound(name.to_owned()))?;
+        if parameter.r#type != Some(ParameterType::SecureString) {
+            return Err(SecretError::NotEncrypted(name.to_owned()));
+        }
+        match parameter.value {
+            Some(v) if !v.trim().is_empty() => Ok(Secret(v)),
+            _ => Err(SecretError::Empty(name.to_owned())),
+        }
+    }
+}
+
+/// One string attribute of a DynamoDB item whose partition key `pk` is the secret's name
+/// (for example the `device_key` of `sim#<imsi>` in the device table).
+#[derive(Clone, Debug)]
+pub struct DynamoSecretStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    attribute: String,
+}
+
+impl DynamoSecretStore {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: &str, attribute: &str) -> Self {
+        Self {
+            client,
+            table: table.to_owned(),
+            attribute: attribute.to_owned(),
+        }
+    }
+}
+
+impl SecretStore for DynamoSecretStore {
+    async fn get(&self, name: &str) -> Result<Secret, SecretError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(
+                crate::registry::KEY_ATTRIBUTE,
+                AttributeValue::S(name.to_owned()),
+            )
+            .projection_expression("#a")
+            .expression_attribute_names("#a", &self.attribute)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| SecretError::from_failure(name, classify(&e)))?;
+        match out.item.as_ref().and_then(|item| item.get(&self.attribute)) {
+            None => Err(SecretError::NotFound(name.to_owned())),
+            Some(AttributeValue::S(v)) if !v.trim().is_empty() => Ok(Secret(v.clone())),
+            Some(_) => Err(SecretError::Empty(name.to_owned())),
+        }
+    }
+}
+
+/// Keeps successful lookups for `ttl`. Failures are not cached, so a fixed parameter is picked
+/// up on the next call; a rotated key is picked up within `ttl`.
+pub struct CachedSecretStore<S> {
+    inner: S,
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, Secret)>>,
+}
+
+impl<S: SecretStore> CachedSecretStore<S> {
+    pub fn new(inner: S, ttl: Duration) -> Self {
+        Self {
+            inner,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, name: &str) -> Option<Secret> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(name)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, s)| s.clone())
+    }
+}
+
+impl<S: SecretStore> SecretStore for CachedSecretStore<S> {
+    async fn get(&self, name: &str) -> Result<Secret, SecretError> {
+        if let Some(hit) = self.cached(name) {
+            return Ok(hit);
+        }
+        let fresh = self.inner.get(name).await?;
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), (Instant::now(), fresh.clone()));
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts lookups and answers with the current "version" of the secret.
+    struct Counting {
+        calls: AtomicUsize,
+        fail: bool,
+    }
+
+    impl SecretStore for Counting {
+        async fn get(&self, name: &str) -> Result<Secret, SecretError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(SecretError::Throttled(name.to_owned()));
+            }
+            Ok(Secret::new(format!("{name}-v{n}")))
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_serves_within_ttl_and_refreshes_after() {
+        let store = CachedSecretStore::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                fail: false,
+            },
+            Duration::from_secs(3600),
+        );
+        assert_eq!(store.get("a").await.unwrap().expose(), "a-v0");
+        assert_eq!(store.get("a").await.unwrap().expose(), "a-v0");
+        assert_eq!(store.get("b").await.unwrap().expose(), "b-v1");
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
+
+        let expiring = CachedSecretStore::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                fail: false,
+            },
+            Duration::ZERO,
+        );
+        expiring.get("a").await.unwrap();
+        assert_eq!(expiring.get("a").await.unwrap().expose(), "a-v1");
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached() {
+        let store = CachedSecretStore::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                fail: true,
+            },
+            Duration::from_secs(3600),
+        );
+        assert!(store.get("a").await.unwrap_err().is_transient());
+        assert!(store.get("a").await.is_err());
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let s = Secret::new("hunter2".into());
+        assert_eq!(format!("{s:?}"), "Secret([redacted])");
+    }
+}

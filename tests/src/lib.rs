@@ -1,0 +1,7 @@
+//! Local stand-ins for the services the functions talk to, shared by the end-to-end tests and
+//! `make demo`.
+//!
+//! - [`local_aws`]: a real moto server (SSM, DynamoDB) on a free loopback port, and SDK clients
+//!   pointed at it the way `AWS_ENDPOINT_URL` points them in a local run.
+
+pub mod local_aws;

@@ -1,0 +1,304 @@
+//! The SSM and DynamoDB adapters of `shared`, through the real AWS SDK, against a real local
+//! endpoint (moto server).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_ssm::types::ParameterType;
+use local_emulators::local_aws::{random_key_base64, LocalAws};
+use shared::keys::{KeyError, SymmetricKey};
+use shared::registry::{
+    DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry, Provisioning,
+    Registration, RegistryError,
+};
+use shared::secrets::{
+    load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, SecretError, SecretStore,
+    SsmSecretStore,
+};
+
+const TABLE: &str = "devices";
+
+async fn aws() -> LocalAws {
+    LocalAws::start().await.expect("local AWS endpoint")
+}
+
+async fn with_table() -> (LocalAws, DynamoRegistry) {
+    let aws = aws().await;
+    aws.create_devices_table(TABLE).await.unwrap();
+    let registry = DynamoRegistry::new(aws.dynamodb().await, TABLE);
+    (aws, registry)
+}
+
+#[tokio::test]
+async fn ssm_secure_string_is_read_decrypted_and_decoded() {
+    let aws = aws().await;
+    let group_key = random_key_base64();
+    aws.put_parameter("/dps/group-key", &group_key, ParameterType::SecureString)
+        .await
+        .unwrap();
+    let store = SsmSecretStore::new(aws.ssm().await);
+
+    let key = load_key(&store, "/dps/group-key").await.unwrap();
+    assert_eq!(key.to_base64(), group_key);
+    let expected = SymmetricKey::from_base64(&group_key)
+        .unwrap()
+        .derive_device_key("440103123456789");
+    assert_eq!(key.derive_device_key("440103123456789"), expected);
+}
+
+#[tokio::test]
+async fn ssm_refusals_name_the_parameter_and_never_the_value() {
+    let aws = aws().await;
+    aws.put_parameter("/dps/plain", "c2VjcmV0", ParameterType::String)
+        .await
+        .unwrap();
+    aws.put_parameter(
+        "/dps/garbage",
+        "not*a*key-TOPSECRET",
+        ParameterType::SecureString,
+    )
+    .await
+    .unwrap();
+    let store = SsmSecretStore::new(aws.ssm().await);
+
+    let missing = load_key(&store, "/dps/missing").await.unwrap_err();
+    assert_eq!(
+        missing,
+        KeyLookupError::Secret(SecretError::NotFound("/dps/missing".into()))
+    );
+    assert_eq!(missing.to_string(), "secret /dps/missing not found");
+
+    let plain = store.get("/dps/plain").await.unwrap_err();
+    assert_eq!(plain, SecretError::NotEncrypted("/dps/plain".into()));
+
+    let garbage = load_key(&store, "/dps/garbage").await.unwrap_err();
+    assert_eq!(
+        garbage,
+        KeyLookupError::Key {
+            name: "/dps/garbage".into(),
+            source: KeyError::NotBase64
+        }
+    );
+    let shown = format!("{garbage} {garbage:?}");
+    assert!(
+        shown.contains("/dps/garbage") && !shown.contains("TOPSECRET"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn cached_store_serves_warm_lookups_without_ssm() {
+    let aws = aws().await;
+    let ssm = aws.ssm().await;
+    aws.put_parameter("/k", "a2V5", ParameterType::SecureString)
+        .await
+        .unwrap();
+    let cached = CachedSecretStore::new(SsmSecretStore::new(ssm.clone()), Duration::from_secs(300));
+    assert_eq!(cached.get("/k").await.unwrap().expose(), "a2V5");
+
+    // Gone from SSM, still served from the cache: the second lookup never reached SSM.
+    ssm.delete_parameter().name("/k").send().await.unwrap();
+    assert_eq!(cached.get("/k").await.unwrap().expose(), "a2V5");
+
+    let uncached = CachedSecretStore::new(SsmSecretStore::new(ssm), Duration::ZERO);
+    assert_eq!(
+        uncached.get("/k").await.unwrap_err(),
+        SecretError::NotFound("/k".into())
+    );
+}
+
+#[tokio::test]
+async fn individual_keys_come_from_the_device_table() {
+    let (aws, registry) = with_table().await;
+    let db = aws.dynamodb().await;
+    let device_key = random_key_base64();
+    db.put_item()
+        .table_name(TABLE)
+        .item("pk", AttributeValue::S("sim#440103123456789".into()))
+        .item("status", AttributeValue::S("allowed".into()))
+        .item("device_key", AttributeValue::S(device_key.clone()))
+        .send()
+        .await
+        .unwrap();
+    let store = DynamoSecretStore::new(db, TABLE, "device_key");
+    let key = load_key(&store, "sim#440103123456789").await.unwrap();
+    assert_eq!(key.to_base64(), device_key);
+    assert_eq!(
+        store.get("sim#295000000000000").await.unwrap_err(),
+        SecretError::NotFound("sim#295000000000000".into())
+    );
+
+    // The record read by the registry never carries the key.
+    let record = registry
+        .get(&DeviceId::Sim("440103123456789".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!format!("{record:?}").contains(&device_key));
+}
+
+#[tokio::test]
+async fn registry_round_trips_records() {
+    let (_aws, registry) = with_table().await;
+    let id = DeviceId::Serial("SN-0001".into());
+    assert_eq!(registry.get(&id).await.unwrap(), None);
+
+    let mut record = DeviceRecord::allowed(id.clone());
+    record.valid_until = Some(4_000_000_000);
+    record.overrides = BTreeMap::from([("Location".to_owned(), "tokyo-1".to_owned())]);
+    registry.put(&record).await.unwrap();
+    assert_eq!(registry.get(&id).await.unwrap(), Some(record));
+}
+
+#[tokio::test]
+async fn registration_is_recorded_unless_the_sim_is_blocked() {
+    let (_aws, registry) = with_table().await;
+    let registration = Registration {
+        registration_id: "440103123456789".into(),
+        assigned_hub: "hub-a.azure-devices.net".into(),
+        device_id: "440103123456789".into(),
+        registered_at: 1_700_000_000,
+    };
+    // An unknown SIM (group enrollment without an allowlist entry) gets a record.
+    registry
+        .record_registration("440103123456789", &registration)
+        .await
+        .unwrap();
+    let record = registry
+        .get(&DeviceId::Sim("440103123456789".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.registration, Some(registration.clone()));
+
+    let mut blocked = DeviceRecord::allowed(DeviceId::Sim("440103999999999".into()));
+    blocked.status = DeviceStatus::Blocked;
+    registry.put(&blocked).await.unwrap();
+    assert_eq!(
+        registry
+            .record_registration("440103999999999", &registration)
+            .await
+            .unwrap_err(),
+        RegistryError::Conflict("sim#440103999999999".into())
+    );
+}
+
+fn provisioning(cert: &str) -> Provisioning {
+    Provisioning {
+        certificate_id: cert.into(),
+        claim_certificate_id: Some("claim-1".into()),
+        provisioned_at: 1_700_000_000,
+    }
+}
+
+#[tokio::test]
+async fn provisioning_is_conditional() {
+    let (_aws, registry) = with_table().await;
+    let conflict = |serial: &str| RegistryError::Conflict(format!("serial#{serial}"));
+
+    // Unknown serial: nothing to provision.
+    assert_eq!(
+        registry
+            .record_provisioning("SN-X", &provisioning("c1"))
+            .await,
+        Err(conflict("SN-X"))
+    );
+
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-1".into())))
+        .await
+        .unwrap();
+    registry
+        .record_provisioning("SN-1", &provisioning("c1"))
+        .await
+        .unwrap();
+    // The same certificate again (AWS IoT retrying) is fine; another one is not.
+    registry
+        .record_provisioning("SN-1", &provisioning("c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        registry
+            .record_provisioning("SN-1", &provisioning("c2"))
+            .await,
+        Err(conflict("SN-1"))
+    );
+    let stored = registry
+        .get(&DeviceId::Serial("SN-1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.provisioning, Some(provisioning("c1")));
+
+    let mut again = DeviceRecord::allowed(DeviceId::Serial("SN-2".into()));
+    again.allow_reprovision = true;
+    again.provisioning = Some(provisioning("c1"));
+    registry.put(&again).await.unwrap();
+    registry
+        .record_provisioning("SN-2", &provisioning("c2"))
+        .await
+        .unwrap();
+
+    let mut blocked = DeviceRecord::allowed(DeviceId::Serial("SN-3".into()));
+    blocked.status = DeviceStatus::Blocked;
+    registry.put(&blocked).await.unwrap();
+    assert_eq!(
+        registry
+            .record_provisioning("SN-3", &provisioning("c1"))
+            .await,
+        Err(conflict("SN-3"))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_provisioning_lets_exactly_one_certificate_in() {
+    let (_aws, registry) = with_table().await;
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-RACE".into())))
+        .await
+        .unwrap();
+    let registry = Arc::new(registry);
+    let attempts: Vec<_> = (0..8)
+        .map(|i| {
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                registry
+                    .record_provisioning("SN-RACE", &provisioning(&format!("cert-{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(()) => allowed += 1,
+            Err(e) => assert_eq!(e, RegistryError::Conflict("serial#SN-RACE".into())),
+        }
+    }
+    assert_eq!(allowed, 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_fails_fast_and_says_so() {
+    let aws = aws().await;
+    let ssm = aws.ssm().await;
+    let endpoint = aws.endpoint().to_owned();
+    drop(aws); // the server is gone; its port refuses connections
+
+    let store = SsmSecretStore::new(ssm);
+    let started = Instant::now();
+    let err = store.get("/dps/group-key").await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        matches!(&err, SecretError::Unavailable { name, .. } if name == "/dps/group-key"),
+        "{err:?}"
+    );
+    // Bounded by the SDK operation timeout (3 s) plus scheduling slack.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{endpoint}: {:?}",
+        started.elapsed()
+    );
+}
