@@ -8,11 +8,13 @@
 //! - [`soracom`]: SIM identity from a SORACOM Funk client context, SORACOM Beam signatures.
 //! - [`secrets`]: secret lookup (SSM Parameter Store, DynamoDB) behind a trait, with a TTL cache.
 //! - [`registry`]: the device table (SIM and serial allowlists, provisioning records).
+//! - [`dps`]: the Azure DPS MQTT registration client, bounded by a deadline.
 //! - [`config`]: environment configuration read once, with errors that name the variable.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 
 pub mod aws;
 pub mod config;
+pub mod dps;
 pub mod keys;
 pub mod registry;
 pub mod sas;

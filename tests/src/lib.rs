@@ -3,5 +3,9 @@
 //!
 //! - [`local_aws`]: a real moto server (SSM, DynamoDB) on a free loopback port, and SDK clients
 //!   pointed at it the way `AWS_ENDPOINT_URL` points them in a local run.
+//! - [`dps_sim`]: a strict Azure DPS MQTT/TLS simulator (also the `dps-simulator` binary).
+//! - [`tls`]: run-time certificates for the simulators.
 
+pub mod dps_sim;
 pub mod local_aws;
+pub mod tls;

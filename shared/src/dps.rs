@@ -1,0 +1,621 @@
+//! Azure DPS device registration over MQTT 3.1.1 / TLS (rumqttc, rustls on ring).
+//!
+//! One call to [`register`] connects as the device, subscribes to `$dps/registrations/res/#`,
+//! publishes the registration, polls the operation until DPS answers `assigned` or fails it,
+//! and disconnects. Everything is bounded by the caller's deadline: an invocation that cannot
+//! finish in time says so and says when to retry, instead of hanging until Lambda kills it (the
+//! Node SDK's behaviour on a dropped connection).
+//!
+//! Retry policy, as in the official SDKs: 429 and 5xx are retried after `retry-after` (plus
+//! jitter); other 4xx and a refused CONNACK are final. A dropped connection is retried on a new
+//! connection a few times.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::ClientConfig;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use crate::config::HostPort;
+use crate::keys::SymmetricKey;
+use crate::sas;
+
+/// API version of the device registration API.
+pub const API_VERSION: &str = "2019-03-31";
+/// Where every response arrives.
+pub const RESPONSE_TOPIC_FILTER: &str = "$dps/registrations/res/#";
+/// Wait before polling when DPS sends no `retry-after`.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Throttled or failed requests retried within one registration, at most.
+const MAX_REQUEST_RETRIES: u32 = 10;
+/// Connections tried, at most, when the connection drops.
+const MAX_CONNECTIONS: u32 = 3;
+/// Lifetime of the SAS token presented to DPS: long enough for one registration only.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// Time allowed for a clean MQTT DISCONNECT after the outcome is known.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DpsError {
+    #[error("DPS refused the connection ({0}): check id scope, registration id and key")]
+    Unauthorized(String),
+    #[error("DPS rejected the registration: status {status}, error code {error_code}")]
+    Rejected { status: u16, error_code: i64 },
+    #[error("DPS did not assign the device: enrollment {status}, error code {error_code}")]
+    NotAssigned { status: String, error_code: i64 },
+    #[error("DPS is throttling; retry after {} s", retry_after.as_secs())]
+    Throttled { retry_after: Duration },
+    #[error("DPS server error {status}")]
+    Upstream { status: u16 },
+    #[error("no DPS result before the deadline; retry after {} s", retry_after.as_secs())]
+    Deadline { retry_after: Duration },
+    #[error("connection to DPS failed: {0}")]
+    Connection(String),
+    #[error("unexpected DPS response: {0}")]
+    Protocol(String),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+impl DpsError {
+    /// When the caller may usefully try again, for errors that are worth retrying.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after } | Self::Deadline { retry_after } => Some(*retry_after),
+            Self::Upstream { .. } | Self::Connection(_) => Some(DEFAULT_RETRY_AFTER),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of a successful registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub registration_id: String,
+    pub assigned_hub: String,
+    pub device_id: String,
+    pub status: String,
+    pub substatus: Option<String>,
+    /// Data returned by a custom allocation policy, if any.
+    pub payload: Option<Value>,
+}
+
+/// What to register and where.
+pub struct RegistrationRequest<'a> {
+    pub endpoint: &'a HostPort,
+    pub id_scope: &'a str,
+    pub registration_id: &'a str,
+    pub device_key: &'a SymmetricKey,
+    /// Custom allocation data (`payload` of the register request).
+    pub payload: Option<&'a Value>,
+    pub tls: Arc<ClientConfig>,
+}
+
+/// TLS client configuration trusting the system roots plus, for local simulators, the PEM
+/// certificates in `extra_roots_pem`. Certificate verification is never turned off.
+pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, DpsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    let mut extra = 0;
+    if let Some(pem) = extra_roots_pem {
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| DpsError::Tls(format!("extra root is not PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| DpsError::Tls(format!("extra root rejected: {e}")))?;
+            extra += 1;
+        }
+        if extra == 0 {
+            return Err(DpsError::Tls("extra root file holds no certificate".into()));
+        }
+    }
+    if added + extra == 0 {
+        return Err(DpsError::Tls("no trusted root certificates found".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DpsError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The MQTT user name DPS expects.
+pub fn username(id_scope: &str, registration_id: &str) -> String {
+    format!("{id_scope}/registrations/{registration_id}/api-version={API_VERSION}")
+}
+
+pub fn register_topic(rid: u64) -> String {
+    format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}")
+}
+
+pub fn poll_topic(rid: u64, operation_id: &str) -> String {
+    format!(
+        "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}",
+        sas::percent_encode(operation_id, false)
+    )
+}
+
+/// A parsed `$dps/registrations/res/{status}/?$rid=..&retry-after=..` topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseTopic {
+    pub status: u16,
+    pub rid: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ResponseTopic {
+    pub fn parse(topic: &str) -> Option<Self> {
+        let rest = topic.strip_prefix("$dps/registrations/res/")?;
+        let (status, query) = rest.split_once("/?")?;
+        let status = status.parse().ok()?;
+        let (mut rid, mut retry_after) = (None, None);
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("$rid", v)) => rid = Some(v.to_owned()),
+                // Capped: a hostile or broken peer must not park us for hours.
+                Some(("retry-after", v)) => {
+                    retry_after = v
+                        .parse::<u64>()
+                        .ok()
+                        .map(|s| Duration::from_secs(s.min(60)))
+                }
+                _ => {}
+            }
+        }
+        Some(Self {
+            status,
+            rid: rid?,
+            retry_after,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ResponseBody {
+    operation_id: Option<String>,
+    status: Option<String>,
+    registration_state: Option<RegistrationState>,
+    error_code: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RegistrationState {
+    registration_id: Option<String>,
+    assigned_hub: Option<String>,
+    device_id: Option<String>,
+    status: Option<String>,
+    substatus: Option<String>,
+    error_code: Option<i64>,
+    payload: Option<Value>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Up to +20 % so that many devices throttled together do not come back together.
+fn with_jitter(delay: Duration) -> Duration {
+    use ring::rand::SecureRandom;
+    let mut byte = [0u8; 1];
+    let spread = ring::rand::SystemRandom::new()
+        .fill(&mut byte)
+        .map(|_| u32::from(byte[0]))
+        .unwrap_or(0);
+    delay + delay * spread / (255 * 5)
+}
+
+/// Registers the device, within `deadline`.
+pub async fn register(
+    request: &RegistrationRequest<'_>,
+    deadline: Instant,
+) -> Result<Assignment, DpsError> {
+    let mut last = DpsError::Deadline {
+        retry_after: DEFAULT_RETRY_AFTER,
+    };
+    for connection in 0..MAX_CONNECTIONS {
+        if connection > 0 {
+            let backoff = with_jitter(Duration::from_millis(250 << connection));
+            if Instant::now() + backoff >= deadline {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        match session(request, deadline).await {
+            Ok(assignment) => return Ok(assignment),
+            Err(Outcome::Final(e)) => return Err(e),
+            Err(Outcome::Reconnect(e)) => {
+                tracing::warn!(attempt = connection + 1, error = %e, "DPS connection lost");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+enum Outcome {
+    Final(DpsError),
+    Reconnect(DpsError),
+}
+
+/// The request to send next, and when.
+enum Pending {
+    Register,
+    Poll(String),
+}
+
+async fn session(
+    request: &RegistrationRequest<'_>,
+    deadline: Instant,
+) -> Result<Assignment, Outcome> {
+    let token = sas::registration_token(
+        request.id_scope,
+        request.registration_id,
+        request.device_key,
+        unix_now() + TOKEN_LIFETIME.as_secs(),
+    );
+    let mut options = MqttOptions::new(
+        request.registration_id,
+        request.endpoint.host.clone(),
+        request.endpoint.port,
+    );
+    options
+        .set_credentials(
+            username(request.id_scope, request.registration_id),
+            token.as_str(),
+        )
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(128 * 1024, 128 * 1024)
+        .set_transport(Transport::Tls(TlsConfiguration::Rustls(
+            request.tls.clone(),
+        )));
+    let (client, mut events) = AsyncClient::new(options, 8);
+
+    let mut conversation = Conversation::new(request, client.clone(), deadline);
+    let outcome = match timeout_at(deadline, conversation.run(&mut events)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Outcome::Final(DpsError::Deadline {
+            retry_after: conversation.retry_hint,
+        })),
+    };
+    // After a connection error the event loop would reconnect on the next poll: only a live
+    // connection gets a DISCONNECT.
+    if conversation.connected {
+        disconnect(&client, &mut events, deadline).await;
+    }
+    outcome
+}
+
+/// Sends DISCONNECT and drives the event loop until it is written (or briefly, at most).
+async fn disconnect(client: &AsyncClient, events: &mut EventLoop, deadline: Instant) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let limit = deadline.min(Instant::now() + DISCONNECT_GRACE);
+    let _ = timeout_at(limit, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+struct Conversation<'a> {
+    request: &'a RegistrationRequest<'a>,
+    client: AsyncClient,
+    next_rid: u64,
+    awaiting_rid: Option<String>,
+    pending: Option<(Instant, Pending)>,
+    deadline: Instant,
+    connected: bool,
+    last_operation: Option<String>,
+    retries: u32,
+    retry_hint: Duration,
+}
+
+impl<'a> Conversation<'a> {
+    fn new(request: &'a RegistrationRequest<'a>, client: AsyncClient, deadline: Instant) -> Self {
+        Self {
+            deadline,
+            connected: false,
+            request,
+            client,
+            next_rid: 0,
+            awaiting_rid: None,
+            pending: None,
+            last_operation: None,
+            retries: 0,
+            retry_hint: DEFAULT_RETRY_AFTER,
+        }
+    }
+
+    async fn run(&mut self, events: &mut EventLoop) -> Result<Assignment, Outcome> {
+        loop {
+            let wake = self.pending.as_ref().map(|(at, _)| *at);
+            tokio::select! {
+                event = events.poll() => {
+                    if let Some(done) = self.on_event(event).await? {
+                        return Ok(done);
+                    }
+                }
+                _ = sleep_until(wake.unwrap_or(self.deadline)), if wake.is_some() => {
+                    if let Some((_, next)) = self.pending.take() {
+                        self.send(next).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        event: Result<Event, ConnectionError>,
+    ) -> Result<Option<Assignment>, Outcome> {
+        if event.is_err() {
+            self.connected = false;
+        }
+        match event {
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                Err(Outcome::Final(DpsError::Unauthorized(format!("{code:?}"))))
+            }
+            Err(ConnectionError::Tls(e)) => Err(Outcome::Final(DpsError::Tls(e.to_string()))),
+            Err(e) => Err(Outcome::Reconnect(DpsError::Connection(e.to_string()))),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                self.connected = true;
+                self.client
+                    .subscribe(RESPONSE_TOPIC_FILTER, QoS::AtLeastOnce)
+                    .await
+                    .map_err(|e| Outcome::Reconnect(DpsError::Connection(e.to_string())))?;
+                Ok(None)
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = ack
+                    .return_codes
+                    .iter()
+                    .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if !granted {
+                    return Err(Outcome::Final(DpsError::Protocol(
+                        "subscription to responses refused".into(),
+                    )));
+                }
+                self.send(Pending::Register).await?;
+                Ok(None)
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                self.on_response(&publish.topic, &publish.payload)
+            }
+            Ok(_) => Ok(None),
+        }
+    }
+
+    async fn send(&mut self, next: Pending) -> Result<(), Outcome> {
+        self.next_rid += 1;
+        let rid = self.next_rid;
+        let (topic, body) = match &next {
+            Pending::Register => {
+                let mut body =
+                    serde_json::json!({ "registrationId": self.request.registration_id });
+                if let Some(payload) = self.request.payload {
+                    body["payload"] = payload.clone();
+                }
+                (register_topic(rid), body.to_string().into_bytes())
+            }
+            Pending::Poll(operation_id) => (poll_topic(rid, operation_id), b" ".to_vec()),
+        };
+        self.awaiting_rid = Some(rid.to_string());
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(|e| Outcome::Reconnect(DpsError::Connection(e.to_string())))
+    }
+
+    /// Schedules `next` after `delay`, or gives up with `give_up` if that is past the deadline
+    /// or retries are exhausted.
+    fn schedule(
+        &mut self,
+        next: Pending,
+        delay: Duration,
+        give_up: DpsError,
+    ) -> Result<Option<Assignment>, Outcome> {
+        self.retry_hint = delay.max(Duration::from_secs(1));
+        let at = Instant::now() + delay;
+        // Waiting past the deadline is pointless: say now that it cannot finish, and when to
+        // come back, while there is still time to answer the device.
+        if self.retries > MAX_REQUEST_RETRIES || at >= self.deadline {
+            return Err(Outcome::Final(give_up));
+        }
+        self.pending = Some((at, next));
+        Ok(None)
+    }
+
+    fn on_response(&mut self, topic: &str, body: &[u8]) -> Result<Option<Assignment>, Outcome> {
+        let Some(response) = ResponseTopic::parse(topic) else {
+            return Err(Outcome::Final(DpsError::Protocol(format!(
+                "response topic {topic}"
+            ))));
+        };
+        if self.awaiting_rid.as_deref() != Some(response.rid.as_str()) {
+            // A late answer to an earlier request: the current one is still outstanding.
+            return Ok(None);
+        }
+        self.awaiting_rid = None;
+        let parsed: ResponseBody = serde_json::from_slice(body).unwrap_or_default();
+        let retry_after = response.retry_after;
+        match response.status {
+            200 | 202 => self.on_operation(parsed, retry_after),
+            429 => {
+                self.retries += 1;
+                let delay = with_jitter(retry_after.unwrap_or(DEFAULT_RETRY_AFTER));
+                let next = self.repeat_last();
+                self.schedule(next, delay, DpsError::Throttled { retry_after: delay })
+            }
+            status @ 500..=599 => {
+                self.retries += 1;
+                let delay = with_jitter(retry_after.unwrap_or(DEFAULT_RETRY_AFTER));
+                let next = self.repeat_last();
+                self.schedule(next, delay, DpsError::Upstream { status })
+            }
+            status => Err(Outcome::Final(DpsError::Rejected {
+                status,
+                error_code: parsed.error_code.unwrap_or_default(),
+            })),
+        }
+    }
+
+    /// What to repeat after a throttled or failed request.
+    fn repeat_last(&self) -> Pending {
+        match &self.last_operation {
+            Some(op) => Pending::Poll(op.clone()),
+            None => Pending::Register,
+        }
+    }
+
+    fn on_operation(
+        &mut self,
+        body: ResponseBody,
+        retry_after: Option<Duration>,
+    ) -> Result<Option<Assignment>, Outcome> {
+        let status = body
+            .status
+            .clone()
+            .or_else(|| {
+                body.registration_state
+                    .as_ref()
+                    .and_then(|s| s.status.clone())
+            })
+            .unwrap_or_default();
+        match status.as_str() {
+            "assigned" => {
+                let state = body.registration_state.unwrap_or_default();
+                match (state.assigned_hub, state.device_id) {
+                    (Some(hub), Some(device)) if !hub.is_empty() && !device.is_empty() => {
+                        Ok(Some(Assignment {
+                            registration_id: state
+                                .registration_id
+                                .unwrap_or_else(|| self.request.registration_id.to_owned()),
+                            assigned_hub: hub,
+                            device_id: device,
+                            status,
+                            substatus: state.substatus,
+                            payload: state.payload,
+                        }))
+                    }
+                    _ => Err(Outcome::Final(DpsError::Protocol(
+                        "assigned without hub or device id".into(),
+                    ))),
+                }
+            }
+            "assigning" | "unassigned" => {
+                let Some(operation) = body.operation_id.filter(|o| !o.is_empty()) else {
+                    return Err(Outcome::Final(DpsError::Protocol("no operationId".into())));
+                };
+                self.last_operation = Some(operation.clone());
+                self.retries += 1;
+                let delay = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
+                self.schedule(
+                    Pending::Poll(operation),
+                    delay,
+                    DpsError::Deadline { retry_after: delay },
+                )
+            }
+            "failed" | "disabled" => {
+                let error_code = body
+                    .registration_state
+                    .and_then(|s| s.error_code)
+                    .or(body.error_code)
+                    .unwrap_or_default();
+                Err(Outcome::Final(DpsError::NotAssigned { status, error_code }))
+            }
+            other => Err(Outcome::Final(DpsError::Protocol(format!(
+                "status '{other}'"
+            )))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_response_topics_in_any_key_order() {
+        let t = ResponseTopic::parse("$dps/registrations/res/202/?$rid=7&retry-after=3").unwrap();
+        assert_eq!(
+            t,
+            ResponseTopic {
+                status: 202,
+                rid: "7".into(),
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        let t = ResponseTopic::parse("$dps/registrations/res/429/?retry-after=5&$rid=1").unwrap();
+        assert_eq!(t.retry_after, Some(Duration::from_secs(5)));
+        let t = ResponseTopic::parse("$dps/registrations/res/200/?$rid=2").unwrap();
+        assert_eq!((t.status, t.retry_after), (200, None));
+        let t =
+            ResponseTopic::parse("$dps/registrations/res/429/?$rid=2&retry-after=86400").unwrap();
+        assert_eq!(t.retry_after, Some(Duration::from_secs(60)));
+        for bad in [
+            "$dps/registrations/res/abc/?$rid=1",
+            "$dps/registrations/res/200/?retry-after=1",
+            "$dps/registrations/res/200",
+            "devices/x/messages",
+        ] {
+            assert_eq!(ResponseTopic::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn topics_and_username_have_the_documented_shape() {
+        assert_eq!(
+            username("0ne00000001", "440103123456789"),
+            "0ne00000001/registrations/440103123456789/api-version=2019-03-31"
+        );
+        assert_eq!(
+            register_topic(3),
+            "$dps/registrations/PUT/iotdps-register/?$rid=3"
+        );
+        assert_eq!(
+            poll_topic(4, "4.abc.def"),
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=4&operationId=4.abc.def"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        for _ in 0..100 {
+            let d = with_jitter(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(10) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn extra_roots_must_be_certificates() {
+        assert!(matches!(
+            tls_config(Some(b"not a pem")),
+            Err(DpsError::Tls(_))
+        ));
+    }
+}

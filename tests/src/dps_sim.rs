@@ -1,0 +1,547 @@
+//! A strict stand-in for Azure DPS's MQTT device registration API.
+//!
+//! It checks what DPS checks: client id, user name, the SAS token's resource, key name, expiry
+//! and signature (against individual keys, or keys derived from its enrollment-group keys), the
+//! subscription, the request topics and that the body names the connected registration id. It
+//! answers register with `202` + `retry-after`, then `200 assigned` on polling, assigning a hub
+//! from its list and echoing the request's custom payload. Faults can be injected for tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use serde_json::{json, Value};
+use shared::keys::SymmetricKey;
+use shared::sas::ParsedSas;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::local_pki;
+
+const MAX_PACKET: usize = 96 * 1024;
+const API_VERSION: &str = "2019-03-31";
+
+/// A fault to inject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer the first N register requests with 429.
+    ThrottleRegister(u32),
+    /// Answer the first N polls with 429.
+    ThrottlePoll(u32),
+    /// Answer this percentage of register and poll requests with 429 (deterministic spread).
+    ThrottlePercent(u32),
+    /// Answer register with this error status (401, 403, 404, 500, ...).
+    RegisterStatus(u16),
+    /// The enrollment is disabled: polling ends with status `disabled`.
+    Disabled,
+    /// Close the connection right after a successful CONNACK.
+    DropAfterConnack,
+    /// Delay every response by this long.
+    Slow(Duration),
+    /// Keep answering `assigning`.
+    NeverAssign,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `throttle-register[:N]`, `throttle-poll[:N]`, `throttle-percent:P`, `status:CODE`,
+    /// `disabled`, `drop-after-connack`, `slow:MS`, `never-assign`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        let number = |default: u64| -> Result<u64, String> {
+            if arg.is_empty() {
+                Ok(default)
+            } else {
+                arg.parse()
+                    .map_err(|_| format!("fault {kind}: '{arg}' is not a number"))
+            }
+        };
+        Ok(match kind {
+            "throttle-register" => Fault::ThrottleRegister(number(1)? as u32),
+            "throttle-poll" => Fault::ThrottlePoll(number(1)? as u32),
+            "throttle-percent" => Fault::ThrottlePercent(number(20)?.min(100) as u32),
+            "status" => Fault::RegisterStatus(number(500)? as u16),
+            "disabled" => Fault::Disabled,
+            "drop-after-connack" => Fault::DropAfterConnack,
+            "slow" => Fault::Slow(Duration::from_millis(number(1000)?)),
+            "never-assign" => Fault::NeverAssign,
+            _ => return Err(format!("unknown fault '{s}'")),
+        })
+    }
+}
+
+/// How the simulator behaves.
+#[derive(Debug, Clone)]
+pub struct DpsSimConfig {
+    pub id_scope: String,
+    pub group_keys: Vec<SymmetricKey>,
+    /// Individual enrollments, by registration id (compared case-insensitively).
+    pub device_keys: HashMap<String, SymmetricKey>,
+    pub hubs: Vec<String>,
+    pub faults: Vec<Fault>,
+    /// `retry-after` sent with 202 and 429, in seconds (DPS sends 3; tests use 0 or 1).
+    pub retry_after: u64,
+    /// Polls answered `assigning` before `assigned`.
+    pub polls_before_assign: u32,
+}
+
+impl DpsSimConfig {
+    pub fn new(id_scope: &str) -> Self {
+        Self {
+            id_scope: id_scope.to_owned(),
+            group_keys: Vec::new(),
+            device_keys: HashMap::new(),
+            hubs: vec!["sim-hub-1.azure-devices.net".into()],
+            faults: Vec::new(),
+            retry_after: 0,
+            polls_before_assign: 0,
+        }
+    }
+}
+
+/// A registration the simulator assigned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assigned {
+    pub registration_id: String,
+    pub assigned_hub: String,
+    pub payload: Option<Value>,
+}
+
+/// Counters for assertions ("no retry storm") and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub refused: AtomicU64,
+    pub registers: AtomicU64,
+    pub polls: AtomicU64,
+    pub throttled: AtomicU64,
+}
+
+struct Shared {
+    config: DpsSimConfig,
+    stats: Stats,
+    assigned: Mutex<Vec<Assigned>>,
+    operations: Mutex<HashMap<String, Operation>>,
+    sequence: AtomicU64,
+}
+
+struct Operation {
+    registration_id: String,
+    payload: Option<Value>,
+    polls: u32,
+}
+
+/// A running simulator; stops when dropped.
+pub struct DpsSimulator {
+    addr: SocketAddr,
+    ca_pem: String,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for DpsSimulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DpsSimulator {
+    /// Listens on `listen` (use port 0 for a free port) with a fresh CA.
+    pub async fn start(config: DpsSimConfig, listen: SocketAddr) -> std::io::Result<Self> {
+        let pki = local_pki("dps-simulator local CA", &["localhost", "127.0.0.1"])
+            .map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            stats: Stats::default(),
+            assigned: Mutex::new(Vec::new()),
+            operations: Mutex::new(HashMap::new()),
+            sequence: AtomicU64::new(0),
+        });
+        let acceptor = TlsAcceptor::from(pki.server);
+        let state = Arc::clone(&shared);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    if let Ok(Ok(tls)) = handshake {
+                        let _ = serve(tls, &state).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            ca_pem: pki.ca_pem,
+            shared,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate (PEM) clients must trust (`DPS_TRUSTED_CA_FILE`).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    pub fn assigned(&self) -> Vec<Assigned> {
+        lock(&self.shared.assigned).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Option<Packet> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(packet) => return Some(packet),
+            Err(CodecError::InsufficientBytes(_)) => {
+                if stream.read_buf(buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+async fn write_packet<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    packet: Packet,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    packet
+        .write(&mut out, MAX_PACKET)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// Checks CONNECT as DPS does; `Ok(registration id)` or the CONNACK refusal code.
+fn authenticate(
+    config: &DpsSimConfig,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+) -> Result<String, ConnectReturnCode> {
+    use ConnectReturnCode::*;
+    let registration_id = connect.client_id.as_str();
+    let valid_id = !registration_id.is_empty()
+        && registration_id.len() <= 128
+        && registration_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+    if !valid_id {
+        return Err(BadClientId);
+    }
+    let login = connect.login.as_ref().ok_or(BadUserNamePassword)?;
+    // {idScope}/registrations/{registrationId}/api-version=2019-03-31[&ClientVersion=...]
+    let expected_prefix = format!("{}/registrations/{}/", config.id_scope, registration_id);
+    let user = login.username.as_str();
+    let user_ok = user.len() > expected_prefix.len()
+        && user[..expected_prefix.len()].eq_ignore_ascii_case(&expected_prefix)
+        && user[expected_prefix.len()..]
+            .split('&')
+            .any(|p| p == format!("api-version={API_VERSION}"));
+    if !user_ok {
+        return Err(BadUserNamePassword);
+    }
+    let token = ParsedSas::parse(&login.password).map_err(|_| BadUserNamePassword)?;
+    let (scope, token_id) = token.registration().ok_or(NotAuthorized)?;
+    if !scope.eq_ignore_ascii_case(&config.id_scope)
+        || !token_id.eq_ignore_ascii_case(registration_id)
+    {
+        return Err(NotAuthorized);
+    }
+    if token
+        .key_name
+        .as_deref()
+        .is_some_and(|k| k != "registration")
+        || token.expiry <= unix_now()
+    {
+        return Err(NotAuthorized);
+    }
+    let individual = config
+        .device_keys
+        .iter()
+        .find(|(id, _)| id.eq_ignore_ascii_case(registration_id))
+        .map(|(_, key)| key);
+    let verified = match individual {
+        Some(key) => token.verify(key),
+        None => config
+            .group_keys
+            .iter()
+            .any(|g| token.verify(&g.derive_device_key(registration_id))),
+    };
+    if verified {
+        Ok(registration_id.to_owned())
+    } else {
+        Err(NotAuthorized)
+    }
+}
+
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    state: &Shared,
+) -> std::io::Result<()> {
+    let config = &state.config;
+    let mut buf = BytesMut::with_capacity(4096);
+    state.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let Some(Packet::Connect(connect)) = read_packet(&mut stream, &mut buf).await else {
+        return Ok(());
+    };
+    let registration_id = match authenticate(config, &connect) {
+        Ok(id) => id,
+        Err(code) => {
+            state.stats.refused.fetch_add(1, Ordering::Relaxed);
+            write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
+            return Ok(());
+        }
+    };
+    write_packet(
+        &mut stream,
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+    )
+    .await?;
+    if config.faults.contains(&Fault::DropAfterConnack) {
+        return Ok(());
+    }
+    let slow = config.faults.iter().find_map(|f| match f {
+        Fault::Slow(d) => Some(*d),
+        _ => None,
+    });
+
+    while let Some(packet) = read_packet(&mut stream, &mut buf).await {
+        match packet {
+            Packet::Subscribe(sub) => {
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if f.path == "$dps/registrations/res/#" {
+                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            })
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                write_packet(&mut stream, Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+            }
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::AtLeastOnce {
+                    write_packet(&mut stream, Packet::PubAck(PubAck::new(publish.pkid))).await?;
+                }
+                let Some((status, body, retry_after)) = respond(state, &registration_id, &publish)
+                else {
+                    // Not a DPS request topic: DPS closes the connection.
+                    return Ok(());
+                };
+                if let Some(delay) = slow {
+                    tokio::time::sleep(delay).await;
+                }
+                let rid = publish
+                    .topic
+                    .split_once('?')
+                    .and_then(|(_, q)| query_value(q, "$rid"))
+                    .unwrap_or("");
+                let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
+                if let Some(seconds) = retry_after {
+                    topic.push_str(&format!("&retry-after={seconds}"));
+                }
+                let reply = Publish::new(topic, QoS::AtMostOnce, body.to_string());
+                write_packet(&mut stream, Packet::Publish(reply)).await?;
+            }
+            Packet::PingReq => write_packet(&mut stream, Packet::PingResp).await?,
+            Packet::Disconnect => return Ok(()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether request number `n` falls in the throttled `percent`, spread evenly.
+fn throttled_share(n: u64, percent: u32) -> bool {
+    (n * u64::from(percent)) % 100 < u64::from(percent) && percent > 0
+}
+
+/// The status, body and `retry-after` for a request, or `None` for a topic DPS does not serve.
+fn respond(
+    state: &Shared,
+    registration_id: &str,
+    publish: &Publish,
+) -> Option<(u16, Value, Option<u64>)> {
+    let config = &state.config;
+    let (path, query) = publish.topic.split_once("/?")?;
+    query_value(query, "$rid").filter(|r| !r.is_empty())?;
+    let throttle = || {
+        (
+            429,
+            json!({"errorCode": 429001, "trackingId": "sim", "message": "Operations are being throttled for this tenant."}),
+            Some(config.retry_after),
+        )
+    };
+    let n = state.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+    let percent = config.faults.iter().find_map(|f| match f {
+        Fault::ThrottlePercent(p) => Some(*p),
+        _ => None,
+    });
+
+    match path {
+        "$dps/registrations/PUT/iotdps-register" => {
+            let count = state.stats.registers.fetch_add(1, Ordering::Relaxed) + 1;
+            let throttled = config
+                .faults
+                .iter()
+                .any(|f| matches!(f, Fault::ThrottleRegister(k) if count <= u64::from(*k)))
+                || percent.is_some_and(|p| throttled_share(n, p));
+            if throttled {
+                state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                return Some(throttle());
+            }
+            if let Some(status) = config.faults.iter().find_map(|f| match f {
+                Fault::RegisterStatus(s) => Some(*s),
+                _ => None,
+            }) {
+                let code = u64::from(status) * 1000 + 1;
+                return Some((
+                    status,
+                    json!({"errorCode": code, "trackingId": "sim", "message": "injected"}),
+                    None,
+                ));
+            }
+            let body: Value = serde_json::from_slice(&publish.payload).unwrap_or(Value::Null);
+            let named = body.get("registrationId").and_then(Value::as_str);
+            if !named.is_some_and(|id| id.eq_ignore_ascii_case(registration_id)) {
+                return Some((
+                    400,
+                    json!({"errorCode": 400004, "trackingId": "sim", "message": "registrationId does not match the connection"}),
+                    None,
+                ));
+            }
+            let payload = body.get("payload").filter(|p| !p.is_null()).cloned();
+            let operation_id = format!("4.sim{:016x}.{n}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            lock(&state.operations).insert(
+                operation_id.clone(),
+                Operation {
+                    registration_id: registration_id.to_owned(),
+                    payload,
+                    polls: 0,
+                },
+            );
+            Some((
+                202,
+                json!({"operationId": operation_id, "status": "assigning"}),
+                Some(config.retry_after),
+            ))
+        }
+        "$dps/registrations/GET/iotdps-get-operationstatus" => {
+            let count = state.stats.polls.fetch_add(1, Ordering::Relaxed) + 1;
+            let throttled = config
+                .faults
+                .iter()
+                .any(|f| matches!(f, Fault::ThrottlePoll(k) if count <= u64::from(*k)))
+                || percent.is_some_and(|p| throttled_share(n, p));
+            if throttled {
+                state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                return Some(throttle());
+            }
+            let operation_id =
+                query_value(query, "operationId").and_then(shared::sas::percent_decode)?;
+            let mut operations = lock(&state.operations);
+            let Some(op) = operations
+                .get_mut(&operation_id)
+                .filter(|op| op.registration_id.eq_ignore_ascii_case(registration_id))
+            else {
+                return Some((
+                    404,
+                    json!({"errorCode": 404201, "trackingId": "sim", "message": "Operation not found"}),
+                    None,
+                ));
+            };
+            op.polls += 1;
+            if config.faults.contains(&Fault::NeverAssign) || op.polls <= config.polls_before_assign
+            {
+                return Some((
+                    202,
+                    json!({"operationId": operation_id, "status": "assigning"}),
+                    Some(config.retry_after),
+                ));
+            }
+            let now = "2026-01-01T00:00:00.000Z";
+            if config.faults.contains(&Fault::Disabled) {
+                return Some((
+                    200,
+                    json!({"operationId": operation_id, "status": "disabled", "registrationState": {
+                    "registrationId": op.registration_id, "status": "disabled", "errorCode": 401010,
+                    "errorMessage": "Enrollment disabled", "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now}}),
+                    None,
+                ));
+            }
+            let hub_index = op.registration_id.bytes().map(usize::from).sum::<usize>()
+                % config.hubs.len().max(1);
+            let hub = config.hubs.get(hub_index).cloned().unwrap_or_default();
+            lock(&state.assigned).push(Assigned {
+                registration_id: op.registration_id.clone(),
+                assigned_hub: hub.clone(),
+                payload: op.payload.clone(),
+            });
+            let mut registration_state = json!({
+                "registrationId": op.registration_id, "assignedHub": hub, "deviceId": op.registration_id,
+                "status": "assigned", "substatus": "initialAssignment", "etag": "\"sim\"",
+                "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now,
+            });
+            if let Some(payload) = &op.payload {
+                registration_state["payload"] = payload.clone();
+            }
+            Some((
+                200,
+                json!({"operationId": operation_id, "status": "assigned", "registrationState": registration_state}),
+                None,
+            ))
+        }
+        _ => None,
+    }
+}
