@@ -16,6 +16,7 @@ pub mod aws;
 pub mod config;
 pub mod dps;
 pub mod keys;
+pub mod logging;
 pub mod registry;
 pub mod sas;
 pub mod secrets;

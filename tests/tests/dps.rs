@@ -281,3 +281,250 @@ async fn an_untrusted_certificate_is_refused() {
     assert!(matches!(result, Err(DpsError::Tls(_))), "{result:?}");
     assert!(f.sim.assigned().is_empty());
 }
+
+/// The azure-dps-register function's real handler, with the real SDK against the local AWS
+/// endpoint and the real DPS client against the simulator.
+mod function {
+    use super::*;
+    use aws_sdk_ssm::types::ParameterType;
+    use azure_dps_register::config::Config;
+    use azure_dps_register::handler::{handle, Response};
+    use azure_dps_register::state::State;
+    use lambda_runtime::Context;
+    use local_emulators::local_aws::LocalAws;
+    use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus};
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
+
+    struct Setup {
+        dps: Fixture,
+        _aws: LocalAws,
+        state: State,
+        _ca_dir: TempDir,
+    }
+
+    /// A directory removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn event_file(name: &str) -> String {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../events/azure-dps-register")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// A Context built the way the runtime builds it from the Runtime API's headers, where the
+    /// real service carries the client context as raw JSON.
+    fn funk_context(file: &str, deadline_in: Option<Duration>) -> Context {
+        let compact = serde_json::from_str::<serde_json::Value>(&event_file(file))
+            .unwrap()
+            .to_string();
+        let deadline =
+            std::time::SystemTime::now() + deadline_in.unwrap_or(Duration::from_secs(30));
+        let deadline_ms = deadline
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "lambda-runtime-deadline-ms",
+            deadline_ms.to_string().parse().unwrap(),
+        );
+        headers.insert("lambda-runtime-client-context", compact.parse().unwrap());
+        Context::new("test-request", Default::default(), &headers).unwrap()
+    }
+
+    async fn setup(configure: impl FnOnce(&mut DpsSimConfig), stored_key: Option<String>) -> Setup {
+        let dps = simulator(configure).await;
+        let aws = LocalAws::start().await.unwrap();
+        aws.create_devices_table("devices").await.unwrap();
+        let key = stored_key.unwrap_or_else(|| dps.group_key.to_base64());
+        aws.put_parameter(GROUP_KEY_PARAMETER, &key, ParameterType::SecureString)
+            .await
+            .unwrap();
+
+        let dir = std::env::temp_dir().join(format!(
+            "dps-e2e-{}-{}",
+            std::process::id(),
+            dps.sim.addr().port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, dps.sim.ca_pem()).unwrap();
+
+        let env: HashMap<String, String> = [
+            ("DPS_ID_SCOPE", SCOPE.to_owned()),
+            ("DPS_ENDPOINT", dps.endpoint.to_string()),
+            ("DPS_TRUSTED_CA_FILE", ca_file.display().to_string()),
+            ("GROUP_KEY_PARAMETER", GROUP_KEY_PARAMETER.to_owned()),
+            ("DEVICES_TABLE", "devices".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = Config::from_env(&env).unwrap();
+        let state = State::new(config, &aws.sdk_config().await).unwrap();
+        Setup {
+            dps,
+            _aws: aws,
+            state,
+            _ca_dir: TempDir(dir),
+        }
+    }
+
+    async fn invoke(setup: &Setup, body: serde_json::Value, context: &Context) -> Response {
+        handle(body, context, &setup.state).await
+    }
+
+    #[tokio::test]
+    async fn funk_invocation_returns_a_connection_string_and_is_recorded() {
+        let s = setup(|_| {}, None).await;
+        let body: serde_json::Value = serde_json::from_str(&event_file("register.json")).unwrap();
+        let response = invoke(
+            &s,
+            body,
+            &funk_context("client-context.json", Some(Duration::from_secs(10))),
+        )
+        .await;
+        assert_eq!(response.status_code, 200, "{response:?}");
+
+        let fields: HashMap<&str, &str> = response
+            .body
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let expected_key = s.dps.group_key.derive_device_key(IMSI).to_base64();
+        assert_eq!(fields.get("DeviceId"), Some(&IMSI));
+        assert_eq!(
+            fields.get("SharedAccessKey").copied(),
+            Some(expected_key.as_str())
+        );
+        let hub = fields["HostName"];
+        assert_eq!(s.dps.sim.assigned()[0].assigned_hub, hub);
+
+        let record = s
+            .state
+            .registry
+            .get(&DeviceId::Sim(IMSI.into()))
+            .await
+            .unwrap()
+            .unwrap();
+        let registration = record.registration.unwrap();
+        assert_eq!(
+            (
+                registration.assigned_hub.as_str(),
+                registration.device_id.as_str()
+            ),
+            (hub, IMSI)
+        );
+
+        // The JSON Funk returns keeps the shape the firmware parses.
+        let json = serde_json::to_value(&response).unwrap();
+        assert_eq!(json["statusCode"], 200);
+        assert!(json["body"].as_str().unwrap().starts_with("HostName="));
+    }
+
+    #[tokio::test]
+    async fn blocked_sim_is_refused_without_contacting_dps() {
+        let s = setup(|_| {}, None).await;
+        let mut blocked = DeviceRecord::allowed(DeviceId::Sim("440103999999999".into()));
+        blocked.status = DeviceStatus::Blocked;
+        s.state.registry.put(&blocked).await.unwrap();
+        let response = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context-blocked.json", None),
+        )
+        .await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (403, Some("sim-blocked"))
+        );
+        assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn identity_and_body_are_checked_before_anything_else() {
+        let s = setup(|_| {}, None).await;
+        let no_identity = invoke(&s, json!({}), &Context::default()).await;
+        assert_eq!(
+            (no_identity.status_code, no_identity.error),
+            (403, Some("no-identity"))
+        );
+        let bad_body = invoke(
+            &s,
+            json!([1, 2]),
+            &funk_context("client-context.json", None),
+        )
+        .await;
+        assert_eq!(
+            (bad_body.status_code, bad_body.error),
+            (400, Some("bad-request"))
+        );
+        // An IMSI in the body is just data: identity comes from the client context only.
+        assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn wrong_group_key_is_refused_once() {
+        let s = setup(|_| {}, Some(random_key_base64())).await;
+        let response = invoke(&s, json!({}), &funk_context("client-context.json", None)).await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (403, Some("enrollment-refused"))
+        );
+        assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 1);
+        assert!(!response.body.contains("SharedAccessKey"));
+    }
+
+    #[tokio::test]
+    async fn slow_dps_gives_503_with_retry_within_the_lambda_deadline() {
+        let s = setup(
+            |c| c.faults = vec![Fault::Slow(Duration::from_secs(10))],
+            None,
+        )
+        .await;
+        let started = Instant::now();
+        let lambda_timeout = Duration::from_secs(3);
+        let response = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context.json", Some(lambda_timeout)),
+        )
+        .await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (503, Some("dps-timeout"))
+        );
+        assert!(response.retry_after.is_some_and(|s| s >= 1));
+        assert!(
+            started.elapsed() < lambda_timeout,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn dps_outage_gives_502() {
+        let s = setup(|c| c.faults = vec![Fault::DropAfterConnack], None).await;
+        let response = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context.json", Some(Duration::from_secs(8))),
+        )
+        .await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (502, Some("dps-failed"))
+        );
+        assert!(response.retry_after.is_some());
+    }
+}

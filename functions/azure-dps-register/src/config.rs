@@ -1,0 +1,202 @@
+//! The function's configuration, read once at cold start.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shared::config::{self, ConfigError, Env, HostPort};
+
+pub const DEFAULT_DPS_ENDPOINT: &str = "global.azure-devices-provisioning.net";
+
+/// Where device keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Derived from the enrollment-group key in this SSM SecureString.
+    Group { parameter: String },
+    /// One SSM SecureString per device: `{prefix}{registration id}`.
+    IndividualSsm { prefix: String },
+    /// The `device_key` attribute of the SIM's item in the device table.
+    IndividualDynamoDb,
+}
+
+/// How the registration id is made from the SIM identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationIdTemplate(String);
+
+impl RegistrationIdTemplate {
+    const PLACEHOLDERS: [&'static str; 2] = ["{imsi}", "{simId}"];
+
+    pub fn parse(template: &str) -> Option<Self> {
+        // Every `{` must open a known placeholder, and one must be present: a constant id would
+        // give every SIM the same device.
+        let mut rest = template;
+        let mut found = false;
+        while let Some(at) = rest.find('{') {
+            let tail = &rest[at..];
+            let known = Self::PLACEHOLDERS.iter().find(|p| tail.starts_with(**p))?;
+            found = true;
+            rest = &tail[known.len()..];
+        }
+        (found && !rest.contains('}')).then(|| Self(template.to_owned()))
+    }
+
+    /// The registration id, or `None` if the template needs a field the SIM lacks.
+    pub fn render(&self, imsi: &str, sim_id: Option<&str>) -> Option<String> {
+        let mut id = self.0.replace("{imsi}", imsi);
+        if id.contains("{simId}") {
+            id = id.replace("{simId}", sim_id?);
+        }
+        Some(id)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id_scope: String,
+    pub endpoint: HostPort,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub key_source: KeySource,
+    pub devices_table: String,
+    pub registration_id: RegistrationIdTemplate,
+    /// Empty: any operator. Otherwise only SIMs of these SORACOM operators.
+    pub allowed_operators: Vec<String>,
+    /// Refuse SIMs that have no `allowed` entry in the device table.
+    pub require_allowlist: bool,
+    pub secret_cache: Duration,
+    /// Longest time spent on DPS, whatever the Lambda timeout (Funk waits about 10 s at most).
+    pub dps_budget: Duration,
+}
+
+impl Config {
+    pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
+        let key_source = match config::optional(env, "KEY_SOURCE").as_deref() {
+            None | Some("group") => KeySource::Group {
+                parameter: config::required(env, "GROUP_KEY_PARAMETER")?,
+            },
+            Some("individual-ssm") => KeySource::IndividualSsm {
+                prefix: config::required(env, "DEVICE_KEY_PARAMETER_PREFIX")?,
+            },
+            Some("individual-dynamodb") => KeySource::IndividualDynamoDb,
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    name: "KEY_SOURCE",
+                    expected: "group, individual-ssm or individual-dynamodb",
+                })
+            }
+        };
+        let template = config::optional(env, "REGISTRATION_ID_TEMPLATE")
+            .unwrap_or_else(|| "{imsi}".to_owned());
+        let registration_id =
+            RegistrationIdTemplate::parse(&template).ok_or(ConfigError::Invalid {
+                name: "REGISTRATION_ID_TEMPLATE",
+                expected: "text with {imsi} or {simId}, e.g. 'soracom-{imsi}'",
+            })?;
+        Ok(Self {
+            id_scope: config::required(env, "DPS_ID_SCOPE")?,
+            endpoint: config::host_port(env, "DPS_ENDPOINT", DEFAULT_DPS_ENDPOINT, 8883)?,
+            trusted_ca_file: config::optional(env, "DPS_TRUSTED_CA_FILE").map(PathBuf::from),
+            key_source,
+            devices_table: config::required(env, "DEVICES_TABLE")?,
+            registration_id,
+            allowed_operators: config::list(env, "ALLOWED_OPERATOR_IDS"),
+            require_allowlist: config::parsed(
+                env,
+                "REQUIRE_SIM_ALLOWLIST",
+                false,
+                "true or false",
+            )?,
+            secret_cache: Duration::from_secs(config::parsed(
+                env,
+                "SECRET_CACHE_SECONDS",
+                300,
+                "a number of seconds",
+            )?),
+            dps_budget: Duration::from_millis(config::parsed(
+                env,
+                "DPS_BUDGET_MS",
+                8_000,
+                "a number of milliseconds",
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: [(&str, &str); 3] = [
+        ("DPS_ID_SCOPE", "0ne00000001"),
+        ("GROUP_KEY_PARAMETER", "/dps/group-key"),
+        ("DEVICES_TABLE", "devices"),
+    ];
+
+    fn env(extra: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        BASE.iter()
+            .chain(extra)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_env(&env(&[])).unwrap();
+        assert_eq!(
+            c.endpoint.to_string(),
+            "global.azure-devices-provisioning.net:8883"
+        );
+        assert_eq!(
+            c.key_source,
+            KeySource::Group {
+                parameter: "/dps/group-key".into()
+            }
+        );
+        assert_eq!(
+            c.registration_id.render("440103123456789", None).unwrap(),
+            "440103123456789"
+        );
+        assert!(!c.require_allowlist);
+    }
+
+    #[test]
+    fn each_missing_variable_is_named() {
+        for name in ["DPS_ID_SCOPE", "GROUP_KEY_PARAMETER", "DEVICES_TABLE"] {
+            let mut e = env(&[]);
+            e.remove(name);
+            assert_eq!(
+                Config::from_env(&e).unwrap_err().to_string(),
+                format!("missing environment variable {name}")
+            );
+        }
+        let e = env(&[("KEY_SOURCE", "individual-ssm")]);
+        assert_eq!(
+            Config::from_env(&e).unwrap_err(),
+            ConfigError::Missing("DEVICE_KEY_PARAMETER_PREFIX")
+        );
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        for (name, value) in [
+            ("KEY_SOURCE", "vault"),
+            ("REGISTRATION_ID_TEMPLATE", "fixed-id"),
+            ("REGISTRATION_ID_TEMPLATE", "{iccid}"),
+            ("REQUIRE_SIM_ALLOWLIST", "yes please"),
+            ("DPS_ENDPOINT", "host:port"),
+        ] {
+            let err = Config::from_env(&env(&[(name, value)])).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { name: n, .. } if n == name),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn templates_render() {
+        let t = RegistrationIdTemplate::parse("soracom-{imsi}").unwrap();
+        assert_eq!(t.render("4401", None).unwrap(), "soracom-4401");
+        let t = RegistrationIdTemplate::parse("{simId}").unwrap();
+        assert_eq!(t.render("4401", None), None);
+        assert_eq!(t.render("4401", Some("8981")).unwrap(), "8981");
+    }
+}

@@ -1,0 +1,9 @@
+//! azure-dps-register: SORACOM Funk invokes this function for a SIM; it registers the SIM's
+//! device with Azure DPS and answers with the IoT Hub connection string.
+//!
+//! `main.rs` only initialises; [`handler::handle`] is the per-invocation logic, [`state::State`]
+//! the cold-start state, [`config::Config`] the environment.
+
+pub mod config;
+pub mod handler;
+pub mod state;

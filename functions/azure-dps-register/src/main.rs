@@ -1,0 +1,26 @@
+//! Cold start: logging, configuration, SDK clients; then the runtime loop.
+
+use azure_dps_register::config::Config;
+use azure_dps_register::handler::handle;
+use azure_dps_register::state::State;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde_json::Value;
+use shared::aws::CallLimits;
+use shared::config::ProcessEnv;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::logging::init();
+    let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
+        tracing::error!(error = %e, "invalid configuration");
+    })?;
+    let sdk = shared::aws::loader(&CallLimits::default()).load().await;
+    let state = State::new(config, &sdk).inspect_err(|e| {
+        tracing::error!(error = %e, "cannot start");
+    })?;
+    let state = &state;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        Ok::<_, Error>(handle(event.payload, &event.context, state).await)
+    }))
+    .await
+}
