@@ -343,6 +343,14 @@ mod function {
     }
 
     async fn setup(configure: impl FnOnce(&mut DpsSimConfig), stored_key: Option<String>) -> Setup {
+        setup_with(configure, stored_key, &[]).await
+    }
+
+    async fn setup_with(
+        configure: impl FnOnce(&mut DpsSimConfig),
+        stored_key: Option<String>,
+        extra_env: &[(&str, &str)],
+    ) -> Setup {
         let dps = simulator(configure).await;
         let aws = LocalAws::start().await.unwrap();
         aws.create_devices_table("devices").await.unwrap();
@@ -369,6 +377,11 @@ mod function {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
         .collect();
         let config = Config::from_env(&env).unwrap();
         let state = State::new(config, &aws.sdk_config().await).unwrap();
@@ -526,5 +539,79 @@ mod function {
             (502, Some("dps-failed"))
         );
         assert!(response.retry_after.is_some());
+    }
+
+    #[tokio::test]
+    async fn individual_keys_from_the_device_table() {
+        let device_key = random_key_base64();
+        let k = SymmetricKey::from_base64(&device_key).unwrap();
+        let s = setup_with(
+            move |c| {
+                c.device_keys.insert(IMSI.into(), k);
+            },
+            None,
+            &[("KEY_SOURCE", "individual-dynamodb")],
+        )
+        .await;
+        s._aws
+            .dynamodb()
+            .await
+            .put_item()
+            .table_name("devices")
+            .item(
+                "pk",
+                aws_sdk_dynamodb::types::AttributeValue::S(format!("sim#{IMSI}")),
+            )
+            .item(
+                "status",
+                aws_sdk_dynamodb::types::AttributeValue::S("allowed".into()),
+            )
+            .item(
+                "device_key",
+                aws_sdk_dynamodb::types::AttributeValue::S(device_key.clone()),
+            )
+            .send()
+            .await
+            .unwrap();
+        let ok = invoke(&s, json!({}), &funk_context("client-context.json", None)).await;
+        assert_eq!(ok.status_code, 200, "{ok:?}");
+        assert!(ok.body.ends_with(&format!(";SharedAccessKey={device_key}")));
+
+        // A SIM without an individual key has no enrollment.
+        let none = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context-blocked.json", None),
+        )
+        .await;
+        assert_eq!((none.status_code, none.error), (403, Some("no-enrollment")));
+    }
+
+    #[tokio::test]
+    async fn operators_outside_the_allowlist_are_refused() {
+        let s = setup_with(|_| {}, None, &[("ALLOWED_OPERATOR_IDS", "OP9999999999")]).await;
+        let response = invoke(&s, json!({}), &funk_context("client-context.json", None)).await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (403, Some("operator-not-allowed"))
+        );
+        assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn throttled_dps_is_ridden_out_by_the_function() {
+        let s = setup(
+            |c| c.faults = vec![Fault::ThrottleRegister(3), Fault::ThrottlePoll(2)],
+            None,
+        )
+        .await;
+        let response = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context.json", Some(Duration::from_secs(9))),
+        )
+        .await;
+        assert_eq!(response.status_code, 200, "{response:?}");
+        assert_eq!(s.dps.sim.stats().throttled.load(Ordering::Relaxed), 5);
     }
 }
