@@ -164,8 +164,8 @@ async fn throttling_beyond_the_deadline_says_when_to_retry() {
         Err(DpsError::Throttled { retry_after }) => assert!(retry_after >= Duration::from_secs(5)),
         other => panic!("{other:?}"),
     }
-    // It does not sit out a wait it cannot afford.
-    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+    // It does not sit out a wait it cannot afford (the budget is 3 s).
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
 }
 
 #[tokio::test]
