@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 TOOLS_STAMP := $(VENV)/.installed
+NODE_STAMP := tests/interop/node_modules/.installed
 export MOTO_SERVER := $(VENV)/bin/moto_server
 
 .PHONY: help tools demo test fmt lint unit clean
@@ -12,7 +13,7 @@ export MOTO_SERVER := $(VENV)/bin/moto_server
 help:
 	@echo "make demo   build, start the local emulators and replay the sample story"
 	@echo "make test   formatting, lints, unit and end-to-end tests against local emulators"
-	@echo "make tools  install the pinned local tools into .venv (done by demo and test)"
+	@echo "make tools  install the pinned local tools into .venv and tests/interop (done by demo and test)"
 
 # Pinned Python tools (moto server) in a project-local virtual environment.
 $(TOOLS_STAMP): tests/requirements.txt
@@ -21,7 +22,13 @@ $(TOOLS_STAMP): tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-tools: $(TOOLS_STAMP)
+# The official Azure IoT Node.js SDK, pinned by package-lock.json, for the interop test.
+$(NODE_STAMP): tests/interop/package.json tests/interop/package-lock.json
+	@echo "==> installing pinned Node.js packages into tests/interop/node_modules"
+	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+tools: $(TOOLS_STAMP) $(NODE_STAMP)
 
 demo: tools
 	cargo run --quiet --package local-emulators --bin demo

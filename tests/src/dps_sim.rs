@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use serde_json::{json, Value};
@@ -393,6 +393,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 let reply = Publish::new(topic, QoS::AtMostOnce, body.to_string());
                 write_packet(&mut stream, Packet::Publish(reply)).await?;
+            }
+            // The Node SDK unsubscribes before disconnecting and waits for the UNSUBACK.
+            Packet::Unsubscribe(unsub) => {
+                write_packet(&mut stream, Packet::UnsubAck(UnsubAck::new(unsub.pkid))).await?
             }
             Packet::PingReq => write_packet(&mut stream, Packet::PingResp).await?,
             Packet::Disconnect => return Ok(()),

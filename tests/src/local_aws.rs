@@ -37,13 +37,18 @@ pub struct LocalAws {
     _child: Child,
 }
 
-/// Where `make tools` installs moto.
+/// A program that `make tools` installs into the project's virtual environment.
+pub fn venv_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.venv/bin")
+        .join(name)
+}
+
+/// Where `make tools` installs moto (or `MOTO_SERVER`).
 pub fn moto_binary() -> PathBuf {
     std::env::var_os("MOTO_SERVER")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
-        })
+        .unwrap_or_else(|| venv_bin("moto_server"))
 }
 
 impl LocalAws {
