@@ -16,6 +16,10 @@
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
 //! | `expires_at` | N | DynamoDB TTL attribute, for records that expire (audit, rate limits) |
+//!
+//! Claim certificates issued by claim-issuer are recorded as `pk = claim#<certificateId>` with
+//! `issued_to` (S, the installer's `sub`), `serial` (S, optional binding), `issued_at` (N) and
+//! `expires_at` (N, TTL).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -144,6 +148,20 @@ impl RegistryError {
     }
 }
 
+/// A claim certificate issued to an installer, optionally bound to one device serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRecord {
+    pub certificate_id: String,
+    pub issued_to: String,
+    pub serial: Option<String>,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+fn claim_key(certificate_id: &str) -> String {
+    format!("claim#{certificate_id}")
+}
+
 /// Reads and records devices. Writes that decide who gets in are conditional, so two
 /// concurrent requests cannot both pass.
 pub trait DeviceRegistry: Send + Sync {
@@ -169,6 +187,17 @@ pub trait DeviceRegistry: Send + Sync {
         serial: &str,
         provisioning: &Provisioning,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Records an issued claim certificate (expires with the `expires_at` TTL).
+    fn put_claim(
+        &self,
+        claim: &ClaimRecord,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    fn get_claim(
+        &self,
+        certificate_id: &str,
+    ) -> impl Future<Output = Result<Option<ClaimRecord>, RegistryError>> + Send;
 }
 
 /// The DynamoDB adapter.
@@ -335,6 +364,71 @@ impl DeviceRegistry for DynamoRegistry {
         update.send().await.map_err(|e| write_error(&key, e))?;
         Ok(())
     }
+
+    async fn put_claim(&self, claim: &ClaimRecord) -> Result<(), RegistryError> {
+        let key = claim_key(&claim.certificate_id);
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(KEY_ATTRIBUTE, s(&key))
+            .item("issued_to", s(&claim.issued_to))
+            .item("issued_at", n(claim.issued_at))
+            .item("expires_at", n(claim.expires_at))
+            // A certificate id is issued once; never overwrite an existing record.
+            .condition_expression("attribute_not_exists(pk)");
+        if let Some(serial) = &claim.serial {
+            put = put.item("serial", s(serial));
+        }
+        put.send().await.map_err(|e| write_error(&key, e))?;
+        Ok(())
+    }
+
+    async fn get_claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, s(&claim_key(certificate_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| RegistryError::from_failure(classify(&e)))?;
+        out.item
+            .map(|item| decode_claim(certificate_id, &item))
+            .transpose()
+    }
+}
+
+fn decode_claim(
+    certificate_id: &str,
+    item: &HashMap<String, AttributeValue>,
+) -> Result<ClaimRecord, RegistryError> {
+    let key = claim_key(certificate_id);
+    let malformed = |field| RegistryError::Malformed {
+        key: key.clone(),
+        field,
+    };
+    let number = |field: &'static str| match item.get(field) {
+        Some(AttributeValue::N(v)) => v.parse::<u64>().map_err(|_| malformed(field)),
+        _ => Err(malformed(field)),
+    };
+    let issued_to = match item.get("issued_to") {
+        Some(AttributeValue::S(v)) => v.clone(),
+        _ => return Err(malformed("issued_to")),
+    };
+    let serial = match item.get("serial") {
+        None | Some(AttributeValue::Null(_)) => None,
+        Some(AttributeValue::S(v)) => Some(v.clone()),
+        Some(_) => return Err(malformed("serial")),
+    };
+    Ok(ClaimRecord {
+        certificate_id: certificate_id.to_owned(),
+        issued_to,
+        serial,
+        issued_at: number("issued_at")?,
+        expires_at: number("expires_at")?,
+    })
 }
 
 fn decode(

@@ -1,0 +1,312 @@
+//! One decision. Deny by default: every path that is not a complete, successful check ends in
+//! `allowProvisioning: false` with a reason code in the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::registry::{DeviceId, DeviceRegistry, Provisioning, RegistryError};
+
+use crate::config::Config;
+
+/// What AWS IoT sends (payload version 2020-04-01). Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookRequest {
+    pub claim_certificate_id: Option<String>,
+    pub certificate_id: Option<String>,
+    pub template_arn: Option<String>,
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub parameters: HashMap<String, Value>,
+}
+
+/// What AWS IoT expects. Built fresh for every invocation: a response object kept across warm
+/// invocations let a denied device inherit an earlier `true` in the published samples.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookResponse {
+    pub allow_provisioning: bool,
+    pub parameter_overrides: BTreeMap<String, String>,
+}
+
+/// Why a device was denied; the code is stable for log queries and alarms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+fn deny(code: &'static str, detail: impl Into<String>) -> Denial {
+    Denial {
+        code,
+        detail: detail.into(),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Decides for one request and logs the decision. Never returns an error: AWS IoT would deny
+/// anyway, but without our reason.
+pub async fn handle(event: Value, config: &Config, registry: &impl DeviceRegistry) -> HookResponse {
+    let started = tokio::time::Instant::now();
+    let (decision, ctx) = evaluate(event, config, registry).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match decision {
+        Ok(overrides) => {
+            tracing::info!(
+                allowed = true, reason = "allowed", serial = %ctx.serial, certificate_id = %ctx.certificate_id,
+                claim_certificate_id = %ctx.claim_certificate_id, template = %ctx.template, elapsed_ms,
+                "provisioning allowed"
+            );
+            HookResponse {
+                allow_provisioning: true,
+                parameter_overrides: overrides,
+            }
+        }
+        Err(denial) => {
+            tracing::warn!(
+                allowed = false, reason = denial.code, detail = %denial.detail, serial = %ctx.serial,
+                certificate_id = %ctx.certificate_id, claim_certificate_id = %ctx.claim_certificate_id,
+                template = %ctx.template, elapsed_ms,
+                "provisioning denied"
+            );
+            HookResponse {
+                allow_provisioning: false,
+                parameter_overrides: BTreeMap::new(),
+            }
+        }
+    }
+}
+
+/// The decision, within the configured budget, and what was understood of the request.
+pub async fn evaluate(
+    event: Value,
+    config: &Config,
+    registry: &impl DeviceRegistry,
+) -> (Result<BTreeMap<String, String>, Denial>, RequestSummary) {
+    let mut ctx = RequestSummary::default();
+    let decision =
+        tokio::time::timeout(config.budget, decide(event, config, registry, &mut ctx)).await;
+    let decision = decision.unwrap_or_else(|_| {
+        Err(deny(
+            "deadline",
+            format!("no decision within {} ms", config.budget.as_millis()),
+        ))
+    });
+    (decision, ctx)
+}
+
+/// What the log line says about the request, filled in as far as it was understood.
+#[derive(Debug, Default)]
+pub struct RequestSummary {
+    pub serial: String,
+    pub certificate_id: String,
+    pub claim_certificate_id: String,
+    pub template: String,
+}
+
+async fn decide(
+    event: Value,
+    config: &Config,
+    registry: &impl DeviceRegistry,
+    ctx: &mut RequestSummary,
+) -> Result<BTreeMap<String, String>, Denial> {
+    let request: HookRequest = serde_json::from_value(event)
+        .map_err(|e| deny("malformed-request", format!("payload does not parse: {e}")))?;
+    ctx.template = request.template_arn.clone().unwrap_or_default();
+    ctx.claim_certificate_id = request.claim_certificate_id.clone().unwrap_or_default();
+    check(&request, config, registry, ctx).await
+}
+
+async fn check(
+    request: &HookRequest,
+    config: &Config,
+    registry: &impl DeviceRegistry,
+    ctx: &mut RequestSummary,
+) -> Result<BTreeMap<String, String>, Denial> {
+    let certificate_id = request
+        .certificate_id
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| deny("malformed-request", "certificateId missing"))?;
+    ctx.certificate_id = certificate_id.to_owned();
+
+    // 1. The serial parameter, under the configured name, in the configured form.
+    let serial = match request.parameters.get(&config.serial_parameter) {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(deny(
+                "serial-format",
+                format!("parameter '{}' is not a string", config.serial_parameter),
+            ))
+        }
+        None => {
+            let mut present: Vec<&str> = request.parameters.keys().map(String::as_str).collect();
+            present.sort_unstable();
+            return Err(deny(
+                "missing-serial-parameter",
+                format!(
+                    "template parameter '{}' missing (SERIAL_PARAMETER); parameters present: [{}]",
+                    config.serial_parameter,
+                    present.join(", ")
+                ),
+            ));
+        }
+    };
+    if !config.serial_pattern.is_match(&serial) {
+        return Err(deny(
+            "serial-format",
+            "serial does not match SERIAL_PATTERN",
+        ));
+    }
+    ctx.serial = serial.clone();
+
+    // 2. Known and allowed.
+    let record = registry
+        .get(&DeviceId::Serial(serial.clone()))
+        .await
+        .map_err(registry_denial)?
+        .ok_or_else(|| deny("unknown-serial", "serial is not in the device table"))?;
+    if let Some(why) = record.refusal(now_secs()) {
+        return Err(deny(
+            if why == "expired" {
+                "serial-expired"
+            } else {
+                "serial-blocked"
+            },
+            format!("serial is {why}"),
+        ));
+    }
+
+    // 3. Not provisioned with another certificate, unless re-provisioning is allowed.
+    if let Some(previous) = &record.provisioning {
+        if previous.certificate_id != certificate_id && !record.allow_reprovision {
+            return Err(deny(
+                "already-provisioned",
+                "serial was provisioned with another certificate",
+            ));
+        }
+    }
+
+    // 4. The claim certificate, if claim-issuer recorded it, is bound to this serial or none.
+    let claim = match request
+        .claim_certificate_id
+        .as_deref()
+        .filter(|c| !c.is_empty())
+    {
+        Some(id) => registry.get_claim(id).await.map_err(registry_denial)?,
+        None => None,
+    };
+    match &claim {
+        Some(c) if c.serial.as_deref().is_some_and(|bound| bound != serial) => {
+            return Err(deny(
+                "claim-bound-elsewhere",
+                "claim certificate is bound to another serial",
+            ));
+        }
+        Some(c) if c.expires_at <= now_secs() => {
+            return Err(deny(
+                "claim-expired",
+                "claim certificate record has expired",
+            ));
+        }
+        None if config.require_claim_record => {
+            return Err(deny(
+                "claim-unknown",
+                "claim certificate was not issued by claim-issuer",
+            ));
+        }
+        _ => {}
+    }
+
+    // 5. Record it; the conditional write lets exactly one of two concurrent requests through.
+    let provisioning = Provisioning {
+        certificate_id: certificate_id.to_owned(),
+        claim_certificate_id: request
+            .claim_certificate_id
+            .clone()
+            .filter(|c| !c.is_empty()),
+        provisioned_at: now_secs(),
+    };
+    registry
+        .record_provisioning(&serial, &provisioning)
+        .await
+        .map_err(|e| match e {
+            RegistryError::Conflict(_) => deny(
+                "already-provisioned",
+                "another certificate won the race for this serial",
+            ),
+            other => registry_denial(other),
+        })?;
+
+    // Overrides come from the device record, never from what the device sent.
+    Ok(record.overrides)
+}
+
+fn registry_denial(e: RegistryError) -> Denial {
+    match e {
+        RegistryError::Malformed { .. } => deny("registry-malformed", e.to_string()),
+        RegistryError::Throttled => deny("registry-throttled", e.to_string()),
+        _ => deny("registry-unavailable", e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::registry::{ClaimRecord, DeviceRecord};
+    use std::time::Duration;
+
+    /// A device table that never answers.
+    struct Hanging;
+
+    impl DeviceRegistry for Hanging {
+        async fn get(&self, _: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(None)
+        }
+        async fn put(&self, _: &DeviceRecord) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn record_registration(
+            &self,
+            _: &str,
+            _: &shared::registry::Registration,
+        ) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn record_provisioning(
+            &self,
+            _: &str,
+            _: &Provisioning,
+        ) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn put_claim(&self, _: &ClaimRecord) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn get_claim(&self, _: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_table_is_denied_at_the_budget() {
+        let config =
+            Config::from_env(&[("DEVICES_TABLE", "d"), ("DECISION_BUDGET_MS", "100")]).unwrap();
+        let event =
+            serde_json::json!({"certificateId": "c", "parameters": {"SerialNumber": "SN-1"}});
+        let started = tokio::time::Instant::now();
+        let (decision, summary) = evaluate(event, &config, &Hanging).await;
+        assert_eq!(decision.unwrap_err().code, "deadline");
+        assert_eq!(summary.serial, "SN-1");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
