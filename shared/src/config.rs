@@ -86,6 +86,24 @@ pub fn list(env: &impl Env, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A regular expression that must match a whole value (anchored, so a pattern cannot match a
+/// substring of something longer), or `default` when absent.
+pub fn pattern(
+    env: &impl Env,
+    name: &'static str,
+    default: &str,
+) -> Result<regex_lite::Regex, ConfigError> {
+    let pattern = optional(env, name).unwrap_or_else(|| default.to_owned());
+    let anchored = format!(
+        "^(?:{})$",
+        pattern.trim_start_matches('^').trim_end_matches('$')
+    );
+    regex_lite::Regex::new(&anchored).map_err(|_| ConfigError::Invalid {
+        name,
+        expected: "a regular expression",
+    })
+}
+
 /// A `host[:port]` endpoint such as `DPS_ENDPOINT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {

@@ -9,6 +9,7 @@
 //! - [`secrets`]: secret lookup (SSM Parameter Store, DynamoDB) behind a trait, with a TTL cache.
 //! - [`registry`]: the device table (SIM and serial allowlists, provisioning records).
 //! - [`dps`]: the Azure DPS MQTT registration client, bounded by a deadline.
+//! - [`quota`]: per-subject fixed-window rate limits in the device table.
 //! - [`config`]: environment configuration read once, with errors that name the variable.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dps;
 pub mod keys;
 pub mod logging;
+pub mod quota;
 pub mod registry;
 pub mod sas;
 pub mod secrets;

@@ -18,7 +18,9 @@
 //! | `expires_at` | N | DynamoDB TTL attribute, for records that expire (audit, rate limits) |
 //!
 //! Claim certificates issued by claim-issuer are recorded as `pk = claim#<certificateId>` with
-//! `issued_to` (S, the installer's `sub`), `serial` (S, optional binding), `issued_at` (N) and
+//! `issued_to` (S, the installer's `sub`), `serial` (S, optional binding), `issued_at` (N),
+//! `valid_until` (N, the certificate's expiry) and `expires_at` (N, TTL: end of audit retention).
+//! Rate-limit counters are `pk = rate#<subject>#<window start>` with `count` (N) and
 //! `expires_at` (N, TTL).
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +29,10 @@ use std::future::Future;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::aws::{classify, Failure};
+
+/// Device serial numbers unless configured otherwise: letters, digits and `-_.:`, 1 to 64
+/// characters, starting alphanumeric (safe in keys, topics and thing names).
+pub const DEFAULT_SERIAL_PATTERN: &str = "[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}";
 
 /// The table's partition key attribute.
 pub const KEY_ATTRIBUTE: &str = "pk";
@@ -155,7 +161,10 @@ pub struct ClaimRecord {
     pub issued_to: String,
     pub serial: Option<String>,
     pub issued_at: u64,
-    pub expires_at: u64,
+    /// When the claim certificate expires.
+    pub valid_until: u64,
+    /// When DynamoDB may delete the audit record (TTL).
+    pub retain_until: u64,
 }
 
 fn claim_key(certificate_id: &str) -> String {
@@ -374,7 +383,8 @@ impl DeviceRegistry for DynamoRegistry {
             .item(KEY_ATTRIBUTE, s(&key))
             .item("issued_to", s(&claim.issued_to))
             .item("issued_at", n(claim.issued_at))
-            .item("expires_at", n(claim.expires_at))
+            .item("valid_until", n(claim.valid_until))
+            .item("expires_at", n(claim.retain_until))
             // A certificate id is issued once; never overwrite an existing record.
             .condition_expression("attribute_not_exists(pk)");
         if let Some(serial) = &claim.serial {
@@ -427,7 +437,8 @@ fn decode_claim(
         issued_to,
         serial,
         issued_at: number("issued_at")?,
-        expires_at: number("expires_at")?,
+        valid_until: number("valid_until")?,
+        retain_until: number("expires_at")?,
     })
 }
 

@@ -4,8 +4,10 @@
 //! - [`local_aws`]: a real moto server (SSM, DynamoDB) on a free loopback port, and SDK clients
 //!   pointed at it the way `AWS_ENDPOINT_URL` points them in a local run.
 //! - [`dps_sim`]: a strict Azure DPS MQTT/TLS simulator (also the `dps-simulator` binary).
+//! - [`iot_control`]: a strict AWS IoT control-plane double for CreateProvisioningClaim.
 //! - [`tls`]: run-time certificates for the simulators.
 
 pub mod dps_sim;
+pub mod iot_control;
 pub mod local_aws;
 pub mod tls;

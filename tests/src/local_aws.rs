@@ -108,14 +108,7 @@ impl LocalAws {
     /// The production SDK configuration (shared::aws), pointed at this server with dummy
     /// credentials, as `AWS_ENDPOINT_URL` plus the usual variables would configure it.
     pub async fn sdk_config(&self) -> SdkConfig {
-        shared::aws::loader(&CallLimits::default())
-            .endpoint_url(&self.endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-                "testing", "testing", None, None, "local",
-            ))
-            .load()
-            .await
+        local_sdk_config(&self.endpoint).await
     }
 
     pub async fn ssm(&self) -> aws_sdk_ssm::Client {
@@ -187,6 +180,19 @@ impl LocalAws {
             })?;
         Ok(())
     }
+}
+
+/// The production SDK configuration (shared::aws) pointed at a local endpoint, with dummy
+/// credentials so that requests are SigV4-signed as in production.
+pub async fn local_sdk_config(endpoint: &str) -> SdkConfig {
+    shared::aws::loader(&CallLimits::default())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+            "testing", "testing", None, None, "local",
+        ))
+        .load()
+        .await
 }
 
 /// A fresh random 64-byte key in base64, the size Azure generates for enrollment groups.

@@ -193,7 +193,8 @@ async fn claim_binding_is_enforced() {
             issued_to: "installer-sub".into(),
             serial: Some("SN-0002".into()),
             issued_at: 1,
-            expires_at: far,
+            valid_until: far,
+            retain_until: far,
         })
         .await
         .unwrap();
@@ -216,7 +217,8 @@ async fn claim_binding_is_enforced() {
             issued_to: "installer-sub".into(),
             serial: Some("SN-0001".into()),
             issued_at: 1,
-            expires_at: far,
+            valid_until: far,
+            retain_until: far,
         })
         .await
         .unwrap();
@@ -273,4 +275,263 @@ async fn table_unavailable_denies_within_the_budget() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// claim-issuer's real handler, with the real aws-sdk-iot client against the IoT control-plane
+/// double and the real DynamoDB client against the local AWS endpoint.
+mod issuer {
+    use super::*;
+    use ::claim_issuer::config::Config as IssuerConfig;
+    use ::claim_issuer::handler::{handle as issue, HttpResponse, State};
+    use local_emulators::iot_control::{IotControlPlane, IotFault};
+    use local_emulators::local_aws::local_sdk_config;
+    use shared::quota::Quota;
+
+    const TEMPLATE: &str = "fleet-template";
+    const NOW: u64 = 1_800_000_000;
+
+    fn claim_event(name: &str) -> Value {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../events/claim-issuer")
+            .join(name);
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    struct Setup {
+        _aws: LocalAws,
+        iot: IotControlPlane,
+        state: State,
+    }
+
+    async fn setup(extra: &[(&str, &str)]) -> Setup {
+        let aws = LocalAws::start().await.unwrap();
+        aws.create_devices_table(TABLE).await.unwrap();
+        let iot = IotControlPlane::start(&[TEMPLATE, "other-template"])
+            .await
+            .unwrap();
+        let env: std::collections::HashMap<String, String> = [
+            ("DEVICES_TABLE", TABLE),
+            ("PROVISIONING_TEMPLATE", TEMPLATE),
+            ("IOT_DATA_ENDPOINT", "example-ats.iot.local"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let config = IssuerConfig::from_env(&env).unwrap();
+        let dynamodb = aws.dynamodb().await;
+        let state = State {
+            iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
+            registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
+            quota: Quota::new(
+                dynamodb,
+                TABLE,
+                config.claims_per_window,
+                config.window_seconds,
+            ),
+            config,
+        };
+        Setup {
+            _aws: aws,
+            iot,
+            state,
+        }
+    }
+
+    fn body(r: &HttpResponse) -> Value {
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    /// Captures what the handler logs while `f` runs on this thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn installer_gets_a_five_minute_claim_bound_to_the_serial() {
+        let s = setup(&[]).await;
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .json()
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let response = issue(claim_event("issue.json"), NOW, &s.state).await;
+        drop(guard);
+
+        assert_eq!(response.status_code, 200, "{}", response.body);
+        assert_eq!(response.header("cache-control"), Some("no-store"));
+        let b = body(&response);
+        assert_eq!(b["templateName"], TEMPLATE);
+        assert_eq!(b["serial"], "SN-0001");
+        assert_eq!(b["iotEndpoint"], "example-ats.iot.local");
+        let certificate_id = b["certificateId"].as_str().unwrap();
+        assert_eq!(s.iot.issued()[0].certificate_id, certificate_id);
+
+        // A real certificate, from the double's CA, valid for five minutes.
+        let pem = b["certificatePem"].as_str().unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = parsed.parse_x509().unwrap();
+        let validity = cert.validity();
+        let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
+        assert!((299..=301).contains(&lifetime), "{lifetime}");
+        assert_eq!(
+            b["expiration"].as_u64().unwrap() as i64,
+            validity.not_after.timestamp()
+        );
+        let key = b["privateKey"].as_str().unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+
+        // The audit record fleet-prehook reads.
+        let claim = s
+            .state
+            .registry
+            .get_claim(certificate_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.issued_to, "7d1e2f3a-4b5c-6d7e-8f90-a1b2c3d4e5f6");
+        assert_eq!(claim.serial.as_deref(), Some("SN-0001"));
+        assert!(claim.retain_until > claim.valid_until);
+
+        // Logged, without the key.
+        let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("claim certificate issued") && logged.contains(certificate_id),
+            "{logged}"
+        );
+        let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(!logged.contains(&key_body[..40]));
+    }
+
+    #[tokio::test]
+    async fn identity_group_and_body_are_checked_first() {
+        let s = setup(&[]).await;
+        for (event, status, code) in [
+            ("no-claims.json", 401, "unauthenticated"),
+            ("not-in-group.json", 403, "not-an-installer"),
+            ("bad-body.json", 400, "bad-request"),
+            ("template-not-allowed.json", 400, "template-not-allowed"),
+        ] {
+            let r = issue(claim_event(event), NOW, &s.state).await;
+            assert_eq!(
+                (r.status_code, body(&r)["error"].as_str()),
+                (status, Some(code)),
+                "{event}"
+            );
+        }
+        let mut bad_serial = claim_event("issue.json");
+        bad_serial["body"] = Value::String(r#"{"serial":"../../etc"}"#.into());
+        assert_eq!(issue(bad_serial, NOW, &s.state).await.status_code, 400);
+        // Nothing reached AWS IoT.
+        assert_eq!(s.iot.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn template_missing_in_iot_and_upstream_failures() {
+        let s = setup(&[("ALLOWED_TEMPLATES", "retired-template")]).await;
+        let mut retired = claim_event("issue.json");
+        retired["body"] = Value::String(r#"{"templateName":"retired-template"}"#.into());
+        let r = issue(retired, NOW, &s.state).await;
+        assert_eq!(
+            (r.status_code, body(&r)["error"].as_str()),
+            (502, Some("upstream"))
+        );
+        assert!(body(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("retired-template"));
+
+        s.iot.set_faults(&[IotFault::ServerError]);
+        let r = issue(claim_event("issue.json"), NOW, &s.state).await;
+        assert_eq!(r.status_code, 502);
+
+        s.iot.set_faults(&[IotFault::Throttle]);
+        let r = issue(claim_event("issue.json"), NOW, &s.state).await;
+        assert_eq!((r.status_code, r.header("retry-after")), (503, Some("2")));
+
+        s.iot.set_faults(&[]);
+        assert_eq!(
+            issue(claim_event("issue.json"), NOW, &s.state)
+                .await
+                .status_code,
+            200
+        );
+        assert_eq!(
+            s.iot.unauthenticated(),
+            0,
+            "every SDK request was SigV4-signed"
+        );
+    }
+
+    #[tokio::test]
+    async fn rate_limit_is_per_user_and_recovers_after_the_window() {
+        let s = setup(&[("CLAIMS_PER_WINDOW", "2"), ("CLAIM_WINDOW_SECONDS", "600")]).await;
+        let window_start = NOW - NOW % 600;
+        for _ in 0..2 {
+            assert_eq!(
+                issue(claim_event("issue.json"), window_start + 10, &s.state)
+                    .await
+                    .status_code,
+                200
+            );
+        }
+        let limited = issue(claim_event("issue.json"), window_start + 100, &s.state).await;
+        assert_eq!(
+            (limited.status_code, limited.header("retry-after")),
+            (429, Some("500"))
+        );
+
+        // Another installer is not affected.
+        let mut other = claim_event("issue.json");
+        other["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] =
+            Value::String("another-installer".into());
+        assert_eq!(
+            issue(other, window_start + 100, &s.state).await.status_code,
+            200
+        );
+
+        // The next window starts afresh.
+        assert_eq!(
+            issue(claim_event("issue.json"), window_start + 600, &s.state)
+                .await
+                .status_code,
+            200
+        );
+        assert_eq!(s.iot.issued().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_double_refuses_unsigned_requests() {
+        let iot = IotControlPlane::start(&[TEMPLATE]).await.unwrap();
+        let url = format!(
+            "{}/provisioning-templates/{TEMPLATE}/provisioning-claim",
+            iot.endpoint()
+        );
+        let mut stream =
+            tokio::net::TcpStream::connect(iot.endpoint().trim_start_matches("http://"))
+                .await
+                .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!("POST {url} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+        assert!(answer
+            .to_ascii_lowercase()
+            .contains("x-amzn-errortype: missingauthenticationtokenexception"));
+        assert!(iot.issued().is_empty());
+        assert_eq!(iot.unauthenticated(), 1);
+    }
 }

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use regex_lite::Regex;
 use shared::config::{self, ConfigError, Env};
-
-/// Serial numbers: letters, digits and `-_.:`, 1 to 64 characters, starting alphanumeric.
-pub const DEFAULT_SERIAL_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$";
+use shared::registry::DEFAULT_SERIAL_PATTERN;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -22,17 +20,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
-        let pattern = config::optional(env, "SERIAL_PATTERN")
-            .unwrap_or_else(|| DEFAULT_SERIAL_PATTERN.to_owned());
-        // Anchored, so that a pattern cannot accidentally match a substring of a longer serial.
-        let anchored = format!(
-            "^(?:{})$",
-            pattern.trim_start_matches('^').trim_end_matches('$')
-        );
-        let serial_pattern = Regex::new(&anchored).map_err(|_| ConfigError::Invalid {
-            name: "SERIAL_PATTERN",
-            expected: "a regular expression",
-        })?;
+        let serial_pattern = config::pattern(env, "SERIAL_PATTERN", DEFAULT_SERIAL_PATTERN)?;
         let budget = Duration::from_millis(config::parsed(
             env,
             "DECISION_BUDGET_MS",

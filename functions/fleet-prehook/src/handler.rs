@@ -211,12 +211,6 @@ async fn check(
                 "claim certificate is bound to another serial",
             ));
         }
-        Some(c) if c.expires_at <= now_secs() => {
-            return Err(deny(
-                "claim-expired",
-                "claim certificate record has expired",
-            ));
-        }
         None if config.require_claim_record => {
             return Err(deny(
                 "claim-unknown",

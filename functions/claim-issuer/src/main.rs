@@ -1,0 +1,28 @@
+//! Cold start: logging, configuration, SDK clients; then the runtime loop.
+
+use claim_issuer::config::Config;
+use claim_issuer::handler::{handle, State};
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde_json::Value;
+use shared::aws::CallLimits;
+use shared::config::ProcessEnv;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::logging::init();
+    let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
+        tracing::error!(error = %e, "invalid configuration");
+    })?;
+    let sdk = shared::aws::loader(&CallLimits::default()).load().await;
+    let state = State::new(config, &sdk);
+    let state = &state;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        Ok::<_, Error>(handle(event.payload, now, state).await)
+    }))
+    .await
+}
