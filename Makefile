@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 TOOLS_STAMP := $(VENV)/.installed
 NODE_STAMP := tests/interop/node_modules/.installed
-export MOTO_SERVER := $(VENV)/bin/moto_server
 
 .PHONY: help tools demo test fmt lint unit clean
 

@@ -1,8 +1,9 @@
 //! A moto server on loopback, started per test (about half a second) and killed when dropped.
 //!
-//! moto is installed pinned into the project's `.venv` by `make tools`; `MOTO_SERVER` may name
-//! another binary. The server binds port 0 and reports the port it got, so parallel tests never
-//! collide. Its output is drained continuously: a full pipe would stall the server.
+//! moto is installed pinned into the project's `.venv` by `make tools` and served by
+//! `tests/local_aws_server.py`, one request at a time (see there: moto's threaded server breaks
+//! DynamoDB's per-item atomicity). The server binds port 0 and reports the port it got, so
+//! parallel tests never collide. Its output is drained continuously: a full pipe would stall it.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -23,7 +24,7 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error("moto server not found at {0}: run `make tools` (or set MOTO_SERVER)")]
+    #[error("the project's Python environment is missing ({0}): run `make tools`")]
     NotInstalled(String),
     #[error("moto server failed to start: {0}")]
     Start(String),
@@ -44,22 +45,21 @@ pub fn venv_bin(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Where `make tools` installs moto (or `MOTO_SERVER`).
-pub fn moto_binary() -> PathBuf {
-    std::env::var_os("MOTO_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| venv_bin("moto_server"))
+/// The launcher of the local AWS endpoint.
+fn server_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("local_aws_server.py")
 }
 
 impl LocalAws {
     pub async fn start() -> Result<Self, HarnessError> {
-        let binary = moto_binary();
-        if !binary.exists() {
-            return Err(HarnessError::NotInstalled(binary.display().to_string()));
+        let python = venv_bin("python");
+        if !python.exists() {
+            return Err(HarnessError::NotInstalled(python.display().to_string()));
         }
-        let mut command = Command::new(&binary);
+        let mut command = Command::new(&python);
         command
-            .args(["-H", "127.0.0.1", "-p", "0"])
+            .arg(server_script())
+            .args(["--host", "127.0.0.1", "--port", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
