@@ -11,6 +11,8 @@
 //! - [`dps`]: the Azure DPS MQTT registration client, bounded by a deadline.
 //! - [`quota`]: per-subject fixed-window rate limits in the device table.
 //! - [`config`]: environment configuration read once, with errors that name the variable.
+//! - `replay` (feature `local-replay`): the local fix for replaying Funk client contexts
+//!   through `cargo lambda watch`.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 
 pub mod aws;
@@ -20,6 +22,8 @@ pub mod keys;
 pub mod logging;
 pub mod quota;
 pub mod registry;
+#[cfg(feature = "local-replay")]
+pub mod replay;
 pub mod sas;
 pub mod secrets;
 pub mod soracom;

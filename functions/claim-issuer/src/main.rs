@@ -8,9 +8,19 @@ use shared::aws::CallLimits;
 use shared::config::ProcessEnv;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
     shared::logging::init();
+    // Local runs only: see shared::replay. Before the async runtime starts, because it
+    // repoints AWS_LAMBDA_RUNTIME_API.
+    #[cfg(feature = "local-replay")]
+    shared::replay::install()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<(), Error> {
     let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
         tracing::error!(error = %e, "invalid configuration");
     })?;
