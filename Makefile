@@ -7,12 +7,20 @@ VENV := $(CURDIR)/.venv
 TOOLS_STAMP := $(VENV)/.installed
 NODE_STAMP := tests/interop/node_modules/.installed
 
-.PHONY: help tools demo test fmt lint unit clean
+# `cargo lambda` (pinned in tests/requirements.txt) lives in .venv/bin.
+export PATH := $(VENV)/bin:$(PATH)
+LOCAL_ENV := $(CURDIR)/target/local.env
+
+.PHONY: help tools demo test fmt lint clean emulators watch invoke build
 
 help:
 	@echo "make demo   build, start the local emulators and replay the sample story"
 	@echo "make test   formatting, lints, unit and end-to-end tests against local emulators"
 	@echo "make tools  install the pinned local tools into .venv and tests/interop (done by demo and test)"
+	@echo "make emulators                          start the local stand-ins; writes target/local.env"
+	@echo "make watch                              cargo lambda watch with local-replay and that env"
+	@echo "make invoke FN=.. EVENT=.. [CONTEXT=..] cargo lambda invoke against the watch"
+	@echo "make build  cargo lambda build --release --arm64 for every function"
 
 # Pinned Python tools (moto server) in a project-local virtual environment.
 $(TOOLS_STAMP): tests/requirements.txt
@@ -31,6 +39,20 @@ tools: $(TOOLS_STAMP) $(NODE_STAMP)
 
 demo: tools
 	cargo run --quiet --package local-emulators --bin demo
+
+emulators: tools
+	cargo run --quiet --package local-emulators --bin demo -- --serve $(LOCAL_ENV)
+
+watch: tools
+	@test -f $(LOCAL_ENV) || { echo "run 'make emulators' in another terminal first"; exit 1; }
+	cargo lambda watch --invoke-address 127.0.0.1 --features local-replay --env-file $(LOCAL_ENV)
+
+invoke: tools
+	@test -n "$(FN)" -a -n "$(EVENT)" || { echo "usage: make invoke FN=azure-dps-register EVENT=events/azure-dps-register/register.json CONTEXT=events/azure-dps-register/client-context.json"; exit 2; }
+	cargo lambda invoke $(FN) --invoke-address 127.0.0.1 --data-file $(EVENT) $(if $(CONTEXT),--client-context-file $(CONTEXT))
+
+build: tools
+	cargo lambda build --release --arm64
 
 fmt:
 	cargo fmt --all

@@ -27,3 +27,4 @@ pub mod replay;
 pub mod sas;
 pub mod secrets;
 pub mod soracom;
+pub mod startup;

@@ -10,15 +10,7 @@ use shared::registry::DynamoRegistry;
 use std::time::Duration;
 
 fn main() -> Result<(), Error> {
-    shared::logging::init();
-    // Local runs only: see shared::replay. Before the async runtime starts, because it
-    // repoints AWS_LAMBDA_RUNTIME_API.
-    #[cfg(feature = "local-replay")]
-    shared::replay::install()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    shared::startup::main(run())
 }
 
 async fn run() -> Result<(), Error> {

@@ -1,0 +1,20 @@
+//! The common first lines of every function's `main`: logging, the local-replay proxy when
+//! compiled for local runs, then the async runtime running the function's own start-up.
+
+use std::future::Future;
+
+/// Error type of `main` (the same as `lambda_runtime::Error`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs `start` (cold start, then the runtime loop) on a multi-threaded tokio runtime.
+pub fn main(start: impl Future<Output = Result<(), BoxError>>) -> Result<(), BoxError> {
+    crate::logging::init();
+    // Local runs only (see `replay`); before the async runtime starts, because it repoints
+    // AWS_LAMBDA_RUNTIME_API while no other thread reads the environment.
+    #[cfg(feature = "local-replay")]
+    crate::replay::install()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(start)
+}

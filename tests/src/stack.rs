@@ -1,0 +1,163 @@
+//! Every local stand-in the functions need, started together and seeded with the sample
+//! story's data: the local AWS endpoint (device table, group key), the DPS simulator and the IoT
+//! control-plane double. [`LocalStack::env`] is the functions' environment pointing at them.
+
+use std::path::{Path, PathBuf};
+
+use aws_sdk_ssm::types::ParameterType;
+use shared::keys::SymmetricKey;
+use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry};
+
+use crate::dps_sim::{DpsSimConfig, DpsSimulator};
+use crate::iot_control::IotControlPlane;
+use crate::local_aws::{random_key_base64, LocalAws};
+
+pub const TABLE: &str = "devices";
+pub const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
+pub const ID_SCOPE: &str = "0ne00DEMO01";
+pub const TEMPLATE: &str = "fleet-template";
+pub const HUBS: [&str; 2] = [
+    "demo-hub-1.azure-devices.net",
+    "demo-hub-2.azure-devices.net",
+];
+/// The SIM that `events/azure-dps-register/client-context-blocked.json` names.
+pub const BLOCKED_IMSI: &str = "440103999999999";
+
+#[derive(Debug, thiserror::Error)]
+#[error("local stack: {0}")]
+pub struct StackError(String);
+
+fn err(e: impl std::fmt::Display) -> StackError {
+    StackError(e.to_string())
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> std::io::Result<Self> {
+        let unique = format!(
+            "{label}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let dir = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct LocalStack {
+    pub aws: LocalAws,
+    pub dps: DpsSimulator,
+    pub iot: IotControlPlane,
+    pub group_key: SymmetricKey,
+    pub registry: DynamoRegistry,
+    dir: TempDir,
+}
+
+impl LocalStack {
+    pub async fn start() -> Result<Self, StackError> {
+        let aws = LocalAws::start().await.map_err(err)?;
+        let group_key_b64 = random_key_base64();
+        let group_key = SymmetricKey::from_base64(&group_key_b64).map_err(err)?;
+
+        let mut dps_config = DpsSimConfig::new(ID_SCOPE);
+        dps_config.group_keys.push(group_key.clone());
+        dps_config.hubs = HUBS.iter().map(|h| (*h).to_owned()).collect();
+        dps_config.retry_after = 1;
+        let dps = DpsSimulator::start(dps_config, ([127, 0, 0, 1], 0).into())
+            .await
+            .map_err(err)?;
+        let iot = IotControlPlane::start(&[TEMPLATE]).await.map_err(err)?;
+
+        aws.create_devices_table(TABLE).await.map_err(err)?;
+        aws.put_parameter(
+            GROUP_KEY_PARAMETER,
+            &group_key_b64,
+            ParameterType::SecureString,
+        )
+        .await
+        .map_err(err)?;
+        let registry = DynamoRegistry::new(aws.dynamodb().await, TABLE);
+        let mut blocked_sim = DeviceRecord::allowed(DeviceId::Sim(BLOCKED_IMSI.into()));
+        blocked_sim.status = DeviceStatus::Blocked;
+        let mut serial = DeviceRecord::allowed(DeviceId::Serial("SN-0001".into()));
+        serial.overrides.insert("Location".into(), "tokyo-1".into());
+        let mut blocked_serial = DeviceRecord::allowed(DeviceId::Serial("SN-0666".into()));
+        blocked_serial.status = DeviceStatus::Blocked;
+        for record in [blocked_sim, serial, blocked_serial] {
+            registry.put(&record).await.map_err(err)?;
+        }
+
+        let dir = TempDir::new("local-stack").map_err(err)?;
+        std::fs::write(dir.path().join("dps-ca.pem"), dps.ca_pem()).map_err(err)?;
+        Ok(Self {
+            aws,
+            dps,
+            iot,
+            group_key,
+            registry,
+            dir,
+        })
+    }
+
+    /// The environment of all three functions, pointed at this stack.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+            ("AWS_ENDPOINT_URL", self.aws.endpoint().to_owned()),
+            // Service-specific endpoint: CreateProvisioningClaim goes to the IoT double.
+            ("AWS_ENDPOINT_URL_IOT", self.iot.endpoint()),
+            ("DEVICES_TABLE", TABLE.to_owned()),
+            ("DPS_ID_SCOPE", ID_SCOPE.to_owned()),
+            (
+                "DPS_ENDPOINT",
+                format!("127.0.0.1:{}", self.dps.addr().port()),
+            ),
+            (
+                "DPS_TRUSTED_CA_FILE",
+                self.dir.path().join("dps-ca.pem").display().to_string(),
+            ),
+            ("GROUP_KEY_PARAMETER", GROUP_KEY_PARAMETER.to_owned()),
+            ("PROVISIONING_TEMPLATE", TEMPLATE.to_owned()),
+            (
+                "IOT_DATA_ENDPOINT",
+                "local-ats.iot.us-east-1.amazonaws.com".to_owned(),
+            ),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Writes [`Self::env`] as a `KEY=VALUE` file for `cargo lambda watch --env-file`.
+    pub fn write_env_file(&self, path: &Path) -> std::io::Result<()> {
+        let text: String = self
+            .env()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        std::fs::write(path, text)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}

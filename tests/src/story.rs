@@ -1,0 +1,288 @@
+//! The sample story, replayed through `cargo lambda invoke` against the local stack: what
+//! `make demo` shows and what the replay test checks. Every step states its expected outcome and
+//! fails if the function answers anything else.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+
+use crate::lambda_watch::{LambdaWatch, WatchError};
+use crate::stack::{LocalStack, HUBS};
+
+/// One step's outcome.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub title: &'static str,
+    pub command: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn events() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events")
+}
+
+/// Shows the start of a secret and its length: enough to compare, not enough to use.
+pub fn masked(value: &str) -> String {
+    let shown: String = value.chars().take(6).collect();
+    format!("{shown}… ({} chars)", value.chars().count())
+}
+
+type Check = Box<dyn Fn(&Value) -> Result<String, String>>;
+
+struct Invocation {
+    title: &'static str,
+    function: &'static str,
+    data: PathBuf,
+    context: Option<PathBuf>,
+    check: Check,
+    /// The reason code the function must log for this request.
+    logged_reason: Option<&'static str>,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> &'a str {
+    v.get(name).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Runs the story, calling `report` after each step; returns every step.
+pub async fn run(
+    stack: &LocalStack,
+    watch: &LambdaWatch,
+    mut report: impl FnMut(&Step),
+) -> Vec<Step> {
+    let dps_events = events().join("azure-dps-register");
+    let expected_key = stack
+        .group_key
+        .derive_device_key("440103123456789")
+        .to_base64();
+    let mut steps = Vec::new();
+
+    let mut invocations = vec![
+        Invocation {
+            title: "a SIM calls through SORACOM Funk and gets its IoT Hub connection string",
+            function: "azure-dps-register",
+            data: dps_events.join("register.json"),
+            context: Some(dps_events.join("client-context.json")),
+            logged_reason: None,
+            check: Box::new(move |v| {
+                let body = field(v, "body");
+                let parts: std::collections::HashMap<&str, &str> = body
+                    .split(';')
+                    .filter_map(|kv| kv.split_once('='))
+                    .collect();
+                let (hub, key) = (
+                    parts.get("HostName").copied().unwrap_or(""),
+                    parts.get("SharedAccessKey").copied().unwrap_or(""),
+                );
+                if v["statusCode"] != 200 || !HUBS.contains(&hub) || key != expected_key {
+                    return Err(format!(
+                        "unexpected answer: statusCode {} body {}",
+                        v["statusCode"],
+                        field(v, "error")
+                    ));
+                }
+                Ok(format!(
+                    "200 HostName={hub};DeviceId={};SharedAccessKey={} (= HMAC of the group key)",
+                    parts.get("DeviceId").copied().unwrap_or(""),
+                    masked(key)
+                ))
+            }),
+        },
+        Invocation {
+            title: "a blocked SIM is refused before anything reaches DPS",
+            function: "azure-dps-register",
+            data: dps_events.join("register.json"),
+            context: Some(dps_events.join("client-context-blocked.json")),
+            logged_reason: None,
+            check: Box::new(|v| match (v["statusCode"].as_u64(), field(v, "error")) {
+                (Some(403), "sim-blocked") => {
+                    Ok(format!("403 {}: {}", field(v, "error"), field(v, "body")))
+                }
+                _ => Err(format!("expected 403 sim-blocked, got {v}")),
+            }),
+        },
+        Invocation {
+            title: "a signed-in installer gets a 5-minute claim certificate bound to SN-0001",
+            function: "claim-issuer",
+            data: events().join("claim-issuer/issue.json"),
+            context: None,
+            logged_reason: None,
+            check: Box::new(|v| {
+                let body: Value = serde_json::from_str(field(v, "body")).unwrap_or(Value::Null);
+                if v["statusCode"] == 200
+                    && body["certificateId"].is_string()
+                    && field(&body, "privateKey").contains("PRIVATE KEY")
+                {
+                    Ok(format!(
+                        "200 certificateId {}… serial {} privateKey [not shown]",
+                        &field(&body, "certificateId")
+                            [..12.min(field(&body, "certificateId").len())],
+                        field(&body, "serial")
+                    ))
+                } else {
+                    Err(format!(
+                        "expected 200 with a certificate, got {}",
+                        v["statusCode"]
+                    ))
+                }
+            }),
+        },
+        Invocation {
+            title: "a user outside the installers group is refused",
+            function: "claim-issuer",
+            data: events().join("claim-issuer/not-in-group.json"),
+            context: None,
+            logged_reason: None,
+            check: Box::new(|v| match v["statusCode"].as_u64() {
+                Some(403) => Ok(format!("403 {}", field(v, "body"))),
+                _ => Err(format!("expected 403, got {}", v["statusCode"])),
+            }),
+        },
+    ];
+
+    for invocation in invocations.drain(..) {
+        let step = invoke(watch, invocation).await;
+        report(&step);
+        steps.push(step);
+    }
+
+    // The hook, for a device using the claim certificate just issued (bound to SN-0001).
+    let claim_id = stack
+        .iot
+        .issued()
+        .first()
+        .map(|c| c.certificate_id.clone())
+        .unwrap_or_default();
+    let hook_events = events().join("fleet-prehook");
+    let mut allowed: Value = std::fs::read_to_string(hook_events.join("allowed.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    allowed["claimCertificateId"] = Value::String(claim_id);
+    let allowed_file = stack.dir().join("prehook-allowed.json");
+    let _ = std::fs::write(&allowed_file, allowed.to_string());
+    let denied = |v: &Value| match v["allowProvisioning"].as_bool() {
+        Some(false) => Ok("allowProvisioning: false".to_owned()),
+        _ => Err(format!("expected a denial, got {v}")),
+    };
+    let hook = vec![
+        Invocation {
+            title: "the pre-provisioning hook allows SN-0001 with overrides from the device table",
+            function: "fleet-prehook",
+            data: allowed_file,
+            context: None,
+            logged_reason: Some("allowed"),
+            check: Box::new(|v| {
+                match (
+                    v["allowProvisioning"].as_bool(),
+                    v["parameterOverrides"]["Location"].as_str(),
+                ) {
+                    (Some(true), Some(location)) => Ok(format!(
+                        "allowProvisioning: true, parameterOverrides: Location={location}"
+                    )),
+                    _ => Err(format!("expected an allow with overrides, got {v}")),
+                }
+            }),
+        },
+        Invocation {
+            title: "an unknown serial is denied",
+            function: "fleet-prehook",
+            data: hook_events.join("unknown-serial.json"),
+            context: None,
+            logged_reason: Some("unknown-serial"),
+            check: Box::new(denied),
+        },
+        Invocation {
+            title: "a template that names the serial 'device_serial' is denied, not crashed",
+            function: "fleet-prehook",
+            data: hook_events.join("misnamed-parameter.json"),
+            context: None,
+            logged_reason: Some("missing-serial-parameter"),
+            check: Box::new(denied),
+        },
+    ];
+    for invocation in hook {
+        let step = invoke(watch, invocation).await;
+        report(&step);
+        steps.push(step);
+    }
+
+    let dps_connections = stack.dps.stats().connections.load(Ordering::Relaxed);
+    let step = Step {
+        title: "DPS saw exactly one device connect (the blocked SIM never got there)",
+        command: "dps-simulator statistics".into(),
+        ok: dps_connections == 1,
+        detail: format!(
+            "{dps_connections} connection(s), {} assigned",
+            stack.dps.assigned().len()
+        ),
+    };
+    report(&step);
+    steps.push(step);
+    steps
+}
+
+/// The reason code and detail of the hook's last logged decision (its JSON log line).
+fn last_decision(watch: &LambdaWatch) -> Option<(String, String)> {
+    let log = std::fs::read_to_string(watch.log()).ok()?;
+    log.lines().rev().find_map(|line| {
+        let v: Value = serde_json::from_str(line.get(line.find('{')?..)?).ok()?;
+        let message = v.get("message")?.as_str()?;
+        message.starts_with("provisioning ").then(|| {
+            let detail = v
+                .get("detail")
+                .and_then(Value::as_str)
+                .map(|d| format!("({d})"))
+                .unwrap_or_default();
+            (field(&v, "reason").to_owned(), detail)
+        })
+    })
+}
+
+async fn invoke(watch: &LambdaWatch, invocation: Invocation) -> Step {
+    let relative = |p: &PathBuf| {
+        p.strip_prefix(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .map(|r| r.display().to_string())
+            .unwrap_or_else(|_| p.display().to_string())
+    };
+    let mut command = format!(
+        "cargo lambda invoke {} --data-file {}",
+        invocation.function,
+        relative(&invocation.data)
+    );
+    if let Some(context) = &invocation.context {
+        command.push_str(&format!(" --client-context-file {}", relative(context)));
+    }
+    let (ok, detail) = match watch
+        .invoke(
+            invocation.function,
+            &invocation.data,
+            invocation.context.as_deref(),
+        )
+        .await
+    {
+        Ok(answer) => match ((invocation.check)(&answer), invocation.logged_reason) {
+            (Ok(detail), None) => (true, detail),
+            (Ok(detail), Some(expected)) => match last_decision(watch) {
+                Some((reason, why)) if reason == expected => {
+                    (true, format!("{detail}; logged reason={reason} {why}"))
+                }
+                Some((reason, _)) => (
+                    false,
+                    format!("{detail}; logged reason {reason}, expected {expected}"),
+                ),
+                None => (false, format!("{detail}; no decision logged")),
+            },
+            (Err(detail), _) => (false, detail),
+        },
+        Err(WatchError::Invoke(_, message)) => (false, message),
+        Err(e) => (false, e.to_string()),
+    };
+    Step {
+        title: invocation.title,
+        command,
+        ok,
+        detail,
+    }
+}
