@@ -57,9 +57,10 @@ build: tools
 fmt:
 	cargo fmt --all
 
-lint:
+lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	$(VENV)/bin/cfn-lint infra/template.yaml
 
 test: tools lint
 	cargo test --workspace

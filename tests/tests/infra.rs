@@ -1,0 +1,229 @@
+//! The deployable template (infra/template.yaml), checked offline: least privilege in every IAM
+//! and IoT policy, and every function's environment complete and pointing at resources the
+//! template defines. (`make test` also runs cfn-lint on it.)
+
+use std::collections::HashMap;
+
+use serde_yaml::Value;
+
+/// Statements allowed a full `*` resource, with the reason AWS requires it. Empty today.
+const FULL_WILDCARD_EXCEPTIONS: &[(&str, &str)] = &[];
+
+fn template() -> Value {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The text of a scalar, looking through `!Sub`, `!Ref` and `!GetAtt` tags.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Tagged(t) => match &t.value {
+            Value::String(s) => Some(format!("{} {s}", t.tag)),
+            Value::Sequence(items) => items
+                .first()
+                .and_then(text)
+                .map(|s| format!("{} {s}", t.tag)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn list(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::Sequence(items)) => items.iter().filter_map(text).collect(),
+        Some(other) => text(other).into_iter().collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Every policy statement in the template, with the resource that holds it.
+fn statements(t: &Value) -> Vec<(String, Value)> {
+    fn walk(owner: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+        match v {
+            Value::Mapping(m) => {
+                if let Some(Value::Sequence(stmts)) = m.get("Statement") {
+                    for s in stmts {
+                        out.push((owner.to_owned(), s.clone()));
+                    }
+                }
+                for (_, child) in m {
+                    walk(owner, child, out);
+                }
+            }
+            Value::Sequence(items) => items.iter().for_each(|i| walk(owner, i, out)),
+            Value::Tagged(t) => walk(owner, &t.value, out),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(Value::Mapping(resources)) = t.get("Resources") {
+        for (name, resource) in resources {
+            walk(name.as_str().unwrap_or(""), resource, &mut out);
+        }
+    }
+    out
+}
+
+#[test]
+fn no_policy_grants_wildcard_actions_or_resources() {
+    let t = template();
+    let all = statements(&t);
+    assert!(all.len() >= 15, "found only {} statements", all.len());
+    let mut problems = Vec::new();
+    for (owner, statement) in &all {
+        if text(statement.get("Effect").unwrap_or(&Value::Null)).as_deref() != Some("Allow") {
+            continue;
+        }
+        // Trust policies name principals, not resources.
+        if statement.get("Principal").is_some() {
+            continue;
+        }
+        for action in list(statement.get("Action")) {
+            if action.contains('*') {
+                problems.push(format!("{owner}: action {action}"));
+            }
+        }
+        let resources = list(statement.get("Resource"));
+        if resources.is_empty() {
+            problems.push(format!("{owner}: statement without Resource"));
+        }
+        for resource in resources {
+            let bare = resource.rsplit(' ').next().unwrap_or(&resource);
+            // `*`, or an ARN whose resource part is `*` (every resource of the service).
+            let full = bare == "*" || bare.rsplit(':').next() == Some("*");
+            let excused = FULL_WILDCARD_EXCEPTIONS
+                .iter()
+                .any(|(who, _)| *who == owner);
+            if full && !excused {
+                problems.push(format!("{owner}: resource {resource}"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "wildcards:\n{}", problems.join("\n"));
+}
+
+fn functions(t: &Value) -> HashMap<String, HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for (name, resource) in t["Resources"].as_mapping().unwrap() {
+        if resource["Type"].as_str() != Some("AWS::Serverless::Function") {
+            continue;
+        }
+        let binary = resource["Metadata"]["BuildProperties"]["Binary"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let vars = resource["Properties"]["Environment"]["Variables"]
+            .as_mapping()
+            .unwrap();
+        let env = vars
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_owned(), text(v).unwrap_or_default()))
+            .collect();
+        out.insert(binary, env);
+        assert!(name.as_str().is_some());
+    }
+    out
+}
+
+#[test]
+fn every_function_environment_is_complete_and_names_defined_resources() {
+    let t = template();
+    let defined: Vec<String> = ["Resources", "Parameters"]
+        .iter()
+        .flat_map(|section| {
+            t[*section]
+                .as_mapping()
+                .unwrap()
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let functions = functions(&t);
+    assert_eq!(functions.len(), 3);
+    for (binary, env) in &functions {
+        for (name, value) in env {
+            if let Some(target) = value
+                .strip_prefix("!Ref ")
+                .or_else(|| value.strip_prefix("!GetAtt "))
+            {
+                let target = target.split('.').next().unwrap_or("");
+                assert!(
+                    defined.iter().any(|d| d == target),
+                    "{binary}: {name} refers to undefined {target}"
+                );
+            }
+        }
+        assert_eq!(
+            env.get("DEVICES_TABLE").map(String::as_str),
+            Some("!Ref DevicesTable"),
+            "{binary}"
+        );
+        // The function's own configuration loader accepts this environment (dummy values).
+        let dummy: HashMap<String, String> = env
+            .keys()
+            .map(|k| {
+                let v = match k.as_str() {
+                    "DPS_ENDPOINT" => "dps.example:8883",
+                    "CLAIMS_PER_WINDOW" | "CLAIM_WINDOW_SECONDS" => "20",
+                    "REQUIRE_CLAIM_RECORD" => "true",
+                    "ALLOWED_OPERATOR_IDS" => "",
+                    _ => "value",
+                };
+                (k.clone(), v.to_owned())
+            })
+            .collect();
+        let loaded = match binary.as_str() {
+            "azure-dps-register" => {
+                azure_dps_register::config::Config::from_env(&dummy).map(|_| ())
+            }
+            "fleet-prehook" => fleet_prehook::config::Config::from_env(&dummy).map(|_| ()),
+            "claim-issuer" => claim_issuer::config::Config::from_env(&dummy).map(|_| ()),
+            other => panic!("unknown function binary {other}"),
+        };
+        assert!(loaded.is_ok(), "{binary}: {loaded:?}");
+    }
+}
+
+#[test]
+fn the_hook_and_funk_role_are_wired_as_aws_requires() {
+    let t = template();
+    let r = &t["Resources"];
+    let hook = &r["FleetProvisioningTemplate"]["Properties"]["PreProvisioningHook"];
+    assert_eq!(hook["PayloadVersion"].as_str(), Some("2020-04-01"));
+    let permission = &r["FleetPrehookInvokePermission"]["Properties"];
+    assert_eq!(permission["Principal"].as_str(), Some("iot.amazonaws.com"));
+    assert!(text(&permission["SourceArn"])
+        .unwrap()
+        .contains(":provisioningtemplate/"));
+    assert!(permission.get("SourceAccount").is_some());
+
+    let trust = &r["SoracomFunkRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert!(
+        trust["Condition"]["StringEquals"]
+            .get("sts:ExternalId")
+            .is_some(),
+        "Funk role without external id"
+    );
+    let funk = statements(&t)
+        .into_iter()
+        .filter(|(o, _)| o == "SoracomFunkRole")
+        .filter(|(_, s)| s.get("Principal").is_none())
+        .collect::<Vec<_>>();
+    assert_eq!(funk.len(), 1);
+    assert_eq!(list(funk[0].1.get("Action")), vec!["lambda:InvokeFunction"]);
+    assert_eq!(
+        list(funk[0].1.get("Resource")),
+        vec!["!GetAtt AzureDpsRegisterFunction.Arn"]
+    );
+
+    // The group key is referenced by name, never present as a value.
+    let raw = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml"),
+    )
+    .unwrap();
+    assert!(!raw.contains("SharedAccessKey") && !raw.contains("PRIVATE KEY"));
+}
