@@ -60,6 +60,7 @@ pub async fn prebuild() -> Result<(), WatchError> {
                 "--features",
                 "local-replay",
             ])
+            .kill_on_drop(true)
             .output()
             .await
             .map_err(|e| WatchError::Build(function.into(), e.to_string()))?;
