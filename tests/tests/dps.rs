@@ -614,7 +614,10 @@ mod function {
     #[tokio::test]
     async fn identity_and_body_are_checked_before_anything_else() {
         let s = setup(|_| {}, None).await;
-        let no_identity = invoke(&s, json!({}), &Context::default()).await;
+        // Identity fields in the body are the device's own claims: without a Funk client
+        // context they count for nothing.
+        let claimed = json!({"imsi": IMSI, "operatorId": "OP0012345678", "srn": "srn:soracom:OP0012345678:jp:Subscriber:440103123456789"});
+        let no_identity = invoke(&s, claimed, &Context::default()).await;
         assert_eq!(
             (no_identity.status_code, no_identity.error),
             (403, Some("no-identity"))
@@ -629,7 +632,6 @@ mod function {
             (bad_body.status_code, bad_body.error),
             (400, Some("bad-request"))
         );
-        // An IMSI in the body is just data: identity comes from the client context only.
         assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 0);
     }
 
