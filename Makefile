@@ -11,7 +11,8 @@ NODE_STAMP := tests/interop/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 LOCAL_ENV := $(CURDIR)/target/local.env
 
-.PHONY: help tools demo test fmt lint clean emulators watch invoke build
+.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan
+DEPLOY_VENV := $(CURDIR)/.venv-deploy
 
 help:
 	@echo "make demo   build, start the local emulators and replay the sample story"
@@ -21,6 +22,7 @@ help:
 	@echo "make watch                              cargo lambda watch with local-replay and that env"
 	@echo "make invoke FN=.. EVENT=.. [CONTEXT=..] cargo lambda invoke against the watch"
 	@echo "make build  cargo lambda build --release --arm64 for every function"
+	@echo "make deploy-plan / make deploy   print / run the deployment (settings: infra/deploy.sh)"
 
 # Pinned Python tools (moto server) in a project-local virtual environment.
 $(TOOLS_STAMP): tests/requirements.txt
@@ -53,6 +55,18 @@ invoke: tools
 
 build: tools
 	cargo lambda build --release --arm64
+
+# Deploy-time tools (AWS SAM CLI, AWS CLI), pinned, only for `make deploy`.
+$(DEPLOY_VENV)/.installed: infra/requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r infra/requirements.txt
+	@touch $@
+
+deploy-plan:
+	@infra/deploy.sh --plan
+
+deploy: tools $(DEPLOY_VENV)/.installed
+	infra/deploy.sh
 
 fmt:
 	cargo fmt --all

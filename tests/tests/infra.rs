@@ -227,3 +227,98 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
     .unwrap();
     assert!(!raw.contains("SharedAccessKey") && !raw.contains("PRIVATE KEY"));
 }
+
+fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut command = std::process::Command::new("bash");
+    command.arg("infra/deploy.sh").current_dir(&root);
+    if plan {
+        command.arg("--plan");
+    }
+    for name in [
+        "AWS_REGION",
+        "DPS_ID_SCOPE",
+        "SORACOM_AWS_ACCOUNT_ID",
+        "SORACOM_EXTERNAL_ID",
+        "STACK_NAME",
+    ] {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied()).output().unwrap()
+}
+
+#[test]
+fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
+    let out = deploy_script(
+        true,
+        &[
+            ("AWS_REGION", "ap-northeast-1"),
+            ("DPS_ID_SCOPE", "0ne00ABC123"),
+            ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
+            ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
+        ],
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{plan}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(plan.contains("sam build --template-file infra/template.yaml"));
+    assert!(plan.contains("sam deploy") && plan.contains("--capabilities CAPABILITY_IAM"));
+    assert!(plan.contains("DpsIdScope=0ne00ABC123") && plan.contains("SoracomExternalId=****"));
+    assert!(
+        !plan.contains("s3cret-external-id"),
+        "the external id leaked into the plan"
+    );
+    assert!(plan.contains("cargo lambda build --release --arm64"));
+    for (function, role) in [
+        ("azure-dps-register", "AzureDpsRegisterRoleArn"),
+        ("claim-issuer", "ClaimIssuerRoleArn"),
+        ("fleet-prehook", "FleetPrehookRoleArn"),
+    ] {
+        let line = plan
+            .lines()
+            .find(|l| {
+                l.contains("cargo lambda deploy")
+                    && l.ends_with(&format!("soracom-provisioning-{function}"))
+            })
+            .unwrap_or_else(|| panic!("no deploy line for {function}:\n{plan}"));
+        assert!(
+            line.contains(&format!("--binary-name {function}")) && line.contains(role),
+            "{line}"
+        );
+    }
+    // Every role output the script reads exists in the template.
+    let outputs = template()["Outputs"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect::<Vec<_>>();
+    for used in [
+        "AzureDpsRegisterRoleArn",
+        "ClaimIssuerRoleArn",
+        "FleetPrehookRoleArn",
+        "DevicesTableName",
+    ] {
+        assert!(
+            outputs.iter().any(|o| o == used),
+            "template lacks output {used}"
+        );
+    }
+}
+
+#[test]
+fn deploy_without_settings_names_them_and_runs_nothing() {
+    let out = deploy_script(false, &[("DPS_ID_SCOPE", "0ne00ABC123")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AWS_REGION")
+            && err.contains("SORACOM_EXTERNAL_ID")
+            && !err.contains("DPS_ID_SCOPE"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
