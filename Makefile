@@ -54,7 +54,8 @@ invoke: tools
 	cargo lambda invoke $(FN) --invoke-address 127.0.0.1 --data-file $(EVENT) $(if $(CONTEXT),--client-context-file $(CONTEXT))
 
 build: tools
-	cargo lambda build --release --arm64
+	cargo lambda build --release --arm64 --output-format zip
+	@ls -l target/lambda/*/bootstrap.zip | awk '{printf "%-60s %6.2f MB\n", $$9, $$5/1048576}'
 
 # Deploy-time tools (AWS SAM CLI, AWS CLI), pinned, only for `make deploy`.
 $(DEPLOY_VENV)/.installed: infra/requirements.txt
