@@ -11,7 +11,7 @@
 //! connection a few times.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
+use crate::clock::unix_now;
 use crate::config::HostPort;
 use crate::keys::SymmetricKey;
 use crate::sas;
@@ -200,13 +201,6 @@ struct RegistrationState {
     substatus: Option<String>,
     error_code: Option<i64>,
     payload: Option<Value>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// Up to +20 % so that many devices throttled together do not come back together.

@@ -16,6 +16,7 @@
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 
 pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod dps;
 pub mod keys;

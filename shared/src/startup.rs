@@ -18,3 +18,15 @@ pub fn main(start: impl Future<Output = Result<(), BoxError>>) -> Result<(), Box
         .build()?
         .block_on(start)
 }
+
+/// A cold-start step's result, with its failure logged (one structured line, saying `what`)
+/// before it ends the process: Lambda shows the log, not the returned error's `Debug`.
+pub fn logged<T, E>(result: Result<T, E>, what: &str) -> Result<T, BoxError>
+where
+    E: std::fmt::Display + Into<BoxError>,
+{
+    result.map_err(|e| {
+        tracing::error!(error = %e, "{what}");
+        e.into()
+    })
+}

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::tls::local_pki;
+use shared::clock::unix_now;
 
 const MAX_PACKET: usize = 96 * 1024;
 const API_VERSION: &str = "2019-03-31";
@@ -217,13 +218,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
 async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Option<Packet> {
     loop {
         match Packet::read(buf, MAX_PACKET) {
@@ -411,6 +405,22 @@ fn throttled_share(n: u64, percent: u32) -> bool {
     (n * u64::from(percent)) % 100 < u64::from(percent) && percent > 0
 }
 
+/// Whether this request is to be answered 429: a first-N fault for its kind, or the request's
+/// share of a percentage fault. Counts it as throttled.
+fn injected_throttle(
+    state: &Shared,
+    first_n: impl Fn(&Fault) -> bool,
+    percent: Option<u32>,
+    n: u64,
+) -> bool {
+    let throttled =
+        state.config.faults.iter().any(first_n) || percent.is_some_and(|p| throttled_share(n, p));
+    if throttled {
+        state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+    throttled
+}
+
 /// The status, body and `retry-after` for a request, or `None` for a topic DPS does not serve.
 fn respond(
     state: &Shared,
@@ -436,13 +446,9 @@ fn respond(
     match path {
         "$dps/registrations/PUT/iotdps-register" => {
             let count = state.stats.registers.fetch_add(1, Ordering::Relaxed) + 1;
-            let throttled = config
-                .faults
-                .iter()
-                .any(|f| matches!(f, Fault::ThrottleRegister(k) if count <= u64::from(*k)))
-                || percent.is_some_and(|p| throttled_share(n, p));
-            if throttled {
-                state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            let first_n =
+                |f: &Fault| matches!(f, Fault::ThrottleRegister(k) if count <= u64::from(*k));
+            if injected_throttle(state, first_n, percent, n) {
                 return Some(throttle());
             }
             if let Some(status) = config.faults.iter().find_map(|f| match f {
@@ -483,13 +489,8 @@ fn respond(
         }
         "$dps/registrations/GET/iotdps-get-operationstatus" => {
             let count = state.stats.polls.fetch_add(1, Ordering::Relaxed) + 1;
-            let throttled = config
-                .faults
-                .iter()
-                .any(|f| matches!(f, Fault::ThrottlePoll(k) if count <= u64::from(*k)))
-                || percent.is_some_and(|p| throttled_share(n, p));
-            if throttled {
-                state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            let first_n = |f: &Fault| matches!(f, Fault::ThrottlePoll(k) if count <= u64::from(*k));
+            if injected_throttle(state, first_n, percent, n) {
                 return Some(throttle());
             }
             let operation_id =

@@ -18,6 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::json;
+use shared::clock::unix_now;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -62,13 +63,6 @@ impl Drop for IotControlPlane {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -116,8 +116,10 @@ pub async fn run(
                 {
                     Ok(format!(
                         "200 certificateId {}… serial {} privateKey [not shown]",
-                        &field(&body, "certificateId")
-                            [..12.min(field(&body, "certificateId").len())],
+                        field(&body, "certificateId")
+                            .chars()
+                            .take(12)
+                            .collect::<String>(),
                         field(&body, "serial")
                     ))
                 } else {

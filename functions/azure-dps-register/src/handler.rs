@@ -1,7 +1,7 @@
 //! One invocation: who is calling (client context only), may they register, with which key,
 //! what DPS says, and the answer in the shape the device firmware parses.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use lambda_runtime::Context;
@@ -15,6 +15,7 @@ use shared::soracom::SimIdentity;
 
 use crate::config::KeySource;
 use crate::state::State;
+use shared::clock::unix_now;
 
 /// Largest accepted device body (serialized JSON): custom allocation data, not telemetry.
 pub const MAX_BODY_BYTES: usize = 4096;
@@ -62,13 +63,6 @@ impl Refusal {
         self.retry_after = Some(after.as_secs().max(1));
         self
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// Handles one Funk invocation. Never fails: every outcome is a `Response`.
@@ -160,7 +154,7 @@ async fn register(
         .map_err(registry_refusal)?;
     match &record {
         Some(r) => {
-            if let Some(why) = r.refusal(now_secs()) {
+            if let Some(why) = r.refusal(unix_now()) {
                 return Err(refuse(
                     403,
                     if why == "expired" {
@@ -215,7 +209,7 @@ async fn register(
         registration_id: registration_id.clone(),
         assigned_hub: assignment.assigned_hub.clone(),
         device_id: assignment.device_id.clone(),
-        registered_at: now_secs(),
+        registered_at: unix_now(),
     };
     // DPS has registered the device; failing the device now would only make it retry. The
     // record is for operators, so a failed write is logged loudly instead.
@@ -427,7 +421,10 @@ mod tests {
 
         let mut soon = Context::default();
         let in_two = SystemTime::now() + Duration::from_secs(2);
-        soon.deadline = in_two.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        soon.deadline = in_two
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         let d = dps_deadline(&soon, budget) - tokio::time::Instant::now();
         assert!(d <= Duration::from_millis(1300), "{d:?}");
     }

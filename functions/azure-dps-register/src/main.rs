@@ -13,13 +13,9 @@ fn main() -> Result<(), Error> {
 }
 
 async fn run() -> Result<(), Error> {
-    let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
-        tracing::error!(error = %e, "invalid configuration");
-    })?;
+    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     let sdk = shared::aws::loader(&CallLimits::default()).load().await;
-    let state = State::new(config, &sdk).inspect_err(|e| {
-        tracing::error!(error = %e, "cannot start");
-    })?;
+    let state = shared::startup::logged(State::new(config, &sdk), "cannot start")?;
     let state = &state;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         Ok::<_, Error>(handle(event.payload, &event.context, state).await)

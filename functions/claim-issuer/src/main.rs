@@ -6,25 +6,18 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use serde_json::Value;
 use shared::aws::CallLimits;
 use shared::config::ProcessEnv;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 fn main() -> Result<(), Error> {
     shared::startup::main(run())
 }
 
 async fn run() -> Result<(), Error> {
-    let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
-        tracing::error!(error = %e, "invalid configuration");
-    })?;
+    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     let sdk = shared::aws::loader(&CallLimits::default()).load().await;
     let state = State::new(config, &sdk);
     let state = &state;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        Ok::<_, Error>(handle(event.payload, now, state).await)
+        Ok::<_, Error>(handle(event.payload, shared::clock::unix_now(), state).await)
     }))
     .await
 }

@@ -2,13 +2,13 @@
 //! `allowProvisioning: false` with a reason code in the log.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::registry::{DeviceId, DeviceRegistry, Provisioning, RegistryError};
 
 use crate::config::Config;
+use shared::clock::unix_now;
 
 /// What AWS IoT sends (payload version 2020-04-01). Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -43,13 +43,6 @@ fn deny(code: &'static str, detail: impl Into<String>) -> Denial {
         code,
         detail: detail.into(),
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// Decides for one request and logs the decision. Never returns an error: AWS IoT would deny
@@ -174,7 +167,7 @@ async fn check(
         .await
         .map_err(registry_denial)?
         .ok_or_else(|| deny("unknown-serial", "serial is not in the device table"))?;
-    if let Some(why) = record.refusal(now_secs()) {
+    if let Some(why) = record.refusal(unix_now()) {
         return Err(deny(
             if why == "expired" {
                 "serial-expired"
@@ -227,7 +220,7 @@ async fn check(
             .claim_certificate_id
             .clone()
             .filter(|c| !c.is_empty()),
-        provisioned_at: now_secs(),
+        provisioned_at: unix_now(),
     };
     registry
         .record_provisioning(&serial, &provisioning)

@@ -14,9 +14,7 @@ fn main() -> Result<(), Error> {
 }
 
 async fn run() -> Result<(), Error> {
-    let config = Config::from_env(&ProcessEnv).inspect_err(|e| {
-        tracing::error!(error = %e, "invalid configuration");
-    })?;
+    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     // One attempt of DynamoDB may not eat the whole 5 s AWS IoT allows.
     let limits = CallLimits {
         connect: Duration::from_millis(500),
