@@ -43,6 +43,7 @@ demo: tools
 	cargo run --quiet --package local-emulators --bin demo
 
 emulators: tools
+	cargo build --quiet --package fleet-device
 	cargo run --quiet --package local-emulators --bin demo -- --serve $(LOCAL_ENV)
 
 watch: tools

@@ -16,19 +16,19 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
-use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
 use shared::keys::SymmetricKey;
 use shared::sas::ParsedSas;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::mqtt_io::{granted, lock, read_packet, write_packet};
 use crate::tls::local_pki;
 use shared::clock::unix_now;
 
-const MAX_PACKET: usize = 96 * 1024;
 const API_VERSION: &str = "2019-03-31";
 
 /// A fault to inject.
@@ -170,7 +170,7 @@ impl DpsSimulator {
             operations: Mutex::new(HashMap::new()),
             sequence: AtomicU64::new(0),
         });
-        let acceptor = TlsAcceptor::from(pki.server);
+        let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
         let state = Arc::clone(&shared);
         let task = tokio::spawn(async move {
             loop {
@@ -212,36 +212,6 @@ impl DpsSimulator {
     pub fn assigned(&self) -> Vec<Assigned> {
         lock(&self.shared.assigned).clone()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Option<Packet> {
-    loop {
-        match Packet::read(buf, MAX_PACKET) {
-            Ok(packet) => return Some(packet),
-            Err(CodecError::InsufficientBytes(_)) => {
-                if stream.read_buf(buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-            Err(_) => return None,
-        }
-    }
-}
-
-async fn write_packet<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    packet: Packet,
-) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    packet
-        .write(&mut out, MAX_PACKET)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    stream.write_all(&out).await?;
-    stream.flush().await
 }
 
 /// Checks CONNECT as DPS does; `Ok(registration id)` or the CONNACK refusal code.
@@ -352,11 +322,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .iter()
                     .map(|f| {
                         if f.path == "$dps/registrations/res/#" {
-                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
-                                QoS::AtMostOnce
-                            } else {
-                                QoS::AtLeastOnce
-                            })
+                            SubscribeReasonCode::Success(granted(f.qos))
                         } else {
                             SubscribeReasonCode::Failure
                         }

@@ -16,7 +16,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
+
+use crate::mqtt_io::lock;
+use crate::tls::{certificate_authority, certificate_id};
 use serde_json::json;
 use shared::clock::unix_now;
 use tokio::net::TcpListener;
@@ -65,14 +68,11 @@ impl Drop for IotControlPlane {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl IotControlPlane {
     /// Serves the given provisioning templates on a free loopback port.
     pub async fn start(templates: &[&str]) -> std::io::Result<Self> {
-        let (issuer, ca_pem) = claim_ca().map_err(std::io::Error::other)?;
+        let (issuer, ca_pem) = certificate_authority("IoT control-plane double claim CA")
+            .map_err(std::io::Error::other)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -127,6 +127,19 @@ impl IotControlPlane {
         lock(&self.state.issued).clone()
     }
 
+    /// A claim certificate valid from `not_before` to `not_after` (Unix seconds), as the API
+    /// would return it: for tests of expired or not-yet-valid claims.
+    pub fn issue_with_validity(
+        &self,
+        template: &str,
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<serde_json::Value, String> {
+        let body =
+            issue(&self.state, template, not_before, not_after).map_err(|e| e.to_string())?;
+        serde_json::from_str(&body).map_err(|e| e.to_string())
+    }
+
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
@@ -134,21 +147,6 @@ impl IotControlPlane {
     pub fn unauthenticated(&self) -> u64 {
         self.state.unauthenticated.load(Ordering::Relaxed)
     }
-}
-
-fn claim_ca() -> Result<(Issuer<'static, KeyPair>, String), rcgen::Error> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "IoT control-plane double claim CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key)?;
-    Ok((Issuer::new(params, key), cert.pem()))
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>> {
@@ -231,7 +229,13 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             &format!("The provisioning template {template} does not exist"),
         );
     }
-    match issue(state, &template) {
+    let now = unix_now();
+    match issue(
+        state,
+        &template,
+        now.saturating_sub(1),
+        now + CLAIM_VALIDITY.as_secs(),
+    ) {
         Ok(body) => Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
@@ -245,9 +249,12 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-fn issue(state: &State, template: &str) -> Result<String, rcgen::Error> {
-    let now = unix_now();
-    let not_after = now + CLAIM_VALIDITY.as_secs();
+fn issue(
+    state: &State,
+    template: &str,
+    not_before: u64,
+    not_after: u64,
+) -> Result<String, rcgen::Error> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params
@@ -257,10 +264,10 @@ fn issue(state: &State, template: &str) -> Result<String, rcgen::Error> {
         time::OffsetDateTime::from_unix_timestamp(secs as i64)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
     };
-    params.not_before = to_time(now.saturating_sub(1));
+    params.not_before = to_time(not_before);
     params.not_after = to_time(not_after);
     let cert = params.signed_by(&key, &state.issuer)?;
-    let certificate_id = hex(ring::digest::digest(&ring::digest::SHA256, cert.der()).as_ref());
+    let certificate_id = certificate_id(cert.der());
     let certificate_pem = cert.pem();
     lock(&state.issued).push(IssuedClaim {
         certificate_id: certificate_id.clone(),
@@ -275,8 +282,4 @@ fn issue(state: &State, template: &str) -> Result<String, rcgen::Error> {
         "expiration": not_after,
     })
     .to_string())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

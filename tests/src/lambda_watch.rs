@@ -32,6 +32,14 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The device CLI as [`prebuild`] builds it.
+pub fn fleet_device_bin() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+        .join("debug/fleet-device")
+}
+
 /// `cargo` with the project's `.venv/bin` first on PATH, so that `cargo lambda` resolves.
 fn cargo() -> Result<Command, WatchError> {
     if !venv_bin("cargo-lambda").exists() {
@@ -48,25 +56,24 @@ fn cargo() -> Result<Command, WatchError> {
 }
 
 /// Builds each function the way `cargo lambda watch` will run it (`--bin NAME --features
-/// local-replay`), so the first invocation does not wait for a compiler.
+/// local-replay`), so the first invocation does not wait for a compiler, and the device CLI.
 pub async fn prebuild() -> Result<(), WatchError> {
-    for function in FUNCTIONS {
+    let mut builds: Vec<(&str, Vec<&str>)> = FUNCTIONS
+        .iter()
+        .map(|f| (*f, vec!["--bin", f, "--features", "local-replay"]))
+        .collect();
+    builds.push(("fleet-device", vec!["--package", "fleet-device"]));
+    for (name, args) in builds {
         let out = cargo()?
-            .args([
-                "build",
-                "--quiet",
-                "--bin",
-                function,
-                "--features",
-                "local-replay",
-            ])
+            .args(["build", "--quiet"])
+            .args(args)
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|e| WatchError::Build(function.into(), e.to_string()))?;
+            .map_err(|e| WatchError::Build(name.into(), e.to_string()))?;
         if !out.status.success() {
             return Err(WatchError::Build(
-                function.into(),
+                name.into(),
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             ));
         }
@@ -189,6 +196,11 @@ impl LambdaWatch {
         }
         serde_json::from_str(stdout.trim())
             .map_err(|e| fail(format!("answer is not JSON ({e}): {stdout}")))
+    }
+
+    /// The Lambda Invoke API base URL of the emulator (what AWS IoT would call the hook on).
+    pub fn invoke_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn log(&self) -> &Path {

@@ -8,6 +8,8 @@ use serde_json::Value;
 use std::sync::atomic::Ordering;
 
 use crate::lambda_watch::{LambdaWatch, WatchError};
+
+mod device;
 use crate::stack::{LocalStack, HUBS};
 
 /// One step's outcome.
@@ -57,6 +59,7 @@ pub async fn run(
         .derive_device_key("440103123456789")
         .to_base64();
     let mut steps = Vec::new();
+    let claim_dir = stack.dir().to_owned();
 
     let mut invocations = vec![
         Invocation {
@@ -108,12 +111,14 @@ pub async fn run(
             data: events().join("claim-issuer/issue.json"),
             context: None,
             logged_reason: None,
-            check: Box::new(|v| {
+            // The installer app hands the claim to the device: kept as files for fleet-device.
+            check: Box::new(move |v| {
                 let body: Value = serde_json::from_str(field(v, "body")).unwrap_or(Value::Null);
                 if v["statusCode"] == 200
                     && body["certificateId"].is_string()
                     && field(&body, "privateKey").contains("PRIVATE KEY")
                 {
+                    save_claim(&claim_dir, &body)?;
                     Ok(format!(
                         "200 certificateId {}… serial {} privateKey [not shown]",
                         field(&body, "certificateId")
@@ -149,7 +154,31 @@ pub async fn run(
         steps.push(step);
     }
 
-    // The hook, for a device using the claim certificate just issued (bound to SN-0001).
+    // The device uses that claim against the AWS IoT simulator, whose pre-provisioning hook is
+    // the fleet-prehook function running in the same cargo lambda watch.
+    match device::Device::start(stack, watch).await {
+        Ok(device) => {
+            for step in [
+                device.provisions_sn_0001(watch).await,
+                device.unknown_serial_is_rejected(watch).await,
+            ] {
+                report(&step);
+                steps.push(step);
+            }
+        }
+        Err(e) => {
+            let step = Step {
+                title: "the AWS IoT simulator starts",
+                command: "iot-simulator".into(),
+                ok: false,
+                detail: e,
+            };
+            report(&step);
+            steps.push(step);
+        }
+    }
+
+    // The hook invoked directly, with the claim certificate just issued (bound to SN-0001).
     let claim_id = stack
         .iot
         .issued()
@@ -170,22 +199,12 @@ pub async fn run(
     };
     let hook = vec![
         Invocation {
-            title: "the pre-provisioning hook allows SN-0001 with overrides from the device table",
+            title: "replaying SN-0001's hook event with another certificate is denied",
             function: "fleet-prehook",
             data: allowed_file,
             context: None,
-            logged_reason: Some("allowed"),
-            check: Box::new(|v| {
-                match (
-                    v["allowProvisioning"].as_bool(),
-                    v["parameterOverrides"]["Location"].as_str(),
-                ) {
-                    (Some(true), Some(location)) => Ok(format!(
-                        "allowProvisioning: true, parameterOverrides: Location={location}"
-                    )),
-                    _ => Err(format!("expected an allow with overrides, got {v}")),
-                }
-            }),
+            logged_reason: Some("already-provisioned"),
+            check: Box::new(denied),
         },
         Invocation {
             title: "an unknown serial is denied",
@@ -242,6 +261,36 @@ fn last_decision(watch: &LambdaWatch) -> Option<(String, String)> {
     })
 }
 
+/// Whether the hook's last logged decision has the `expected` reason code; the step's outcome.
+fn logged_reason_is(watch: &LambdaWatch, detail: String, expected: &str) -> (bool, String) {
+    match last_decision(watch) {
+        Some((reason, why)) if reason == expected => {
+            (true, format!("{detail}; logged reason={reason} {why}"))
+        }
+        Some((reason, _)) => (
+            false,
+            format!("{detail}; logged reason {reason}, expected {expected}"),
+        ),
+        None => (false, format!("{detail}; no decision logged")),
+    }
+}
+
+/// Keeps the claim certificate and key where fleet-device reads them; the key owner-only.
+fn save_claim(dir: &std::path::Path, body: &Value) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::write(dir.join(device::CLAIM_CERT), field(body, "certificatePem"))
+        .map_err(|e| e.to_string())?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(device::CLAIM_KEY))
+        .and_then(|mut f| f.write_all(field(body, "privateKey").as_bytes()))
+        .map_err(|e| e.to_string())
+}
+
 async fn invoke(watch: &LambdaWatch, invocation: Invocation) -> Step {
     let relative = |p: &PathBuf| {
         p.strip_prefix(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
@@ -266,16 +315,7 @@ async fn invoke(watch: &LambdaWatch, invocation: Invocation) -> Step {
     {
         Ok(answer) => match ((invocation.check)(&answer), invocation.logged_reason) {
             (Ok(detail), None) => (true, detail),
-            (Ok(detail), Some(expected)) => match last_decision(watch) {
-                Some((reason, why)) if reason == expected => {
-                    (true, format!("{detail}; logged reason={reason} {why}"))
-                }
-                Some((reason, _)) => (
-                    false,
-                    format!("{detail}; logged reason {reason}, expected {expected}"),
-                ),
-                None => (false, format!("{detail}; no decision logged")),
-            },
+            (Ok(detail), Some(expected)) => logged_reason_is(watch, detail, expected),
             (Err(detail), _) => (false, detail),
         },
         Err(WatchError::Invoke(_, message)) => (false, message),

@@ -535,3 +535,6 @@ mod issuer {
         assert_eq!(iot.unauthenticated(), 1);
     }
 }
+
+#[path = "fleet/device_flow.rs"]
+mod device_flow;

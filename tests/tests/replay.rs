@@ -23,7 +23,7 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         .map(|s| format!("{}\n  $ {}\n  {}", s.title, s.command, s.detail))
         .collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
-    assert_eq!(steps.len(), 8);
+    assert_eq!(steps.len(), 10);
 }
 
 /// Every client context in events/ must be usable by `cargo lambda invoke

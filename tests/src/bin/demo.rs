@@ -10,8 +10,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use local_emulators::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
 use local_emulators::lambda_watch::{self, LambdaWatch};
-use local_emulators::stack::LocalStack;
+use local_emulators::stack::{LocalStack, TEMPLATE};
+
+/// Where `cargo lambda watch` (`make watch`) serves the Lambda Invoke API by default.
+const WATCH_DEFAULT: &str = "http://127.0.0.1:9000";
 use local_emulators::story;
 
 async fn demo() -> Result<bool, String> {
@@ -63,6 +67,19 @@ async fn demo() -> Result<bool, String> {
 async fn serve(env_file: PathBuf) -> Result<bool, String> {
     let stack = LocalStack::start().await.map_err(|e| e.to_string())?;
     stack.write_env_file(&env_file).map_err(|e| e.to_string())?;
+    // AWS IoT calls the hook where `make watch` serves it (cargo lambda's default port).
+    let hook = Hook::lambda(WATCH_DEFAULT, "fleet-prehook");
+    let iot = IotMqttSimulator::start(
+        IotMqttConfig::new(
+            stack.iot.ca_pem(),
+            vec![Template::new(TEMPLATE, "fleet-", hook)],
+        ),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let ca = env_file.with_file_name("iot-ca.pem");
+    std::fs::write(&ca, iot.ca_pem()).map_err(|e| e.to_string())?;
     println!(
         "emulators ready; the functions' environment is in {}",
         env_file.display()
@@ -70,9 +87,20 @@ async fn serve(env_file: PathBuf) -> Result<bool, String> {
     println!(
         "in another terminal:  make watch    then    make invoke FN=... EVENT=... [CONTEXT=...]"
     );
+    println!(
+        "AWS IoT fleet provisioning (MQTT/TLS) on localhost:{}, its CA in {}; with a claim from\n\
+         claim-issuer saved as claim.pem.crt / claim.pem.key:\n  \
+         target/debug/fleet-device --endpoint localhost:{} --ca {} --claim-cert claim.pem.crt \\\n    \
+         --claim-key claim.pem.key --template {TEMPLATE} --param SerialNumber=SN-0001 --out device --verify",
+        iot.addr().port(),
+        ca.display(),
+        iot.addr().port(),
+        ca.display()
+    );
     println!("Ctrl-C stops them");
     let _ = tokio::signal::ctrl_c().await;
     let _ = std::fs::remove_file(&env_file);
+    let _ = std::fs::remove_file(&ca);
     Ok(true)
 }
 

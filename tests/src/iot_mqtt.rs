@@ -1,0 +1,847 @@
+//! A strict stand-in for AWS IoT Core's fleet provisioning MQTT API (MQTT 3.1.1 over TLS with
+//! client certificates), so the whole trusted-user flow runs on this machine.
+//!
+//! What it checks, as AWS IoT does:
+//! - the TLS client certificate chains to the claim CA of the IoT control-plane double or to the
+//!   simulator's own device CA, and is within its validity period (claim certificates live
+//!   5 minutes); a certificate it issued may connect only once RegisterThing activated it, and
+//!   only with the thing's name as client id;
+//! - a claim certificate may publish and subscribe only under the fleet provisioning topics
+//!   (the claim policy in infra/template.yaml); anything else ends the connection; a device
+//!   certificate only under `devices/{thing}/`;
+//! - replies go to `{request}/accepted` or `{request}/rejected`, and only if subscribed;
+//! - an ownership token is valid 1 hour, names the certificate it came with, and is used once;
+//! - RegisterThing calls the template's pre-provisioning hook with the 2020-04-01 payload and
+//!   denies when it answers anything but `allowProvisioning: true`, fails, or takes more than
+//!   5 seconds; then it applies the template (thing name = prefix + serial parameter, the hook's
+//!   `parameterOverrides` merged over the device's parameters) and activates the certificate.
+//!
+//! Payloads are JSON (`.../json` topics). Differences from AWS: certificates it creates carry
+//! ECDSA P-256 keys (AWS creates RSA 2048), and error messages are its own words.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::BytesMut;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, CertificateSigningRequestParams, DnType, Issuer, KeyPair};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
+use rumqttc::mqttbytes::QoS;
+use serde_json::{json, Map, Value};
+use shared::clock::unix_now;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::mqtt_io::{granted, lock, read_packet, write_packet};
+use crate::tls::{certificate_authority, certificate_id, local_pki, roots_from_pem};
+
+/// How long AWS IoT waits for a pre-provisioning hook before denying.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a certificate ownership token is valid.
+pub const TOKEN_VALIDITY: Duration = Duration::from_secs(3600);
+/// The not-after AWS IoT puts on the certificates it creates (2049-12-31T23:59:59Z).
+const DEVICE_CERT_NOT_AFTER: i64 = 2_524_607_999;
+
+pub type HookFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+
+/// Where a template's pre-provisioning hook runs.
+#[derive(Clone)]
+pub enum Hook {
+    /// No hook: every RegisterThing with a valid token is provisioned.
+    None,
+    /// An in-process handler (the function's own handler, or a faulty one in tests).
+    Handler(Arc<dyn Fn(Value) -> HookFuture + Send + Sync>),
+    /// A Lambda Invoke API URL, such as `cargo lambda watch`'s
+    /// `http://127.0.0.1:9000/2015-03-31/functions/fleet-prehook/invocations`.
+    Lambda(String),
+}
+
+impl Hook {
+    pub fn handler<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, String>> + Send + 'static,
+    {
+        Hook::Handler(Arc::new(move |v| Box::pin(f(v))))
+    }
+
+    /// The function `name` behind a Lambda Invoke API at `base` (`http://HOST:PORT`).
+    pub fn lambda(base: &str, name: &str) -> Self {
+        Hook::Lambda(format!(
+            "{}/2015-03-31/functions/{name}/invocations",
+            base.trim_end_matches('/')
+        ))
+    }
+
+    async fn call(&self, payload: Value) -> Result<Option<Value>, String> {
+        match self {
+            Hook::None => Ok(None),
+            Hook::Handler(f) => f(payload).await.map(Some),
+            Hook::Lambda(url) => invoke_lambda(url, &payload).await.map(Some),
+        }
+    }
+}
+
+/// A provisioning template as the simulator applies it.
+#[derive(Clone)]
+pub struct Template {
+    pub name: String,
+    pub thing_name_prefix: String,
+    /// The parameter the thing name is built from (`SerialNumber` in infra/template.yaml).
+    pub serial_parameter: String,
+    pub hook: Hook,
+}
+
+impl Template {
+    pub fn new(name: &str, thing_name_prefix: &str, hook: Hook) -> Self {
+        Self {
+            name: name.to_owned(),
+            thing_name_prefix: thing_name_prefix.to_owned(),
+            serial_parameter: "SerialNumber".to_owned(),
+            hook,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct IotMqttConfig {
+    pub templates: Vec<Template>,
+    /// The CA that signs claim certificates (the control-plane double's `ca_pem()`).
+    pub claim_ca_pem: String,
+    pub hook_timeout: Duration,
+    pub token_validity: Duration,
+    pub account_id: String,
+    pub region: String,
+}
+
+impl IotMqttConfig {
+    pub fn new(claim_ca_pem: &str, templates: Vec<Template>) -> Self {
+        Self {
+            templates,
+            claim_ca_pem: claim_ca_pem.to_owned(),
+            hook_timeout: HOOK_TIMEOUT,
+            token_validity: TOKEN_VALIDITY,
+            account_id: "123456789012".to_owned(),
+            region: "us-east-1".to_owned(),
+        }
+    }
+}
+
+/// A thing the simulator provisioned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thing {
+    pub thing_name: String,
+    pub template: String,
+    pub certificate_id: String,
+    pub claim_certificate_id: String,
+    /// The device's parameters with the hook's overrides merged over them.
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateStatus {
+    PendingActivation,
+    Active,
+}
+
+/// Counters for assertions and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub certificates_created: AtomicU64,
+    pub hook_calls: AtomicU64,
+    pub provisioned: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+struct Certificate {
+    status: CertificateStatus,
+    thing: Option<String>,
+}
+
+struct Token {
+    certificate_id: String,
+    certificate_pem: String,
+    expires_at: u64,
+    used: bool,
+}
+
+struct State {
+    config: IotMqttConfig,
+    device_ca: Issuer<'static, KeyPair>,
+    certificates: Mutex<HashMap<String, Certificate>>,
+    tokens: Mutex<HashMap<String, Token>>,
+    things: Mutex<Vec<Thing>>,
+    /// Why connections were refused (TLS or CONNECT), newest last.
+    refusals: Mutex<Vec<String>>,
+    stats: Stats,
+}
+
+/// A running simulator; stops when dropped.
+pub struct IotMqttSimulator {
+    addr: SocketAddr,
+    ca_pem: String,
+    device_ca_pem: String,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for IotMqttSimulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl IotMqttSimulator {
+    /// Listens on `listen` (port 0 for a free port) with a fresh server CA and device CA.
+    pub async fn start(config: IotMqttConfig, listen: SocketAddr) -> std::io::Result<Self> {
+        let io = std::io::Error::other;
+        let pki = local_pki("iot-simulator local CA", &["localhost", "127.0.0.1"]).map_err(io)?;
+        let (device_ca, device_ca_pem) =
+            certificate_authority("iot-simulator device CA").map_err(io)?;
+        let roots = roots_from_pem(&[&config.claim_ca_pem, &device_ca_pem]).map_err(io)?;
+        let acceptor = TlsAcceptor::from(pki.server_config(Some(roots)).map_err(io)?);
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            config,
+            device_ca,
+            certificates: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            things: Mutex::new(Vec::new()),
+            refusals: Mutex::new(Vec::new()),
+            stats: Stats::default(),
+        });
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    state.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            let peer = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| certificate_id(c.as_ref()));
+                            if let Some(peer) = peer {
+                                let _ = serve(tls, &peer, &state).await;
+                            }
+                        }
+                        Ok(Err(e)) => refuse(&state, format!("TLS: {e}")),
+                        Err(_) => refuse(&state, "TLS: handshake timed out".into()),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            ca_pem: pki.ca_pem,
+            device_ca_pem,
+            state,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA of the simulator's server certificate (what devices must trust; on AWS this is
+    /// Amazon Root CA 1).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The CA that signs the certificates the simulator creates.
+    pub fn device_ca_pem(&self) -> &str {
+        &self.device_ca_pem
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.state.stats
+    }
+
+    pub fn things(&self) -> Vec<Thing> {
+        lock(&self.state.things).clone()
+    }
+
+    pub fn certificate_status(&self, certificate_id: &str) -> Option<CertificateStatus> {
+        lock(&self.state.certificates)
+            .get(certificate_id)
+            .map(|c| c.status)
+    }
+
+    pub fn refusals(&self) -> Vec<String> {
+        lock(&self.state.refusals).clone()
+    }
+}
+
+fn refuse(state: &State, why: String) {
+    lock(&state.refusals).push(why);
+}
+
+/// Who is connected, as the certificate says.
+enum Peer {
+    Claim { certificate_id: String },
+    Device { thing: String },
+}
+
+impl Peer {
+    /// The topic prefixes this identity's policy allows.
+    fn allowed_prefixes(&self) -> Vec<String> {
+        match self {
+            Peer::Claim { .. } => vec![
+                "$aws/certificates/create/".into(),
+                "$aws/certificates/create-from-csr/".into(),
+                "$aws/provisioning-templates/".into(),
+            ],
+            Peer::Device { thing } => vec![format!("devices/{thing}/")],
+        }
+    }
+
+    fn allows(&self, topic: &str) -> bool {
+        let allowed = self
+            .allowed_prefixes()
+            .iter()
+            .any(|p| topic.starts_with(p.as_str()));
+        // Under $aws/provisioning-templates/ only {name}/provision/... is a fleet topic.
+        allowed
+            && (!topic.starts_with("$aws/provisioning-templates/")
+                || topic
+                    .split('/')
+                    .nth(3)
+                    .is_some_and(|segment| segment == "provision"))
+    }
+}
+
+/// Checks CONNECT against the certificate; the peer, or the CONNACK refusal and why.
+fn admit(
+    state: &State,
+    certificate_id: &str,
+    connect: &Connect,
+) -> Result<Peer, (ConnectReturnCode, String)> {
+    let client_id = connect.client_id.as_str();
+    if client_id.is_empty() || client_id.len() > 128 {
+        return Err((
+            ConnectReturnCode::BadClientId,
+            "client id must be 1 to 128 characters".into(),
+        ));
+    }
+    let certificates = lock(&state.certificates);
+    let Some(certificate) = certificates.get(certificate_id) else {
+        // Not one of ours, yet it passed TLS verification: signed by the claim CA.
+        return Ok(Peer::Claim {
+            certificate_id: certificate_id.to_owned(),
+        });
+    };
+    match (&certificate.status, &certificate.thing) {
+        (CertificateStatus::Active, Some(thing)) if thing == client_id => Ok(Peer::Device {
+            thing: thing.clone(),
+        }),
+        (CertificateStatus::Active, Some(thing)) => Err((
+            ConnectReturnCode::NotAuthorized,
+            format!("client id '{client_id}' is not the thing name '{thing}' of its certificate"),
+        )),
+        _ => Err((
+            ConnectReturnCode::NotAuthorized,
+            "certificate is not active (RegisterThing has not accepted it)".into(),
+        )),
+    }
+}
+
+/// Whether an MQTT topic filter matches a topic (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for part in filter.split('/') {
+        match (part, levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (p, Some(level)) if p == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    certificate_id: &str,
+    state: &State,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(8192);
+    let Some(Packet::Connect(connect)) = read_packet(&mut stream, &mut buf).await else {
+        return Ok(());
+    };
+    let peer = match admit(state, certificate_id, &connect) {
+        Ok(peer) => peer,
+        Err((code, why)) => {
+            refuse(state, format!("CONNECT: {why}"));
+            write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
+            return Ok(());
+        }
+    };
+    write_packet(
+        &mut stream,
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+    )
+    .await?;
+    // AWS IoT drops a client silent for 1.5 keep-alive periods.
+    let idle = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2 + 1);
+    let mut subscriptions: Vec<String> = Vec::new();
+
+    loop {
+        let packet = match tokio::time::timeout(idle, read_packet(&mut stream, &mut buf)).await {
+            Ok(Some(packet)) => packet,
+            _ => return Ok(()),
+        };
+        match packet {
+            Packet::Subscribe(sub) => {
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if peer.allows(&f.path) {
+                            subscriptions.push(f.path.clone());
+                            SubscribeReasonCode::Success(granted(f.qos))
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                write_packet(&mut stream, Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+            }
+            Packet::Publish(publish) => {
+                if !peer.allows(&publish.topic) {
+                    // A policy violation: AWS IoT disconnects the client.
+                    return Ok(());
+                }
+                if publish.qos == QoS::AtLeastOnce {
+                    write_packet(&mut stream, Packet::PubAck(PubAck::new(publish.pkid))).await?;
+                }
+                let Peer::Claim {
+                    certificate_id: claim_id,
+                } = &peer
+                else {
+                    continue;
+                };
+                let client_id = connect.client_id.as_str();
+                let Some((accepted, body)) = respond(state, claim_id, client_id, &publish).await
+                else {
+                    continue;
+                };
+                if !accepted {
+                    state.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                let topic = format!(
+                    "{}/{}",
+                    publish.topic,
+                    if accepted { "accepted" } else { "rejected" }
+                );
+                if subscriptions.iter().any(|f| topic_matches(f, &topic)) {
+                    let reply = Publish::new(topic, QoS::AtMostOnce, body.to_string());
+                    write_packet(&mut stream, Packet::Publish(reply)).await?;
+                }
+            }
+            Packet::Unsubscribe(unsub) => {
+                subscriptions.retain(|s| !unsub.topics.contains(s));
+                write_packet(&mut stream, Packet::UnsubAck(UnsubAck::new(unsub.pkid))).await?
+            }
+            Packet::PingReq => write_packet(&mut stream, Packet::PingResp).await?,
+            Packet::Disconnect => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+fn rejected(status: u16, code: &str, message: &str) -> (bool, Value) {
+    (
+        false,
+        json!({"statusCode": status, "errorCode": code, "errorMessage": message}),
+    )
+}
+
+/// The reply to a request topic: `(accepted, body)`, or `None` for a topic that is not a request.
+async fn respond(
+    state: &State,
+    claim_id: &str,
+    client_id: &str,
+    publish: &Publish,
+) -> Option<(bool, Value)> {
+    let topic = publish.topic.as_str();
+    let body: Option<Value> = serde_json::from_slice(&publish.payload).ok();
+    let invalid = || rejected(400, "InvalidPayload", "the payload is not a JSON object");
+    Some(match topic {
+        "$aws/certificates/create/json" => match body {
+            Some(Value::Object(_)) => create_certificate(state, None),
+            _ => invalid(),
+        },
+        "$aws/certificates/create-from-csr/json" => {
+            match body
+                .as_ref()
+                .and_then(|b| b.get("certificateSigningRequest"))
+                .and_then(Value::as_str)
+            {
+                Some(csr) => create_certificate(state, Some(csr)),
+                None => rejected(
+                    400,
+                    "InvalidPayload",
+                    "certificateSigningRequest is missing or not a string",
+                ),
+            }
+        }
+        _ => {
+            let template = topic
+                .strip_prefix("$aws/provisioning-templates/")?
+                .strip_suffix("/provision/json")?;
+            match body {
+                Some(Value::Object(request)) => {
+                    register_thing(state, template, claim_id, client_id, &request).await
+                }
+                _ => invalid(),
+            }
+        }
+    })
+}
+
+fn create_certificate(state: &State, csr_pem: Option<&str>) -> (bool, Value) {
+    let made = match csr_pem {
+        Some(pem) => sign_csr(state, pem).map(|cert| (cert, None)),
+        None => create_keys_and_certificate(state).map(|(cert, key)| (cert, Some(key))),
+    };
+    let (certificate, private_key) = match made {
+        Ok(made) => made,
+        Err(CsrError(message)) => {
+            return rejected(400, "InvalidCertificateSigningRequest", &message)
+        }
+    };
+    let id = certificate_id(certificate.der());
+    let certificate_pem = certificate.pem();
+    lock(&state.certificates).insert(
+        id.clone(),
+        Certificate {
+            status: CertificateStatus::PendingActivation,
+            thing: None,
+        },
+    );
+    let token = ownership_token();
+    lock(&state.tokens).insert(
+        token.clone(),
+        Token {
+            certificate_id: id.clone(),
+            certificate_pem: certificate_pem.clone(),
+            expires_at: unix_now() + state.config.token_validity.as_secs(),
+            used: false,
+        },
+    );
+    state
+        .stats
+        .certificates_created
+        .fetch_add(1, Ordering::Relaxed);
+    let mut reply = json!({
+        "certificateId": id,
+        "certificatePem": certificate_pem,
+        "certificateOwnershipToken": token,
+    });
+    if let Some(key) = private_key {
+        reply["privateKey"] = Value::String(key);
+    }
+    (true, reply)
+}
+
+struct CsrError(String);
+
+fn device_cert_validity(params: &mut CertificateParams) {
+    let time = |secs: i64| {
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    params.not_before = time(unix_now() as i64 - 60);
+    params.not_after = time(DEVICE_CERT_NOT_AFTER);
+}
+
+fn create_keys_and_certificate(state: &State) -> Result<(rcgen::Certificate, String), CsrError> {
+    let fail = |e: rcgen::Error| CsrError(format!("cannot create a certificate: {e}"));
+    let key = KeyPair::generate().map_err(fail)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "AWS IoT Certificate");
+    device_cert_validity(&mut params);
+    let cert = params.signed_by(&key, &state.device_ca).map_err(fail)?;
+    Ok((cert, key.serialize_pem()))
+}
+
+/// Signs a CSR after checking its own signature (proof that the device holds the key).
+fn sign_csr(state: &State, pem: &str) -> Result<rcgen::Certificate, CsrError> {
+    let mut csr = CertificateSigningRequestParams::from_pem(pem)
+        .map_err(|e| CsrError(format!("the CSR is not valid: {e}")))?;
+    device_cert_validity(&mut csr.params);
+    csr.params.is_ca = rcgen::IsCa::NoCa;
+    csr.signed_by(&state.device_ca)
+        .map_err(|e| CsrError(format!("cannot sign the CSR: {e}")))
+}
+
+fn ownership_token() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 48];
+    // SystemRandom fails only without an OS RNG, where nothing here could work anyway.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn register_thing(
+    state: &State,
+    template_name: &str,
+    claim_id: &str,
+    client_id: &str,
+    request: &Map<String, Value>,
+) -> (bool, Value) {
+    let Some(template) = state
+        .config
+        .templates
+        .iter()
+        .find(|t| t.name == template_name)
+    else {
+        return rejected(
+            404,
+            "ResourceNotFound",
+            &format!("provisioning template {template_name} does not exist"),
+        );
+    };
+    let mut parameters = BTreeMap::new();
+    match request.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (name, value) in map {
+                let Some(value) = value.as_str() else {
+                    return rejected(
+                        400,
+                        "InvalidPayload",
+                        &format!("parameter {name} is not a string"),
+                    );
+                };
+                parameters.insert(name.clone(), value.to_owned());
+            }
+        }
+        Some(_) => return rejected(400, "InvalidPayload", "parameters is not an object"),
+    }
+    let token_value = request
+        .get("certificateOwnershipToken")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let invalid_token = |m: &str| rejected(400, "InvalidCertificateOwnershipToken", m);
+    if token_value.is_empty() {
+        return invalid_token("Certificate ownership token cannot be empty.");
+    }
+    let (certificate_id, certificate_pem) = {
+        let tokens = lock(&state.tokens);
+        match tokens.get(token_value) {
+            None => return invalid_token("Certificate ownership token is invalid."),
+            Some(t) if t.used => {
+                return invalid_token("Certificate ownership token has already been used.")
+            }
+            Some(t) if t.expires_at <= unix_now() => {
+                return invalid_token("Certificate ownership token has expired.")
+            }
+            Some(t) => (t.certificate_id.clone(), t.certificate_pem.clone()),
+        }
+    };
+
+    let hook_request = json!({
+        "claimCertificateId": claim_id,
+        "certificateId": certificate_id,
+        "certificatePem": certificate_pem,
+        "templateArn": format!(
+            "arn:aws:iot:{}:{}:provisioningtemplate/{}",
+            state.config.region, state.config.account_id, template.name
+        ),
+        "clientId": client_id,
+        "parameters": parameters,
+    });
+    let mut overrides = BTreeMap::new();
+    if !matches!(template.hook, Hook::None) {
+        state.stats.hook_calls.fetch_add(1, Ordering::Relaxed);
+        let answer =
+            tokio::time::timeout(state.config.hook_timeout, template.hook.call(hook_request)).await;
+        let answer = match answer {
+            Err(_) => {
+                return rejected(
+                    403,
+                    "AccessDenied",
+                    "the pre-provisioning hook did not answer within 5 seconds",
+                )
+            }
+            Ok(Err(e)) => {
+                return rejected(
+                    403,
+                    "AccessDenied",
+                    &format!("the pre-provisioning hook failed: {e}"),
+                )
+            }
+            Ok(Ok(answer)) => answer.unwrap_or(Value::Null),
+        };
+        if answer.get("allowProvisioning") != Some(&Value::Bool(true)) {
+            return rejected(
+                403,
+                "AccessDenied",
+                "the pre-provisioning hook denied the request",
+            );
+        }
+        if let Some(map) = answer.get("parameterOverrides").and_then(Value::as_object) {
+            for (name, value) in map {
+                if let Some(value) = value.as_str() {
+                    overrides.insert(name.clone(), value.to_owned());
+                }
+            }
+        }
+    }
+    parameters.extend(overrides);
+
+    let Some(serial) = parameters.get(&template.serial_parameter) else {
+        return rejected(
+            400,
+            "InvalidParameters",
+            &format!("the template needs parameter {}", template.serial_parameter),
+        );
+    };
+    let thing_name = format!("{}{serial}", template.thing_name_prefix);
+    let valid_name = !thing_name.is_empty()
+        && thing_name.len() <= 128
+        && thing_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
+    if !valid_name {
+        return rejected(
+            400,
+            "InvalidParameters",
+            "the thing name the template builds is not a valid thing name",
+        );
+    }
+
+    // Single use: the token is consumed only here, after every check passed; a second
+    // RegisterThing racing this one finds it used.
+    {
+        let mut tokens = lock(&state.tokens);
+        match tokens.get_mut(token_value) {
+            Some(t) if !t.used => t.used = true,
+            _ => return invalid_token("Certificate ownership token has already been used."),
+        }
+    }
+    if let Some(certificate) = lock(&state.certificates).get_mut(&certificate_id) {
+        certificate.status = CertificateStatus::Active;
+        certificate.thing = Some(thing_name.clone());
+    }
+    let mut things = lock(&state.things);
+    things.retain(|t| t.thing_name != thing_name || t.certificate_id == certificate_id);
+    things.push(Thing {
+        thing_name: thing_name.clone(),
+        template: template.name.clone(),
+        certificate_id,
+        claim_certificate_id: claim_id.to_owned(),
+        parameters,
+    });
+    state.stats.provisioned.fetch_add(1, Ordering::Relaxed);
+    (
+        true,
+        json!({"deviceConfiguration": {}, "thingName": thing_name}),
+    )
+}
+
+/// Calls a Lambda Invoke API (`POST .../invocations`), as AWS IoT invokes the hook. A function
+/// error (`X-Amz-Function-Error`) or a non-JSON answer is an error.
+async fn invoke_lambda(url: &str, payload: &Value) -> Result<Value, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("hook URL: {e}"))?;
+    let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
+        return Err("hook URL needs http://HOST:PORT/...".into());
+    };
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("cannot reach the hook at {host}:{port}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = hyper::Request::post(uri.path())
+        .header("host", format!("{host}:{port}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(payload.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let function_error = response.headers().contains_key("x-amz-function-error");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() || function_error {
+        return Err(format!(
+            "invoke answered {status}: {}",
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("answer is not JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_match_like_mqtt() {
+        let t = "$aws/certificates/create/json/accepted";
+        assert!(topic_matches(t, t));
+        assert!(topic_matches("$aws/certificates/create/json/+", t));
+        assert!(topic_matches("$aws/certificates/#", t));
+        assert!(!topic_matches("$aws/certificates/create/json", t));
+        assert!(!topic_matches("$aws/certificates/create/+", t));
+        assert!(!topic_matches(
+            "$aws/certificates/create-from-csr/json/+",
+            t
+        ));
+    }
+
+    #[test]
+    fn the_claim_policy_allows_only_fleet_provisioning_topics() {
+        let claim = Peer::Claim {
+            certificate_id: "c".into(),
+        };
+        assert!(claim.allows("$aws/certificates/create/json"));
+        assert!(claim.allows("$aws/provisioning-templates/t/provision/json/accepted"));
+        assert!(!claim.allows("$aws/provisioning-templates/t/other"));
+        assert!(!claim.allows("$aws/things/x/shadow/update"));
+        assert!(!claim.allows("devices/x/telemetry"));
+        let device = Peer::Device { thing: "x".into() };
+        assert!(device.allows("devices/x/telemetry"));
+        assert!(!device.allows("devices/y/telemetry"));
+        assert!(!device.allows("$aws/certificates/create/json"));
+    }
+}

@@ -1,0 +1,161 @@
+//! The device's part of the story: the `fleet-device` program, run as a user runs it, against
+//! the AWS IoT simulator whose pre-provisioning hook is fleet-prehook in `cargo lambda watch`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::{logged_reason_is, Step};
+use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
+use crate::lambda_watch::{fleet_device_bin, LambdaWatch};
+use crate::stack::{LocalStack, TEMPLATE};
+
+pub const CLAIM_CERT: &str = "claim.pem.crt";
+pub const CLAIM_KEY: &str = "claim.pem.key";
+const SERVER_CA: &str = "iot-ca.pem";
+pub const THING_PREFIX: &str = "fleet-";
+
+pub struct Device {
+    sim: IotMqttSimulator,
+    dir: PathBuf,
+}
+
+struct Run {
+    command: String,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Device {
+    pub async fn start(stack: &LocalStack, watch: &LambdaWatch) -> Result<Self, String> {
+        let hook = Hook::lambda(&watch.invoke_base(), "fleet-prehook");
+        let config = IotMqttConfig::new(
+            stack.iot.ca_pem(),
+            vec![Template::new(TEMPLATE, THING_PREFIX, hook)],
+        );
+        let sim = IotMqttSimulator::start(config, ([127, 0, 0, 1], 0).into())
+            .await
+            .map_err(|e| e.to_string())?;
+        let dir = stack.dir().to_owned();
+        std::fs::write(dir.join(SERVER_CA), sim.ca_pem()).map_err(|e| e.to_string())?;
+        Ok(Self { sim, dir })
+    }
+
+    /// `fleet-device` for `serial` with the installer's claim, in the stack's directory.
+    async fn run(&self, serial: &str) -> Run {
+        let args = [
+            "--endpoint".to_owned(),
+            format!("localhost:{}", self.sim.addr().port()),
+            "--ca".into(),
+            SERVER_CA.into(),
+            "--claim-cert".into(),
+            CLAIM_CERT.into(),
+            "--claim-key".into(),
+            CLAIM_KEY.into(),
+            "--template".into(),
+            TEMPLATE.into(),
+            "--param".into(),
+            format!("SerialNumber={serial}"),
+            "--csr".into(),
+            "--verify".into(),
+            "--out".into(),
+            format!("device-{serial}"),
+        ];
+        let command = format!("fleet-device {}", args.join(" "));
+        let output = Command::new(fleet_device_bin())
+            .args(&args)
+            .current_dir(&self.dir)
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(60), output).await {
+            Ok(Ok(out)) => Run {
+                command,
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            },
+            Ok(Err(e)) => Run {
+                command,
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot run {}: {e}", fleet_device_bin().display()),
+            },
+            Err(_) => Run {
+                command,
+                code: None,
+                stdout: String::new(),
+                stderr: "no exit within 60 s".into(),
+            },
+        }
+    }
+
+    pub async fn provisions_sn_0001(&self, watch: &LambdaWatch) -> Step {
+        let title = "the device provisions itself with that claim: AWS IoT (simulated) -> fleet-prehook -> thing";
+        let run = self.run("SN-0001").await;
+        let key_mode = std::fs::metadata(self.dir.join("device-SN-0001/private.pem.key"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        let thing = self
+            .sim
+            .things()
+            .into_iter()
+            .find(|t| t.thing_name == "fleet-SN-0001");
+        let (ok, detail) = match (&run.code, &thing) {
+            (Some(0), Some(thing)) if run.stdout == thing.thing_name && key_mode == 0o600 => {
+                let detail = format!(
+                    "thing {} (Location={} from the hook), certificate {}… active, private.pem.key mode {key_mode:o}; the new certificate connects",
+                    thing.thing_name,
+                    thing.parameters.get("Location").map(String::as_str).unwrap_or("-"),
+                    thing.certificate_id.chars().take(12).collect::<String>(),
+                );
+                logged_reason_is(watch, detail, "allowed")
+            }
+            _ => (
+                false,
+                format!(
+                    "exit {:?}, stdout '{}', key mode {key_mode:o}: {}",
+                    run.code, run.stdout, run.stderr
+                ),
+            ),
+        };
+        Step {
+            title,
+            command: run.command,
+            ok,
+            detail,
+        }
+    }
+
+    pub async fn unknown_serial_is_rejected(&self, watch: &LambdaWatch) -> Step {
+        let title =
+            "a device with an unknown serial is rejected by RegisterThing and keeps nothing";
+        let run = self.run("SN-0404").await;
+        let reason = run.stderr.lines().last().unwrap_or("").to_owned();
+        let left = self
+            .dir
+            .join("device-SN-0404/private.pem.key.pending")
+            .exists()
+            || self.dir.join("device-SN-0404/private.pem.key").exists();
+        let (ok, detail) = match run.code {
+            Some(3) if reason.contains("403 AccessDenied") && !left => {
+                logged_reason_is(watch, format!("exit 3: {reason}"), "unknown-serial")
+            }
+            _ => (
+                false,
+                format!(
+                    "expected exit 3 with a 403 rejection, got {:?}: {}",
+                    run.code, run.stderr
+                ),
+            ),
+        };
+        Step {
+            title,
+            command: run.command,
+            ok,
+            detail,
+        }
+    }
+}

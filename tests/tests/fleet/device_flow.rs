@@ -1,0 +1,433 @@
+//! Trusted-user fleet provisioning end to end: installer → claim-issuer (real handler, real
+//! aws-sdk-iot against the control-plane double) → claim certificate → fleet-device (the CLI's
+//! library) → AWS IoT MQTT simulator over TLS with client certificates → fleet-prehook (real
+//! handler, real DynamoDB client on the local AWS endpoint) → thing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use ::claim_issuer::config::Config as IssuerConfig;
+use ::claim_issuer::handler::{handle as issue, State as IssuerState};
+use fleet_device::session::Session;
+use fleet_device::{files, provision, tls, DeviceError, Options};
+use local_emulators::iot_control::IotControlPlane;
+use local_emulators::iot_mqtt::{
+    CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
+};
+use local_emulators::local_aws::local_sdk_config;
+use local_emulators::stack::TempDir;
+use serde_json::json;
+use shared::clock::unix_now;
+use shared::quota::Quota;
+
+use super::*;
+
+const TEMPLATE: &str = "fleet-template";
+const PREFIX: &str = "fleet-";
+
+/// The real fleet-prehook handler, as the hook AWS IoT calls.
+fn prehook(registry: &DynamoRegistry, extra: &[(&str, &str)]) -> Hook {
+    let registry = registry.clone();
+    let config = config(extra);
+    Hook::handler(move |event| {
+        let (registry, config) = (registry.clone(), config.clone());
+        async move {
+            serde_json::to_value(handle(event, &config, &registry).await).map_err(|e| e.to_string())
+        }
+    })
+}
+
+struct Flow {
+    _aws: LocalAws,
+    registry: DynamoRegistry,
+    iot: IotControlPlane,
+    issuer: IssuerState,
+    sim: IotMqttSimulator,
+    dir: TempDir,
+}
+
+/// The local AWS endpoint seeded like the other fleet tests (SN-0001 allowed with a Location
+/// override, SN-0666 blocked, plus SN-0002 allowed), the control-plane double, claim-issuer's
+/// state, and the MQTT simulator with `hook` (the real hook requiring a claim record if `None`).
+async fn flow(hook: Option<Hook>) -> Flow {
+    let (aws, registry) = setup().await;
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-0002".into())))
+        .await
+        .unwrap();
+    let iot = IotControlPlane::start(&[TEMPLATE]).await.unwrap();
+    let env: std::collections::HashMap<String, String> = [
+        ("DEVICES_TABLE", TABLE),
+        ("PROVISIONING_TEMPLATE", TEMPLATE),
+        ("IOT_DATA_ENDPOINT", "localhost"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let config = IssuerConfig::from_env(&env).unwrap();
+    let dynamodb = aws.dynamodb().await;
+    let issuer = IssuerState {
+        iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
+        registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
+        quota: Quota::new(
+            dynamodb,
+            TABLE,
+            config.claims_per_window,
+            config.window_seconds,
+        ),
+        config,
+    };
+    let hook = hook.unwrap_or_else(|| prehook(&registry, &[("REQUIRE_CLAIM_RECORD", "true")]));
+    let sim = IotMqttSimulator::start(
+        IotMqttConfig::new(iot.ca_pem(), vec![Template::new(TEMPLATE, PREFIX, hook)]),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let dir = TempDir::new("device-flow").unwrap();
+    std::fs::write(dir.path().join("server-ca.pem"), sim.ca_pem()).unwrap();
+    Flow {
+        _aws: aws,
+        registry,
+        iot,
+        issuer,
+        sim,
+        dir,
+    }
+}
+
+impl Flow {
+    /// An installer asks claim-issuer for a claim bound to `serial`; its certificate and key go
+    /// to `claim.pem.crt` / `claim.pem.key`, as an installer app would hand them to the device.
+    async fn claim(&self, serial: &str) -> (PathBuf, PathBuf) {
+        let mut event = serde_json::from_str::<Value>(
+            &std::fs::read_to_string(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events/claim-issuer/issue.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        event["body"] = Value::String(json!({ "serial": serial }).to_string());
+        let response = issue(event, unix_now(), &self.issuer).await;
+        assert_eq!(response.status_code, 200, "{}", response.body);
+        let body: Value = serde_json::from_str(&response.body).unwrap();
+        self.write_claim(
+            serial,
+            body["certificatePem"].as_str().unwrap(),
+            body["privateKey"].as_str().unwrap(),
+        )
+    }
+
+    fn write_claim(&self, label: &str, cert: &str, key: &str) -> (PathBuf, PathBuf) {
+        let cert_file = self.dir.path().join(format!("claim-{label}.pem.crt"));
+        let key_file = self.dir.path().join(format!("claim-{label}.pem.key"));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        (cert_file, key_file)
+    }
+
+    fn options(&self, serial: &str, claim: &(PathBuf, PathBuf), csr: bool) -> Options {
+        Options {
+            host: "localhost".into(),
+            port: self.sim.addr().port(),
+            ca_file: Some(self.dir.path().join("server-ca.pem")),
+            claim_certificate: claim.0.clone(),
+            claim_key: claim.1.clone(),
+            template: TEMPLATE.into(),
+            parameters: BTreeMap::from([("SerialNumber".to_owned(), serial.to_owned())]),
+            csr,
+            client_id: serial.into(),
+            out_dir: self.dir.path().join(format!("identity-{serial}")),
+            force: false,
+            timeout: Duration::from_secs(20),
+            verify: true,
+        }
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn rejection(result: Result<fleet_device::Provisioned, DeviceError>) -> (u64, String, String) {
+    match result {
+        Err(DeviceError::Rejected {
+            status,
+            code,
+            message,
+            ..
+        }) => (status, code, message),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn no_files_left(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_serial_goes_from_installer_to_thing() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let options = f.options("SN-0001", &claim, false);
+    let mut lines = Vec::new();
+    let done = provision(&options, |l| lines.push(l.to_owned()))
+        .await
+        .unwrap();
+
+    assert_eq!(done.thing_name, "fleet-SN-0001");
+    assert!(
+        done.verified,
+        "the new certificate must connect as the thing"
+    );
+    let things = f.sim.things();
+    assert_eq!(things.len(), 1);
+    let thing = &things[0];
+    assert_eq!(thing.certificate_id, done.certificate_id);
+    assert_eq!(thing.claim_certificate_id, f.iot.issued()[0].certificate_id);
+    // The hook's override (from the device table) is applied by the template.
+    assert_eq!(thing.parameters["Location"], "tokyo-1");
+    assert_eq!(
+        f.sim.certificate_status(&done.certificate_id),
+        Some(CertificateStatus::Active)
+    );
+    // The hook recorded the provisioning against the claim that claim-issuer bound.
+    let record = f
+        .registry
+        .get(&DeviceId::Serial("SN-0001".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let provisioning = record.provisioning.unwrap();
+    assert_eq!(provisioning.certificate_id, done.certificate_id);
+    assert_eq!(
+        provisioning.claim_certificate_id.as_deref(),
+        Some(thing.claim_certificate_id.as_str())
+    );
+
+    // The identity on disk: owner-only key and directory, a certificate the key belongs to.
+    assert_eq!(mode(&options.out_dir), 0o700);
+    assert_eq!(mode(&done.private_key_file), 0o600);
+    let key = tls::read_private_key(&done.private_key_file).unwrap();
+    let certs = tls::read_certificates(&done.certificate_file).unwrap();
+    assert!(tls::client_config(options.ca_file.as_deref(), certs, key, 1).is_ok());
+    let thing_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(options.out_dir.join(files::THING_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(thing_file["thingName"], "fleet-SN-0001");
+    assert!(!lines.iter().any(|l| l.contains("PRIVATE KEY")));
+
+    // A second run does not overwrite the device's identity.
+    let again = provision(&options, |_| {}).await;
+    assert!(
+        matches!(&again, Err(DeviceError::Setup(m)) if m.contains("already exists")),
+        "{again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_keeps_the_key_on_the_device() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0002").await;
+    let done = provision(&f.options("SN-0002", &claim, true), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.thing_name, "fleet-SN-0002");
+    assert!(done.verified);
+    assert_eq!(mode(&done.private_key_file), 0o600);
+    assert_eq!(
+        f.sim.stats().certificates_created.load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_serial_and_claim_bound_elsewhere_are_rejected_and_leave_nothing() {
+    let f = flow(None).await;
+    // SN-0404 is not in the device table; the claim is bound to it, so only the table refuses.
+    let claim = f.claim("SN-0404").await;
+    let options = f.options("SN-0404", &claim, false);
+    let (status, code, _) = rejection(provision(&options, |_| {}).await);
+    assert_eq!((status, code.as_str()), (403, "AccessDenied"));
+    no_files_left(&options.out_dir);
+
+    // A claim bound to SN-0001 cannot provision SN-0002.
+    let bound = f.claim("SN-0001").await;
+    let (status, _, _) = rejection(provision(&f.options("SN-0002", &bound, false), |_| {}).await);
+    assert_eq!(status, 403);
+    assert!(f.sim.things().is_empty());
+    assert_eq!(f.sim.stats().hook_calls.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_claim_certificate_is_refused_at_the_handshake() {
+    let f = flow(None).await;
+    let now = unix_now();
+    let expired = f
+        .iot
+        .issue_with_validity(TEMPLATE, now - 600, now - 300)
+        .unwrap();
+    let claim = f.write_claim(
+        "expired",
+        expired["certificatePem"].as_str().unwrap(),
+        expired["keyPair"]["PrivateKey"].as_str().unwrap(),
+    );
+    let result = provision(&f.options("SN-0001", &claim, false), |_| {}).await;
+    assert!(
+        matches!(result, Err(DeviceError::CertificateExpired)),
+        "{result:?}"
+    );
+    assert_eq!(result.unwrap_err().exit_code(), 3);
+    assert!(
+        f.sim
+            .refusals()
+            .iter()
+            .any(|r| r.contains("certificate expired")),
+        "{:?}",
+        f.sim.refusals()
+    );
+    assert_eq!(
+        f.sim.stats().certificates_created.load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ownership_token_is_single_use_and_a_pending_certificate_cannot_connect() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let options = f.options("SN-0001", &claim, false);
+    let tls_config = |cert: Vec<_>, key| {
+        tls::client_config(options.ca_file.as_deref(), cert, key, options.port).unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut session = Session::connect(
+        "localhost",
+        options.port,
+        "SN-0001",
+        tls_config(
+            tls::read_certificates(&claim.0).unwrap(),
+            tls::read_private_key(&claim.1).unwrap(),
+        ),
+        deadline,
+    )
+    .await
+    .unwrap();
+    let created = session
+        .request(
+            "CreateKeysAndCertificate",
+            "$aws/certificates/create/json",
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    let pem = created["certificatePem"].as_str().unwrap();
+    let key = created["privateKey"].as_str().unwrap();
+
+    // Not yet registered: the new certificate is PENDING_ACTIVATION and may not connect.
+    let pending = Session::connect(
+        "localhost",
+        options.port,
+        "fleet-SN-0001",
+        tls_config(
+            tls::certificates_from_pem(pem.as_bytes(), "new").unwrap(),
+            tls::private_key_from_pem(key.as_bytes(), "new").unwrap(),
+        ),
+        deadline,
+    )
+    .await;
+    assert!(
+        matches!(pending, Err(DeviceError::NotAuthorized(_))),
+        "{:?}",
+        pending.err()
+    );
+
+    let register = json!({
+        "certificateOwnershipToken": created["certificateOwnershipToken"],
+        "parameters": {"SerialNumber": "SN-0001"},
+    });
+    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision/json");
+    let accepted = session
+        .request("RegisterThing", &topic, &register)
+        .await
+        .unwrap();
+    assert_eq!(accepted["thingName"], "fleet-SN-0001");
+    let reused = session.request("RegisterThing", &topic, &register).await;
+    match reused {
+        Err(DeviceError::Rejected {
+            status,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!(
+                (status, code.as_str()),
+                (400, "InvalidCertificateOwnershipToken")
+            );
+            assert!(message.contains("already been used"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let forged =
+        json!({"certificateOwnershipToken": "forged", "parameters": {"SerialNumber": "SN-0001"}});
+    assert!(matches!(
+        session.request("RegisterThing", &topic, &forged).await,
+        Err(DeviceError::Rejected { status: 400, .. })
+    ));
+    session.close().await;
+    assert_eq!(f.sim.things().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_slow_hook_denies() {
+    let failing = flow(Some(Hook::handler(|_| async {
+        Err::<Value, _>("Unhandled: function crashed".to_owned())
+    })))
+    .await;
+    // Longer than AWS IoT's 5 s: the simulator must give up at 5 s and deny.
+    let slow = flow(Some(Hook::handler(|_| async {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        Ok(json!({"allowProvisioning": true}))
+    })))
+    .await;
+    let no_answer = flow(Some(Hook::handler(|_| async { Ok(json!({})) }))).await;
+
+    let run = |f: &Flow| {
+        let (cert, key) = (f.dir.path().join("c"), f.dir.path().join("k"));
+        let issued = f
+            .iot
+            .issue_with_validity(TEMPLATE, unix_now() - 1, unix_now() + 300)
+            .unwrap();
+        std::fs::write(&cert, issued["certificatePem"].as_str().unwrap()).unwrap();
+        std::fs::write(&key, issued["keyPair"]["PrivateKey"].as_str().unwrap()).unwrap();
+        f.options("SN-0001", &(cert, key), false)
+    };
+    let (a, b, c) = (run(&failing), run(&slow), run(&no_answer));
+    let started = Instant::now();
+    let (failed, slowed, unanswered) = tokio::join!(
+        provision(&a, |_| {}),
+        provision(&b, |_| {}),
+        provision(&c, |_| {})
+    );
+    let elapsed = started.elapsed();
+
+    let (status, code, message) = rejection(failed);
+    assert_eq!((status, code.as_str()), (403, "AccessDenied"));
+    assert!(message.contains("failed"), "{message}");
+    let (status, _, message) = rejection(slowed);
+    assert_eq!(status, 403);
+    assert!(message.contains("5 seconds"), "{message}");
+    assert!(elapsed >= Duration::from_secs(5), "{elapsed:?}");
+    let (status, _, message) = rejection(unanswered);
+    assert_eq!(status, 403);
+    assert!(message.contains("denied"), "{message}");
+    for f in [&failing, &slow, &no_answer] {
+        assert!(f.sim.things().is_empty());
+    }
+    no_files_left(&a.out_dir);
+}
