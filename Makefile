@@ -11,7 +11,7 @@ NODE_STAMP := tests/interop/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 LOCAL_ENV := $(CURDIR)/target/local.env
 
-.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan
+.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan bench
 DEPLOY_VENV := $(CURDIR)/.venv-deploy
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make watch                              cargo lambda watch with local-replay and that env"
 	@echo "make invoke FN=.. EVENT=.. [CONTEXT=..] cargo lambda invoke against the watch"
 	@echo "make build  cargo lambda build --release --arm64 for every function"
+	@echo "make bench  benchmarks against the Node.js baseline; writes bench/results.md"
 	@echo "make deploy-plan / make deploy   print / run the deployment (settings: infra/deploy.sh)"
 
 # Pinned Python tools (moto server) in a project-local virtual environment.
@@ -57,6 +58,18 @@ invoke: tools
 build: tools
 	cargo lambda build --release --arm64 --output-format zip
 	@ls -l target/lambda/*/bootstrap.zip | awk '{printf "%-60s %6.2f MB\n", $$9, $$5/1048576}'
+
+# The benchmark baseline: the original write-up's Node.js Lambda and its SDKs, pinned.
+BENCH_NODE_STAMP := bench/node/node_modules/.installed
+$(BENCH_NODE_STAMP): bench/node/package.json bench/node/package-lock.json
+	@echo "==> installing the pinned Node.js baseline into bench/node/node_modules"
+	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# BENCH_ARGS: --runs N --warm N --delayed-warm N --throughput-runs N (defaults 5, 20, 5, 3).
+bench: build $(BENCH_NODE_STAMP)
+	cargo build --release --package azure-dps-register --package fleet-prehook --package claim-issuer
+	cargo run --quiet --profile bench-harness --package local-emulators --bin bench -- $(BENCH_ARGS)
 
 # Deploy-time tools (AWS SAM CLI, AWS CLI), pinned, only for `make deploy`.
 $(DEPLOY_VENV)/.installed: infra/requirements.txt

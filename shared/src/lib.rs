@@ -14,6 +14,7 @@
 //! - `replay` (feature `local-replay`): the local fix for replaying Funk client contexts
 //!   through `cargo lambda watch`.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
+//! - `strategies` (feature `test-strategies`, tests only): hostile input for property tests.
 
 pub mod aws;
 pub mod clock;
@@ -29,3 +30,5 @@ pub mod sas;
 pub mod secrets;
 pub mod soracom;
 pub mod startup;
+#[cfg(any(test, feature = "test-strategies"))]
+pub mod strategies;

@@ -66,6 +66,10 @@ impl DeviceId {
 pub enum DeviceStatus {
     Allowed,
     Blocked,
+    /// The item has no `status`: nobody listed the device; it exists only because something
+    /// about it was recorded (a SIM's registration while `REQUIRE_SIM_ALLOWLIST` is off). It
+    /// counts as not in the table, never as allowed.
+    Unlisted,
 }
 
 impl DeviceStatus {
@@ -73,6 +77,7 @@ impl DeviceStatus {
         match self {
             Self::Allowed => "allowed",
             Self::Blocked => "blocked",
+            Self::Unlisted => "unlisted",
         }
     }
 }
@@ -122,8 +127,10 @@ impl DeviceRecord {
 
     /// Why this entry does not allow provisioning at `now`, or `None` if it does.
     pub fn refusal(&self, now: u64) -> Option<&'static str> {
-        if self.status != DeviceStatus::Allowed {
-            return Some("blocked");
+        match self.status {
+            DeviceStatus::Allowed => {}
+            DeviceStatus::Blocked => return Some("blocked"),
+            DeviceStatus::Unlisted => return Some("unlisted"),
         }
         if self.valid_until.is_some_and(|until| now >= until) {
             return Some("expired");
@@ -465,10 +472,12 @@ fn decode(
             Some(_) => Err(malformed(field)),
         }
     };
-    // Deny by default: an unknown status value is a blocked device, not an allowed one.
+    // Deny by default: an unknown status value is a blocked device, not an allowed one. No
+    // status at all is an item nobody listed (see `DeviceStatus::Unlisted`).
     let status = match text("status")?.as_deref() {
         Some("allowed") => DeviceStatus::Allowed,
-        _ => DeviceStatus::Blocked,
+        None | Some("unlisted") => DeviceStatus::Unlisted,
+        Some(_) => DeviceStatus::Blocked,
     };
     let allow_reprovision = match item.get("allow_reprovision") {
         None | Some(AttributeValue::Null(_)) => false,
@@ -534,6 +543,14 @@ mod tests {
             assert_eq!(DeviceId::from_key(&id.key()), Some(id));
         }
         assert_eq!(DeviceId::from_key("claim#x"), None);
+    }
+
+    #[test]
+    fn an_item_without_status_is_unlisted_not_blocked_nor_allowed() {
+        let item = HashMap::from([("registration_id".to_owned(), s("440103123456789"))]);
+        let record = decode(DeviceId::Sim("1".into()), "sim#1", &item).unwrap();
+        assert_eq!(record.status, DeviceStatus::Unlisted);
+        assert_eq!(record.refusal(0), Some("unlisted"));
     }
 
     #[test]

@@ -300,4 +300,36 @@ mod tests {
         assert_eq!(percent_decode("%2f%2F").unwrap(), "//");
         assert_eq!(percent_decode("%2"), None);
     }
+
+    mod hostile {
+        use super::*;
+        use crate::strategies::text;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any password a device could send: refused with a reason, or parsed and then not
+            /// verified by a key that did not sign it.
+            #[test]
+            fn any_token_is_parsed_or_refused_and_never_verifies_by_accident(
+                raw in text(),
+                sr in text(), sig in text(), se in "[0-9]{0,12}", skn in text(),
+            ) {
+                let structured = format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn={skn}");
+                let key = SymmetricKey::from_base64("c2VjcmV0LWtleS1mb3ItcHJvcGVydHktdGVzdHM=").unwrap();
+                for token in [raw, structured] {
+                    match ParsedSas::parse(&token) {
+                        Ok(parsed) => prop_assert!(!parsed.verify(&key)),
+                        Err(e) => prop_assert!(!e.to_string().is_empty()),
+                    }
+                }
+            }
+
+            #[test]
+            fn percent_decoding_never_panics(raw in text()) {
+                if let Some(decoded) = percent_decode(&raw) {
+                    prop_assert!(decoded.len() <= raw.len());
+                }
+            }
+        }
+    }
 }

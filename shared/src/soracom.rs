@@ -383,4 +383,55 @@ mod tests {
         assert_eq!(h.imsi.as_deref(), Some("295000012345678"));
         assert_eq!(h.imei, None);
     }
+
+    mod hostile {
+        use super::*;
+        use crate::strategies::{json_with_keys, text};
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "custom",
+            "imsi",
+            "operatorId",
+            "srn",
+            "imei",
+            "simId",
+            "resourceType",
+            "resourceId",
+            "sourceProtocol",
+            "coverage",
+        ];
+
+        proptest! {
+            /// Any client context, JSON or not: a valid identity or a refusal that says why.
+            #[test]
+            fn any_client_context_is_read_or_refused_with_a_reason(doc in json_with_keys(KEYS), raw in text()) {
+                for input in [doc.to_string(), raw] {
+                    match SimIdentity::from_client_context_json(&input) {
+                        Ok(id) => prop_assert!(is_imsi(&id.imsi) && is_operator_id(&id.operator_id)),
+                        Err(e) => prop_assert!(!e.to_string().is_empty()),
+                    }
+                }
+            }
+
+            /// Beam headers as a stranger could send them never verify without the key.
+            #[test]
+            fn forged_beam_headers_never_verify(
+                imsi in proptest::option::of(text()),
+                timestamp in proptest::option::of("[0-9]{0,14}"),
+                signature in proptest::option::of(prop_oneof![text(), "[0-9a-f]{64}"]),
+                version in proptest::option::of(prop_oneof![text(), Just("20151001".to_owned())]),
+            ) {
+                let headers = BeamHeaders {
+                    imsi,
+                    timestamp: timestamp.clone(),
+                    signature,
+                    signature_version: version,
+                    ..Default::default()
+                };
+                let now = timestamp.and_then(|t| t.parse().ok()).unwrap_or(0);
+                prop_assert!(verify_beam(b"the operator's pre-shared key", &headers, now, 60_000).is_err());
+            }
+        }
+    }
 }

@@ -94,6 +94,11 @@ pub struct DpsSimConfig {
     pub retry_after: u64,
     /// Polls answered `assigning` before `assigned`.
     pub polls_before_assign: u32,
+    /// The names its server certificate is for (default `localhost` and `127.0.0.1`).
+    pub tls_names: Vec<String>,
+    /// Seconds the simulator's clock is ahead of this machine's (negative: behind), for
+    /// clock-skew tests of SAS token expiry.
+    pub clock_offset_secs: i64,
 }
 
 impl DpsSimConfig {
@@ -106,6 +111,8 @@ impl DpsSimConfig {
             faults: Vec::new(),
             retry_after: 0,
             polls_before_assign: 0,
+            tls_names: vec!["localhost".into(), "127.0.0.1".into()],
+            clock_offset_secs: 0,
         }
     }
 }
@@ -122,6 +129,9 @@ pub struct Assigned {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections: AtomicU64,
+    /// TCP connections accepted, counted before the TLS handshake (so a client that refuses
+    /// our certificate is counted by the time it has seen it).
+    pub accepted: AtomicU64,
     pub refused: AtomicU64,
     pub registers: AtomicU64,
     pub polls: AtomicU64,
@@ -134,6 +144,8 @@ struct Shared {
     assigned: Mutex<Vec<Assigned>>,
     operations: Mutex<HashMap<String, Operation>>,
     sequence: AtomicU64,
+    /// The `sig` of every accepted SAS token, as sent: secrets the log checks look for.
+    signatures: Mutex<Vec<String>>,
 }
 
 struct Operation {
@@ -159,8 +171,8 @@ impl Drop for DpsSimulator {
 impl DpsSimulator {
     /// Listens on `listen` (use port 0 for a free port) with a fresh CA.
     pub async fn start(config: DpsSimConfig, listen: SocketAddr) -> std::io::Result<Self> {
-        let pki = local_pki("dps-simulator local CA", &["localhost", "127.0.0.1"])
-            .map_err(std::io::Error::other)?;
+        let names: Vec<&str> = config.tls_names.iter().map(String::as_str).collect();
+        let pki = local_pki("dps-simulator local CA", &names).map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -169,6 +181,7 @@ impl DpsSimulator {
             assigned: Mutex::new(Vec::new()),
             operations: Mutex::new(HashMap::new()),
             sequence: AtomicU64::new(0),
+            signatures: Mutex::new(Vec::new()),
         });
         let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
         let state = Arc::clone(&shared);
@@ -177,6 +190,9 @@ impl DpsSimulator {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                // Replies are small packets written back to back; no Nagle delay.
+                let _ = tcp.set_nodelay(true);
+                state.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let acceptor = acceptor.clone();
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
@@ -207,6 +223,11 @@ impl DpsSimulator {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The signatures of the SAS tokens it accepted (percent-encoded, as sent).
+    pub fn accepted_signatures(&self) -> Vec<String> {
+        lock(&self.shared.signatures).clone()
     }
 
     pub fn assigned(&self) -> Vec<Assigned> {
@@ -252,7 +273,7 @@ fn authenticate(
         .key_name
         .as_deref()
         .is_some_and(|k| k != "registration")
-        || token.expiry <= unix_now()
+        || token.expiry <= unix_now().saturating_add_signed(config.clock_offset_secs)
     {
         return Err(NotAuthorized);
     }
@@ -294,7 +315,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     };
     let registration_id = match authenticate(config, &connect) {
-        Ok(id) => id,
+        Ok(id) => {
+            if let Some(login) = &connect.login {
+                let sig = login
+                    .password
+                    .split('&')
+                    .find_map(|p| p.strip_prefix("sig="))
+                    .unwrap_or_default();
+                lock(&state.signatures).push(sig.to_owned());
+            }
+            id
+        }
         Err(code) => {
             state.stats.refused.fetch_add(1, Ordering::Relaxed);
             write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;

@@ -231,6 +231,8 @@ impl IotMqttSimulator {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                // Replies are small packets written back to back; no Nagle delay.
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let state = Arc::clone(&shared);
                 tokio::spawn(async move {

@@ -11,12 +11,15 @@
 //! - [`lambda_watch`]: `cargo lambda watch` and `cargo lambda invoke`, driven for real.
 //! - [`tls`]: run-time certificates for the simulators; [`mqtt_io`]: their MQTT packet I/O.
 
+pub mod bench;
 pub mod dps_sim;
+pub mod fault_proxy;
 pub mod iot_control;
 pub mod iot_mqtt;
 pub mod lambda_watch;
 pub mod local_aws;
 pub mod mqtt_io;
+pub mod runtime_api;
 pub mod stack;
 pub mod story;
 pub mod tls;

@@ -328,3 +328,42 @@ async fn invoke(watch: &LambdaWatch, invocation: Invocation) -> Step {
         detail,
     }
 }
+
+/// Every secret the story handled, by name: the group key, the SIM's device key and the SAS
+/// signatures DPS accepted, the claim's private key and the device's permanent private key.
+/// None of them may appear in any log or step output.
+pub fn secrets(stack: &LocalStack) -> Vec<(String, String)> {
+    let mut secrets = vec![
+        ("group key".to_owned(), stack.group_key.to_base64()),
+        (
+            "device key".to_owned(),
+            stack
+                .group_key
+                .derive_device_key("440103123456789")
+                .to_base64(),
+        ),
+    ];
+    for sig in stack.dps.accepted_signatures() {
+        if let Some(decoded) = shared::sas::percent_decode(&sig) {
+            secrets.push(("SAS signature".to_owned(), decoded));
+        }
+        secrets.push(("SAS signature (encoded)".to_owned(), sig));
+    }
+    // PEM keys: every full base64 line of the body, so a re-wrapped leak is caught too.
+    for (name, file) in [
+        ("claim private key", stack.dir().join(device::CLAIM_KEY)),
+        (
+            "device private key",
+            stack.dir().join("device-SN-0001/private.pem.key"),
+        ),
+    ] {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+        {
+            secrets.push((name.to_owned(), line.to_owned()));
+        }
+    }
+    secrets
+}

@@ -282,6 +282,43 @@ async fn an_untrusted_certificate_is_refused() {
     assert!(f.sim.assigned().is_empty());
 }
 
+#[tokio::test]
+async fn a_certificate_for_another_name_is_refused_without_retries() {
+    // DPS presents a certificate for another host (DNS hijack, wrong DPS_ENDPOINT): refused at
+    // the handshake, reported as a TLS error, and not retried.
+    let f = simulator(|c| c.tls_names = vec!["dps.other.example".into()]).await;
+    let budget = Duration::from_secs(5);
+    let (result, elapsed) = f.register(budget).await;
+    match &result {
+        Err(DpsError::Tls(m)) => assert!(m.contains("not valid for name"), "{m}"),
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+    assert_within(elapsed, budget);
+    assert_eq!(f.sim.stats().accepted.load(Ordering::Relaxed), 1);
+    assert_eq!(f.sim.stats().connections.load(Ordering::Relaxed), 0);
+    assert!(f.sim.assigned().is_empty());
+}
+
+#[tokio::test]
+async fn sas_expiry_tolerates_clock_skew_within_the_token_lifetime() {
+    // Tokens live 5 minutes. A DPS clock 4 minutes ahead still accepts them; 6 minutes ahead,
+    // they are already expired there: refused once, not retried, within the budget.
+    let ahead_4 = simulator(|c| c.clock_offset_secs = 240).await;
+    let (result, _) = ahead_4.register(Duration::from_secs(5)).await;
+    assert!(result.is_ok(), "{result:?}");
+
+    let ahead_6 = simulator(|c| c.clock_offset_secs = 360).await;
+    let budget = Duration::from_secs(5);
+    let (result, elapsed) = ahead_6.register(budget).await;
+    assert!(
+        matches!(result, Err(DpsError::Unauthorized(_))),
+        "{result:?}"
+    );
+    assert_within(elapsed, budget);
+    assert_eq!(ahead_6.sim.stats().connections.load(Ordering::Relaxed), 1);
+    assert_eq!(ahead_6.sim.stats().refused.load(Ordering::Relaxed), 1);
+}
+
 /// The official Azure IoT Python device SDK registering through the simulator: the simulator
 /// must accept what real devices send (its `sr` encoding, no `skn`, TLS 1.2, persistent session).
 mod official_python_sdk {
@@ -438,7 +475,8 @@ mod function {
     use azure_dps_register::handler::{handle, Response};
     use azure_dps_register::state::State;
     use lambda_runtime::Context;
-    use local_emulators::local_aws::LocalAws;
+    use local_emulators::fault_proxy::{FaultProxy, Mode};
+    use local_emulators::local_aws::{local_sdk_config, LocalAws};
     use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus};
     use std::collections::HashMap;
     use std::path::PathBuf;
@@ -449,6 +487,7 @@ mod function {
         dps: Fixture,
         _aws: LocalAws,
         state: State,
+        config: Config,
         _ca_dir: TempDir,
     }
 
@@ -531,11 +570,12 @@ mod function {
         )
         .collect();
         let config = Config::from_env(&env).unwrap();
-        let state = State::new(config, &aws.sdk_config().await).unwrap();
+        let state = State::new(config.clone(), &aws.sdk_config().await).unwrap();
         Setup {
             dps,
             _aws: aws,
             state,
+            config,
             _ca_dir: TempDir(dir),
         }
     }
@@ -590,6 +630,45 @@ mod function {
         let json = serde_json::to_value(&response).unwrap();
         assert_eq!(json["statusCode"], 200);
         assert!(json["body"].as_str().unwrap().starts_with("HostName="));
+    }
+
+    /// SSM and DynamoDB stopped, slow or throttling (through a fault proxy): each gives a 503
+    /// with `retryAfter` within the invocation's deadline, DPS is never contacted, and the same
+    /// request succeeds once the endpoint recovers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aws_endpoint_faults_answer_503_in_time_and_recover() {
+        let s = setup(|_| {}, None).await;
+        let body: serde_json::Value = serde_json::from_str(&event_file("register.json")).unwrap();
+        let deadline = Duration::from_secs(12);
+        for mode in [
+            Mode::Stopped,
+            Mode::Slow(Duration::from_secs(60)),
+            Mode::Throttle,
+        ] {
+            let proxy = FaultProxy::start(s._aws.endpoint()).await.unwrap();
+            // A fresh state per fault: nothing cached from an earlier success.
+            let state =
+                State::new(s.config.clone(), &local_sdk_config(&proxy.endpoint()).await).unwrap();
+            proxy.set(mode);
+            let started = std::time::Instant::now();
+            let context = funk_context("client-context.json", Some(deadline));
+            let response = handle(body.clone(), &context, &state).await;
+            let elapsed = started.elapsed();
+            assert_eq!(response.status_code, 503, "{mode:?}: {response:?}");
+            assert_eq!(response.error, Some("registry-unavailable"), "{mode:?}");
+            assert!(response.retry_after.is_some(), "{mode:?}");
+            assert!(elapsed < deadline, "{mode:?} took {elapsed:?}");
+
+            proxy.set(Mode::Pass);
+            let context = funk_context("client-context.json", Some(deadline));
+            let response = handle(body.clone(), &context, &state).await;
+            assert_eq!(
+                response.status_code, 200,
+                "{mode:?} after recovery: {response:?}"
+            );
+        }
+        // Only the three recovered requests reached DPS.
+        assert_eq!(s.dps.sim.assigned().len(), 3);
     }
 
     #[tokio::test]

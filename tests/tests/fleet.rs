@@ -277,6 +277,58 @@ async fn table_unavailable_denies_within_the_budget() {
     );
 }
 
+/// The device table stopped, slow or throttling (through a fault proxy): the hook denies with
+/// a reason that says which, within its budget, and allows the same request after recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_faults_deny_with_their_reason_and_recover() {
+    use local_emulators::fault_proxy::{FaultProxy, Mode};
+    use local_emulators::local_aws::local_sdk_config;
+
+    let (aws, _) = setup().await;
+    // A budget above the SDK's 3 s operation timeout: the SDK's own bound decides first. Its
+    // retries back off at random, so a throttling table ends as throttled or as timed out.
+    let c = config(&[("DECISION_BUDGET_MS", "4000")]);
+    let modes: [(Mode, &[&str]); 3] = [
+        (Mode::Stopped, &["registry-unavailable"]),
+        (
+            Mode::Slow(Duration::from_secs(30)),
+            &["registry-unavailable"],
+        ),
+        (
+            Mode::Throttle,
+            &["registry-throttled", "registry-unavailable"],
+        ),
+    ];
+    for (n, (mode, expected)) in modes.into_iter().enumerate() {
+        let proxy = FaultProxy::start(aws.endpoint()).await.unwrap();
+        let client = aws_sdk_dynamodb::Client::new(&local_sdk_config(&proxy.endpoint()).await);
+        let registry = DynamoRegistry::new(client, TABLE);
+        let certificate = format!("cert-fault-{n}");
+        proxy.set(mode);
+        let started = Instant::now();
+        let e = with_certificate(event("allowed.json"), &certificate);
+        let d = denial(e.clone(), &c, &registry).await;
+        assert!(expected.contains(&d.code), "{mode:?}: {d:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(4000),
+            "{mode:?}: {:?}",
+            started.elapsed()
+        );
+
+        proxy.set(Mode::Pass);
+        // SN-0001 may be provisioned once: allow re-provisioning so each round can succeed.
+        let mut record = registry
+            .get(&DeviceId::Serial("SN-0001".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        record.allow_reprovision = true;
+        registry.put(&record).await.unwrap();
+        let (decision, _) = evaluate(e, &c, &registry).await;
+        assert!(decision.is_ok(), "{mode:?} after recovery: {decision:?}");
+    }
+}
+
 /// claim-issuer's real handler, with the real aws-sdk-iot client against the IoT control-plane
 /// double and the real DynamoDB client against the local AWS endpoint.
 mod issuer {

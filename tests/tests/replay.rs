@@ -24,6 +24,42 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         .collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert_eq!(steps.len(), 10);
+
+    // No secret the story handled reaches the functions' logs (all three, as real processes
+    // under the emulator) or what the demo prints.
+    let secrets = story::secrets(&stack);
+    let kinds: std::collections::BTreeSet<&str> = secrets.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        [
+            "group key",
+            "device key",
+            "SAS signature",
+            "claim private key",
+            "device private key"
+        ]
+        .iter()
+        .all(|k| kinds.contains(k)),
+        "the story must have handled every kind of secret: {kinds:?}"
+    );
+    let log = std::fs::read_to_string(watch.log()).unwrap();
+    assert!(
+        log.contains("provisioning allowed"),
+        "the log holds the functions' output"
+    );
+    let printed: String = steps
+        .iter()
+        .map(|s| format!("{} {}\n", s.command, s.detail))
+        .collect();
+    for (kind, secret) in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a {kind} appears in the functions' log"
+        );
+        assert!(
+            !printed.contains(secret.as_str()),
+            "a {kind} appears in the demo's output"
+        );
+    }
 }
 
 /// Every client context in events/ must be usable by `cargo lambda invoke

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::dps::{self, Assignment, DpsError, RegistrationRequest};
 use shared::keys::SymmetricKey;
-use shared::registry::{DeviceId, DeviceRegistry, Registration, RegistryError};
+use shared::registry::{DeviceId, DeviceRegistry, DeviceStatus, Registration, RegistryError};
 use shared::secrets::{load_key, KeyLookupError, SecretError};
 use shared::soracom::SimIdentity;
 
@@ -152,7 +152,13 @@ async fn register(
         .get(&DeviceId::Sim(sim.imsi.clone()))
         .await
         .map_err(registry_refusal)?;
-    match &record {
+    // A SIM known only from its own earlier registrations was never listed: it is treated as
+    // not in the table (found by the fault tests: it used to read as blocked, so every unlisted
+    // SIM could register exactly once).
+    let listed = record
+        .as_ref()
+        .filter(|r| r.status != DeviceStatus::Unlisted);
+    match listed {
         Some(r) => {
             if let Some(why) = r.refusal(unix_now()) {
                 return Err(refuse(
@@ -427,5 +433,18 @@ mod tests {
             .as_millis() as u64;
         let d = dps_deadline(&soon, budget) - tokio::time::Instant::now();
         assert!(d <= Duration::from_millis(1300), "{d:?}");
+    }
+
+    const KEYS: &[&str] = &["payload", "body", "data", "isBase64Encoded", "a"];
+
+    proptest::proptest! {
+        /// Any body a device sends through Funk: a payload for DPS or a refusal with a reason.
+        #[test]
+        fn any_body_becomes_a_payload_or_a_reason(event in shared::strategies::json_with_keys(KEYS)) {
+            match device_payload(&event) {
+                Ok(_) => {}
+                Err(reason) => proptest::prop_assert!(!reason.is_empty()),
+            }
+        }
     }
 }

@@ -152,4 +152,35 @@ mod tests {
         assert!(bad.body_text().is_err());
         assert!(serde_json::from_str::<ClaimRequest>(r#"{"serial":"SN-1","extra":1}"#).is_err());
     }
+
+    const KEYS: &[&str] = &[
+        "requestContext",
+        "authorizer",
+        "jwt",
+        "claims",
+        "sub",
+        "cognito:groups",
+        "email",
+        "body",
+        "isBase64Encoded",
+        "headers",
+        "serial",
+        "templateName",
+    ];
+
+    proptest::proptest! {
+        /// Any event the HTTP API could deliver (or a caller could forge): parsed or refused,
+        /// and whatever body it carries is parsed or refused, never a panic.
+        #[test]
+        fn any_event_and_body_is_parsed_or_refused(event in shared::strategies::json_with_keys(KEYS)) {
+            if let Ok(request) = serde_json::from_value::<HttpApiRequest>(event) {
+                if let Some(installer) = request.installer() {
+                    proptest::prop_assert!(!installer.sub.is_empty());
+                }
+                if let Ok(text) = request.body_text() {
+                    let _ = serde_json::from_str::<ClaimRequest>(&text);
+                }
+            }
+        }
+    }
 }

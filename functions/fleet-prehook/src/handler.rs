@@ -168,14 +168,11 @@ async fn check(
         .map_err(registry_denial)?
         .ok_or_else(|| deny("unknown-serial", "serial is not in the device table"))?;
     if let Some(why) = record.refusal(unix_now()) {
-        return Err(deny(
-            if why == "expired" {
-                "serial-expired"
-            } else {
-                "serial-blocked"
-            },
-            format!("serial is {why}"),
-        ));
+        return Err(match why {
+            "expired" => deny("serial-expired", "serial is expired"),
+            "unlisted" => deny("unknown-serial", "serial is not listed in the device table"),
+            _ => deny("serial-blocked", format!("serial is {why}")),
+        });
     }
 
     // 3. Not provisioned with another certificate, unless re-provisioning is allowed.
@@ -295,5 +292,66 @@ mod tests {
         assert_eq!(decision.unwrap_err().code, "deadline");
         assert_eq!(summary.serial, "SN-1");
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// A device table that knows no serial and no claim.
+    struct Empty;
+
+    impl DeviceRegistry for Empty {
+        async fn get(&self, _: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+            Ok(None)
+        }
+        async fn put(&self, _: &DeviceRecord) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn record_registration(
+            &self,
+            _: &str,
+            _: &shared::registry::Registration,
+        ) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn record_provisioning(
+            &self,
+            _: &str,
+            _: &Provisioning,
+        ) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn put_claim(&self, _: &ClaimRecord) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn get_claim(&self, _: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+            Ok(None)
+        }
+    }
+
+    const KEYS: &[&str] = &[
+        "claimCertificateId",
+        "certificateId",
+        "certificatePem",
+        "templateArn",
+        "clientId",
+        "parameters",
+        "SerialNumber",
+        "device_serial",
+    ];
+
+    proptest::proptest! {
+        /// Any payload: denied (no serial is known here) with a reason code from the documented
+        /// set, never a panic and never an allow.
+        #[test]
+        fn any_hook_payload_is_denied_with_a_reason(event in shared::strategies::json_with_keys(KEYS)) {
+            let config = Config::from_env(&[("DEVICES_TABLE", "d")]).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (decision, _) = runtime.block_on(evaluate(event, &config, &Empty));
+            let denial = decision.expect_err("nothing may be allowed by an empty table");
+            proptest::prop_assert!(
+                ["malformed-request", "missing-serial-parameter", "serial-format", "unknown-serial"]
+                    .contains(&denial.code),
+                "{denial:?}"
+            );
+            proptest::prop_assert!(!denial.detail.is_empty());
+        }
     }
 }

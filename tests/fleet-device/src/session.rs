@@ -38,7 +38,11 @@ impl Session {
             .set_clean_session(true)
             .set_max_packet_size(64 * 1024, 64 * 1024)
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-        let (client, events) = AsyncClient::new(options, 10);
+        let (client, mut events) = AsyncClient::new(options, 10);
+        // Small request/reply packets: Nagle would hold each one for the peer's delayed ACK.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         let mut session = Self {
             client,
             events,

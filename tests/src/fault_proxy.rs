@@ -1,0 +1,161 @@
+//! A small HTTP proxy in front of the local AWS endpoint that can be stopped, slowed or made to
+//! throttle while a test runs, so the functions meet the faults real SSM and DynamoDB have: an
+//! endpoint that refuses connections, one that answers too late, and `ThrottlingException`.
+//! Requests in the normal mode are forwarded untouched (SigV4 signatures stay valid, as the
+//! proxy keeps the `Host` header).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::mqtt_io::lock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward everything.
+    Pass,
+    /// Close every connection at once, as a stopped service's port does.
+    Stopped,
+    /// Forward after this delay.
+    Slow(Duration),
+    /// Answer every request `400 ThrottlingException`.
+    Throttle,
+}
+
+struct State {
+    upstream: SocketAddr,
+    mode: Mutex<Mode>,
+    requests: AtomicU64,
+}
+
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Proxies to `upstream` (an `http://HOST:PORT` endpoint).
+    pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            upstream,
+            mode: Mutex::new(Mode::Pass),
+            requests: AtomicU64::new(0),
+        });
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let state = Arc::clone(&shared);
+                if *lock(&state.mode) == Mode::Stopped {
+                    drop(tcp);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(forward(&state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// The value for `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, mode: Mode) {
+        *lock(&self.state.mode) = mode;
+    }
+
+    /// Requests that reached the proxy (not counting connections closed while stopped).
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+}
+
+fn answer(status: StatusCode, kind: Option<&str>, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::builder()
+        .status(status)
+        .header("content-type", "application/x-amz-json-1.0");
+    if let Some(kind) = kind {
+        response = response.header("x-amzn-ErrorType", kind);
+    }
+    response
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let mode = *lock(&state.mode);
+    match mode {
+        Mode::Stopped => {
+            // Stopped mid-connection: fail the request as a dead peer would.
+            return answer(StatusCode::BAD_GATEWAY, None, String::new());
+        }
+        Mode::Throttle => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                Some("ThrottlingException"),
+                r#"{"__type":"com.amazon.coral.availability#ThrottlingException","message":"Rate exceeded"}"#
+                    .into(),
+            );
+        }
+        Mode::Slow(delay) => tokio::time::sleep(delay).await,
+        Mode::Pass => {}
+    }
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let upstream = async {
+        let tcp = TcpStream::connect(state.upstream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = Request::from_parts(parts, Full::new(body));
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>(Response::from_parts(parts, Full::new(body)))
+    };
+    upstream
+        .await
+        .unwrap_or_else(|e| answer(StatusCode::BAD_GATEWAY, None, e))
+}
