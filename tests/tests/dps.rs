@@ -671,6 +671,31 @@ mod function {
         assert_eq!(s.dps.sim.assigned().len(), 3);
     }
 
+    /// A SIM nobody listed (allowed while REQUIRE_SIM_ALLOWLIST is off) registers again on its
+    /// next boot: its recorded registration must not read as a block. With the allowlist on,
+    /// that record does not make it listed.
+    #[tokio::test]
+    async fn an_unlisted_sim_registers_on_every_boot_but_is_not_listed_by_it() {
+        let s = setup(|_| {}, None).await;
+        let body: serde_json::Value = serde_json::from_str(&event_file("register.json")).unwrap();
+        for boot in 1..=2 {
+            let context = funk_context("client-context.json", Some(Duration::from_secs(10)));
+            let response = invoke(&s, body.clone(), &context).await;
+            assert_eq!(response.status_code, 200, "boot {boot}: {response:?}");
+        }
+        let strict = State::new(
+            Config {
+                require_allowlist: true,
+                ..s.config.clone()
+            },
+            &s._aws.sdk_config().await,
+        )
+        .unwrap();
+        let context = funk_context("client-context.json", Some(Duration::from_secs(10)));
+        let response = handle(body, &context, &strict).await;
+        assert_eq!(response.error, Some("sim-unknown"), "{response:?}");
+    }
+
     #[tokio::test]
     async fn blocked_sim_is_refused_without_contacting_dps() {
         let s = setup(|_| {}, None).await;
