@@ -22,7 +22,6 @@ use shared::keys::SymmetricKey;
 use shared::sas::ParsedSas;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::mqtt_io::{granted, lock, read_packet, write_packet};
@@ -159,13 +158,7 @@ pub struct DpsSimulator {
     addr: SocketAddr,
     ca_pem: String,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for DpsSimulator {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::serve::Background,
 }
 
 impl DpsSimulator {
@@ -184,31 +177,28 @@ impl DpsSimulator {
             signatures: Mutex::new(Vec::new()),
         });
         let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
+        let counted = Arc::clone(&shared);
         let state = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                // Replies are small packets written back to back; no Nagle delay.
-                let _ = tcp.set_nodelay(true);
-                state.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                let acceptor = acceptor.clone();
+        let _task = crate::serve::tls(
+            listener,
+            acceptor,
+            move || {
+                counted.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            },
+            move |stream| {
                 let state = Arc::clone(&state);
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
-                    if let Ok(Ok(tls)) = handshake {
+                async move {
+                    if let Ok(tls) = stream {
                         let _ = serve(tls, &state).await;
                     }
-                });
-            }
-        });
+                }
+            },
+        );
         Ok(Self {
             addr,
             ca_pem: pki.ca_pem,
             shared,
-            task,
+            _task,
         })
     }
 

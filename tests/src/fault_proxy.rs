@@ -4,7 +4,6 @@
 //! Requests in the normal mode are forwarded untouched (SigV4 signatures stay valid, as the
 //! proxy keeps the `Host` header).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +14,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use crate::mqtt_io::lock;
 
@@ -40,13 +38,7 @@ struct State {
 pub struct FaultProxy {
     addr: SocketAddr,
     state: Arc<State>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::serve::Background,
 }
 
 impl FaultProxy {
@@ -64,26 +56,17 @@ impl FaultProxy {
             mode: Mutex::new(Mode::Pass),
             requests: AtomicU64::new(0),
         });
+        let gate = Arc::clone(&state);
         let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+        let _task = crate::serve::http(
+            listener,
+            move || *lock(&gate.mode) != Mode::Stopped,
+            move |req| {
                 let state = Arc::clone(&shared);
-                if *lock(&state.mode) == Mode::Stopped {
-                    drop(tcp);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(forward(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Self { addr, state, task })
+                async move { forward(&state, req).await }
+            },
+        );
+        Ok(Self { addr, state, _task })
     }
 
     /// The value for `AWS_ENDPOINT_URL`.

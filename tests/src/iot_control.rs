@@ -6,7 +6,6 @@
 //! certificates (ECDSA P-256, signed by its own CA, valid 5 minutes) whose CA the AWS IoT MQTT
 //! simulator can trust. Faults can be injected.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +14,6 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 
 use crate::mqtt_io::lock;
@@ -23,7 +21,6 @@ use crate::tls::{certificate_authority, certificate_id};
 use serde_json::json;
 use shared::clock::unix_now;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 /// How long a claim certificate is valid, as AWS IoT issues them.
 pub const CLAIM_VALIDITY: Duration = Duration::from_secs(300);
@@ -59,13 +56,7 @@ pub struct IotControlPlane {
     addr: SocketAddr,
     ca_pem: String,
     state: Arc<State>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for IotControlPlane {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::serve::Background,
 }
 
 impl IotControlPlane {
@@ -84,28 +75,19 @@ impl IotControlPlane {
             unauthenticated: AtomicU64::new(0),
         });
         let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
+        let _task = crate::serve::http(
+            listener,
+            || true,
+            move |req| {
                 let state = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(route(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+                async move { route(&state, req).await }
+            },
+        );
         Ok(Self {
             addr,
             ca_pem,
             state,
-            task,
+            _task,
         })
     }
 

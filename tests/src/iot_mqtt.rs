@@ -42,7 +42,6 @@ use serde_json::{json, Map, Value};
 use shared::clock::unix_now;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::mqtt_io::{granted, lock, read_packet, write_packet};
@@ -196,13 +195,7 @@ pub struct IotMqttSimulator {
     ca_pem: String,
     device_ca_pem: String,
     state: Arc<State>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for IotMqttSimulator {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::serve::Background,
 }
 
 impl IotMqttSimulator {
@@ -226,21 +219,20 @@ impl IotMqttSimulator {
             stats: Stats::default(),
         });
         let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                // Replies are small packets written back to back; no Nagle delay.
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let state = Arc::clone(&shared);
-                tokio::spawn(async move {
+        let _task = crate::serve::tls(
+            listener,
+            acceptor,
+            {
+                let state = Arc::clone(&state);
+                move || {
                     state.stats.connections.fetch_add(1, Ordering::Relaxed);
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
-                    match handshake {
-                        Ok(Ok(tls)) => {
+                }
+            },
+            move |stream| {
+                let state = Arc::clone(&shared);
+                async move {
+                    match stream {
+                        Ok(tls) => {
                             let peer = tls
                                 .get_ref()
                                 .1
@@ -251,18 +243,17 @@ impl IotMqttSimulator {
                                 let _ = serve(tls, &peer, &state).await;
                             }
                         }
-                        Ok(Err(e)) => refuse(&state, format!("TLS: {e}")),
-                        Err(_) => refuse(&state, "TLS: handshake timed out".into()),
+                        Err(why) => refuse(&state, why),
                     }
-                });
-            }
-        });
+                }
+            },
+        );
         Ok(Self {
             addr,
             ca_pem: pki.ca_pem,
             device_ca_pem,
             state,
-            task,
+            _task,
         })
     }
 

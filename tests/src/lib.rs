@@ -20,6 +20,7 @@ pub mod lambda_watch;
 pub mod local_aws;
 pub mod mqtt_io;
 pub mod runtime_api;
+pub mod serve;
 pub mod stack;
 pub mod story;
 pub mod tls;

@@ -5,7 +5,6 @@
 //! `Lambda-Runtime-Client-Context`, as the real service sends them.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,11 +13,9 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
-use tokio::task::JoinHandle;
 
 use crate::mqtt_io::lock;
 
@@ -53,13 +50,7 @@ struct State {
 pub struct RuntimeApi {
     addr: SocketAddr,
     state: Arc<State>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for RuntimeApi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: crate::serve::Background,
 }
 
 impl RuntimeApi {
@@ -74,21 +65,15 @@ impl RuntimeApi {
             sequence: AtomicU64::new(0),
         });
         let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+        let _task = crate::serve::http(
+            listener,
+            || true,
+            move |req| {
                 let state = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(route(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Self { addr, state, task })
+                async move { route(&state, req).await }
+            },
+        );
+        Ok(Self { addr, state, _task })
     }
 
     /// The value for `AWS_LAMBDA_RUNTIME_API`.

@@ -51,6 +51,16 @@ async fn setup() -> (LocalAws, DynamoRegistry) {
     (aws, registry)
 }
 
+async fn allow_reprovisioning(registry: &DynamoRegistry, serial: &str) {
+    let mut record = registry
+        .get(&DeviceId::Serial(serial.into()))
+        .await
+        .unwrap()
+        .unwrap();
+    record.allow_reprovision = true;
+    registry.put(&record).await.unwrap();
+}
+
 async fn denial(e: Value, config: &Config, registry: &DynamoRegistry) -> Denial {
     match evaluate(e, config, registry).await.0 {
         Err(d) => d,
@@ -168,13 +178,7 @@ async fn provisioned_serial_needs_the_same_certificate_or_reprovisioning() {
         "already-provisioned"
     );
 
-    let mut record = registry
-        .get(&DeviceId::Serial("SN-0001".into()))
-        .await
-        .unwrap()
-        .unwrap();
-    record.allow_reprovision = true;
-    registry.put(&record).await.unwrap();
+    allow_reprovisioning(&registry, "SN-0001").await;
     assert!(evaluate(other, &c, &registry).await.0.is_ok());
 }
 
@@ -317,13 +321,7 @@ async fn table_faults_deny_with_their_reason_and_recover() {
 
         proxy.set(Mode::Pass);
         // SN-0001 may be provisioned once: allow re-provisioning so each round can succeed.
-        let mut record = registry
-            .get(&DeviceId::Serial("SN-0001".into()))
-            .await
-            .unwrap()
-            .unwrap();
-        record.allow_reprovision = true;
-        registry.put(&record).await.unwrap();
+        allow_reprovisioning(&registry, "SN-0001").await;
         let (decision, _) = evaluate(e, &c, &registry).await;
         assert!(decision.is_ok(), "{mode:?} after recovery: {decision:?}");
     }
@@ -370,9 +368,22 @@ mod issuer {
         .chain(extra)
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-        let config = IssuerConfig::from_env(&env).unwrap();
+        let state = state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
+        Setup {
+            _aws: aws,
+            iot,
+            state,
+        }
+    }
+
+    /// claim-issuer's state as its cold start builds it, with the IoT client on the double.
+    pub(crate) async fn state(
+        aws: &LocalAws,
+        iot: &IotControlPlane,
+        config: IssuerConfig,
+    ) -> State {
         let dynamodb = aws.dynamodb().await;
-        let state = State {
+        State {
             iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
             registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
             quota: Quota::new(
@@ -382,11 +393,6 @@ mod issuer {
                 config.window_seconds,
             ),
             config,
-        };
-        Setup {
-            _aws: aws,
-            iot,
-            state,
         }
     }
 

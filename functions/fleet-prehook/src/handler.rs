@@ -248,12 +248,16 @@ mod tests {
     use shared::registry::{ClaimRecord, DeviceRecord};
     use std::time::Duration;
 
-    /// A device table that never answers.
-    struct Hanging;
+    /// A device table that knows no serial and no claim, and answers at once or never.
+    struct Unhelpful {
+        hangs: bool,
+    }
 
-    impl DeviceRegistry for Hanging {
+    impl DeviceRegistry for Unhelpful {
         async fn get(&self, _: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+            if self.hangs {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
             Ok(None)
         }
         async fn put(&self, _: &DeviceRecord) -> Result<(), RegistryError> {
@@ -288,42 +292,10 @@ mod tests {
         let event =
             serde_json::json!({"certificateId": "c", "parameters": {"SerialNumber": "SN-1"}});
         let started = tokio::time::Instant::now();
-        let (decision, summary) = evaluate(event, &config, &Hanging).await;
+        let (decision, summary) = evaluate(event, &config, &Unhelpful { hangs: true }).await;
         assert_eq!(decision.unwrap_err().code, "deadline");
         assert_eq!(summary.serial, "SN-1");
         assert!(started.elapsed() < Duration::from_secs(1));
-    }
-
-    /// A device table that knows no serial and no claim.
-    struct Empty;
-
-    impl DeviceRegistry for Empty {
-        async fn get(&self, _: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
-            Ok(None)
-        }
-        async fn put(&self, _: &DeviceRecord) -> Result<(), RegistryError> {
-            Ok(())
-        }
-        async fn record_registration(
-            &self,
-            _: &str,
-            _: &shared::registry::Registration,
-        ) -> Result<(), RegistryError> {
-            Ok(())
-        }
-        async fn record_provisioning(
-            &self,
-            _: &str,
-            _: &Provisioning,
-        ) -> Result<(), RegistryError> {
-            Ok(())
-        }
-        async fn put_claim(&self, _: &ClaimRecord) -> Result<(), RegistryError> {
-            Ok(())
-        }
-        async fn get_claim(&self, _: &str) -> Result<Option<ClaimRecord>, RegistryError> {
-            Ok(None)
-        }
     }
 
     const KEYS: &[&str] = &[
@@ -344,7 +316,7 @@ mod tests {
         fn any_hook_payload_is_denied_with_a_reason(event in shared::strategies::json_with_keys(KEYS)) {
             let config = Config::from_env(&[("DEVICES_TABLE", "d")]).unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let (decision, _) = runtime.block_on(evaluate(event, &config, &Empty));
+            let (decision, _) = runtime.block_on(evaluate(event, &config, &Unhelpful { hangs: false }));
             let denial = decision.expect_err("nothing may be allowed by an empty table");
             proptest::prop_assert!(
                 ["malformed-request", "missing-serial-parameter", "serial-format", "unknown-serial"]

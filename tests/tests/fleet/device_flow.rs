@@ -15,11 +15,9 @@ use local_emulators::iot_control::IotControlPlane;
 use local_emulators::iot_mqtt::{
     CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
 };
-use local_emulators::local_aws::local_sdk_config;
 use local_emulators::stack::TempDir;
 use serde_json::json;
 use shared::clock::unix_now;
-use shared::quota::Quota;
 
 use super::*;
 
@@ -65,19 +63,7 @@ async fn flow(hook: Option<Hook>) -> Flow {
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
-    let config = IssuerConfig::from_env(&env).unwrap();
-    let dynamodb = aws.dynamodb().await;
-    let issuer = IssuerState {
-        iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
-        registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
-        quota: Quota::new(
-            dynamodb,
-            TABLE,
-            config.claims_per_window,
-            config.window_seconds,
-        ),
-        config,
-    };
+    let issuer = super::issuer::state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
     let hook = hook.unwrap_or_else(|| prehook(&registry, &[("REQUIRE_CLAIM_RECORD", "true")]));
     let sim = IotMqttSimulator::start(
         IotMqttConfig::new(iot.ca_pem(), vec![Template::new(TEMPLATE, PREFIX, hook)]),
