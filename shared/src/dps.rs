@@ -108,16 +108,7 @@ pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, D
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     let mut extra = 0;
     if let Some(pem) = extra_roots_pem {
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| DpsError::Tls(format!("extra root is not PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| DpsError::Tls(format!("extra root rejected: {e}")))?;
-            extra += 1;
-        }
-        if extra == 0 {
-            return Err(DpsError::Tls("extra root file holds no certificate".into()));
-        }
+        extra = add_extra_roots(&mut roots, pem)?;
     }
     if added + extra == 0 {
         return Err(DpsError::Tls("no trusted root certificates found".into()));
@@ -129,6 +120,26 @@ pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, D
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Checks that `pem` holds certificates usable as trust roots, without loading the system's.
+pub fn tls_config_roots_check(pem: &[u8]) -> Result<(), DpsError> {
+    add_extra_roots(&mut rustls::RootCertStore::empty(), pem).map(|_| ())
+}
+
+fn add_extra_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<usize, DpsError> {
+    let mut extra = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| DpsError::Tls(format!("extra root is not PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| DpsError::Tls(format!("extra root rejected: {e}")))?;
+        extra += 1;
+    }
+    if extra == 0 {
+        return Err(DpsError::Tls("extra root file holds no certificate".into()));
+    }
+    Ok(extra)
 }
 
 /// The MQTT user name DPS expects.

@@ -147,11 +147,32 @@ async fn register(
 
     let payload = device_payload(&event).map_err(|reason| refuse(400, "bad-request", reason))?;
 
-    let record = state
-        .registry
-        .get(&DeviceId::Sim(sim.imsi.clone()))
-        .await
-        .map_err(registry_refusal)?;
+    let registration_id = config
+        .registration_id
+        .render(&sim.imsi, sim.sim_id.as_deref())
+        .ok_or_else(|| {
+            refuse(
+                403,
+                "bad-identity",
+                "client context lacks simId, which REGISTRATION_ID_TEMPLATE needs",
+            )
+        })?;
+    if !is_registration_id(&registration_id) {
+        return Err(refuse(
+            500,
+            "misconfigured",
+            "registration id is not 1-128 of a-z A-Z 0-9 - . _ :",
+        ));
+    }
+
+    // The SIM's entry and its key, fetched together: a cold start waits for one round trip
+    // instead of two (measured by `make bench`). A refused SIM's key is dropped unused.
+    let sim_id = DeviceId::Sim(sim.imsi.clone());
+    let (record, key) = tokio::join!(
+        state.registry.get(&sim_id),
+        device_key(state, &sim.imsi, &registration_id)
+    );
+    let record = record.map_err(registry_refusal)?;
     // A SIM known only from its own earlier registrations was never listed: it is treated as
     // not in the table (found by the fault tests: it used to read as blocked, so every unlisted
     // SIM could register exactly once).
@@ -178,34 +199,17 @@ async fn register(
         None => {}
     }
 
-    let registration_id = config
-        .registration_id
-        .render(&sim.imsi, sim.sim_id.as_deref())
-        .ok_or_else(|| {
-            refuse(
-                403,
-                "bad-identity",
-                "client context lacks simId, which REGISTRATION_ID_TEMPLATE needs",
-            )
-        })?;
-    if !is_registration_id(&registration_id) {
-        return Err(refuse(
-            500,
-            "misconfigured",
-            "registration id is not 1-128 of a-z A-Z 0-9 - . _ :",
-        ));
-    }
-
-    let key = device_key(state, &sim.imsi, &registration_id).await?;
+    let key = key?;
 
     let deadline = dps_deadline(context, config.dps_budget);
+    let tls = state.tls.get().await.map_err(dps_refusal)?;
     let request = RegistrationRequest {
         endpoint: &config.endpoint,
         id_scope: &config.id_scope,
         registration_id: &registration_id,
         device_key: &key,
         payload: payload.as_ref(),
-        tls: state.tls.clone(),
+        tls,
     };
     let assignment = dps::register(&request, deadline)
         .await
