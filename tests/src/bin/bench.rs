@@ -131,6 +131,35 @@ enum Side {
     Node,
 }
 
+/// Invokes `process` with each event in turn (the first is its cold start), checking each
+/// answer; the run's cold start, warm p50/p99 and peak RSS.
+async fn measure(
+    process: &FunctionProcess,
+    invocations: Vec<(Value, Option<Value>)>,
+    check: impl Fn(&Value) -> Result<(), String>,
+) -> Result<Run, String> {
+    let mut run = Run::new();
+    let mut latencies = Vec::new();
+    for (i, (event, context)) in invocations.iter().enumerate() {
+        let (answer, took, since_start) = process.invoke(event, context.as_ref()).await?;
+        check(&answer)?;
+        if i == 0 {
+            run.insert("cold", millis(since_start));
+        } else {
+            latencies.push(millis(took));
+        }
+    }
+    if let Some(rss) = process.pid().and_then(peak_rss_mib) {
+        run.insert("rss", rss);
+    }
+    for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
+        if let Some(value) = percentile(&latencies, p) {
+            run.insert(name, value);
+        }
+    }
+    Ok(run)
+}
+
 /// One cold start and `warm` warm registrations in one fresh process; the run's figures.
 async fn dps_run(b: &Bench, side: Side, sim: &DpsSimulator, warm: usize) -> Result<Run, String> {
     let imsis: Vec<String> = (0..=warm).map(|_| b.next_imsi()).collect();
@@ -153,28 +182,11 @@ async fn dps_run(b: &Bench, side: Side, sim: &DpsSimulator, warm: usize) -> Resu
             .await?
         }
     };
-    let (answer, _, cold) = process
-        .invoke(&json!({}), Some(&client_context(&imsis[0])))
-        .await?;
-    registered(&answer)?;
-    let mut latencies = Vec::new();
-    for imsi in &imsis[1..] {
-        let (answer, took, _) = process
-            .invoke(&json!({}), Some(&client_context(imsi)))
-            .await?;
-        registered(&answer)?;
-        latencies.push(millis(took));
-    }
-    let mut run = Run::new();
-    run.insert("cold", millis(cold));
-    if let Some(rss) = process.pid().and_then(peak_rss_mib) {
-        run.insert("rss", rss);
-    }
-    if !latencies.is_empty() {
-        run.insert("p50", percentile(&latencies, 50.0).unwrap_or(f64::NAN));
-        run.insert("p99", percentile(&latencies, 99.0).unwrap_or(f64::NAN));
-    }
-    Ok(run)
+    let invocations = imsis
+        .iter()
+        .map(|imsi| (json!({}), Some(client_context(imsi))))
+        .collect();
+    measure(&process, invocations, registered).await
 }
 
 /// fleet-prehook: one cold decision and `warm` warm ones, each for a fresh allowed serial (the
@@ -208,22 +220,8 @@ async fn hook_run(b: &Bench, run_number: usize, warm: usize) -> Result<Run, Stri
             Err(format!("hook denied: {v}"))
         }
     };
-    let (answer, _, cold) = process.invoke(&event(&serials[0]), None).await?;
-    allowed(&answer)?;
-    let mut latencies = Vec::new();
-    for serial in &serials[1..] {
-        let (answer, took, _) = process.invoke(&event(serial), None).await?;
-        allowed(&answer)?;
-        latencies.push(millis(took));
-    }
-    let mut run = Run::new();
-    run.insert("cold", millis(cold));
-    run.insert("p50", percentile(&latencies, 50.0).unwrap_or(f64::NAN));
-    run.insert("p99", percentile(&latencies, 99.0).unwrap_or(f64::NAN));
-    if let Some(rss) = process.pid().and_then(peak_rss_mib) {
-        run.insert("rss", rss);
-    }
-    Ok(run)
+    let invocations = serials.iter().map(|serial| (event(serial), None)).collect();
+    measure(&process, invocations, allowed).await
 }
 
 /// claim-issuer: one cold claim and `warm` warm ones.
@@ -246,22 +244,8 @@ async fn issuer_run(b: &Bench, warm: usize) -> Result<Run, String> {
             Err(format!("claim refused: {}", v["statusCode"]))
         }
     };
-    let (answer, _, cold) = process.invoke(&event, None).await?;
-    issued(&answer)?;
-    let mut latencies = Vec::new();
-    for _ in 0..warm {
-        let (answer, took, _) = process.invoke(&event, None).await?;
-        issued(&answer)?;
-        latencies.push(millis(took));
-    }
-    let mut run = Run::new();
-    run.insert("cold", millis(cold));
-    run.insert("p50", percentile(&latencies, 50.0).unwrap_or(f64::NAN));
-    run.insert("p99", percentile(&latencies, 99.0).unwrap_or(f64::NAN));
-    if let Some(rss) = process.pid().and_then(peak_rss_mib) {
-        run.insert("rss", rss);
-    }
-    Ok(run)
+    let invocations = (0..=warm).map(|_| (event.clone(), None)).collect();
+    measure(&process, invocations, issued).await
 }
 
 const THROUGHPUT_TOTAL: usize = 1000;
