@@ -15,7 +15,8 @@
 #   SORACOM_EXTERNAL_ID     required: external id of the SORACOM credential (never printed)
 #   GROUP_KEY_PARAMETER     default /soracom-dps/group-key (store the key there first)
 #   PROVISIONING_TEMPLATE   default fleet-template
-#   ALLOWED_OPERATOR_IDS    default empty (any operator)
+#   ALLOWED_OPERATOR_IDS    required: your SORACOM operator id(s), comma-separated (OP...); a
+#                           deployed stack never admits SIMs of any operator
 #   SAM, AWS, CARGO         the commands to use (default: from .venv-deploy, and cargo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +31,13 @@ esac
 STACK_NAME=${STACK_NAME:-soracom-provisioning}
 GROUP_KEY_PARAMETER=${GROUP_KEY_PARAMETER:-/soracom-dps/group-key}
 PROVISIONING_TEMPLATE=${PROVISIONING_TEMPLATE:-fleet-template}
-ALLOWED_OPERATOR_IDS=${ALLOWED_OPERATOR_IDS:-}
 SAM=${SAM:-.venv-deploy/bin/sam}
 AWS=${AWS:-.venv-deploy/bin/aws}
 CARGO=${CARGO:-cargo}
 FUNCTIONS=(azure-dps-register claim-issuer fleet-prehook)
 
 missing=()
-for name in AWS_REGION DPS_ID_SCOPE SORACOM_AWS_ACCOUNT_ID SORACOM_EXTERNAL_ID; do
+for name in AWS_REGION DPS_ID_SCOPE SORACOM_AWS_ACCOUNT_ID SORACOM_EXTERNAL_ID ALLOWED_OPERATOR_IDS; do
   [ -n "${!name:-}" ] || missing+=("$name")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,9 +6,14 @@
 //! finish in time says so and says when to retry, instead of hanging until Lambda kills it (the
 //! Node SDK's behaviour on a dropped connection).
 //!
-//! Retry policy, as in the official SDKs: 429 and 5xx are retried after `retry-after` (plus
-//! jitter); other 4xx and a refused CONNACK are final. A dropped connection is retried on a new
-//! connection a few times.
+//! Retry policy: only what says "this device may not register" is final: a CONNACK refusing
+//! the credentials, a 4xx answer, an enrollment failed or disabled for a device reason, and a
+//! server certificate that does not verify. Everything else may pass on its own and is retried
+//! within the deadline, then reported as retryable: 429 and 5xx after `retry-after` (plus
+//! jitter), a registration failed with a 5xxxxx error code, 412 (another registration of the
+//! same id in progress), a CONNACK "server unavailable", a connection reset or closed (also
+//! during the TLS handshake) on a new connection, and an operation DPS no longer knows (404 on
+//! a poll: it expired) by registering again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +219,18 @@ struct RegistrationState {
     payload: Option<Value>,
 }
 
+/// Whether a failed TLS connection is the server's certificate or the TLS conversation itself
+/// (final: retrying cannot change it) rather than the network under it (a reset, an early EOF).
+fn is_tls_refusal(error: &rumqttc::TlsError) -> bool {
+    match error {
+        rumqttc::TlsError::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
+        rumqttc::TlsError::Addr(_) => false,
+        _ => true,
+    }
+}
+
 /// Up to +20 % so that many devices throttled together do not come back together.
 fn with_jitter(delay: Duration) -> Duration {
     use ring::rand::SecureRandom;
@@ -384,10 +401,17 @@ impl<'a> Conversation<'a> {
             self.connected = false;
         }
         match event {
+            Err(ConnectionError::ConnectionRefused(
+                rumqttc::ConnectReturnCode::ServiceUnavailable,
+            )) => Err(Outcome::Reconnect(DpsError::Connection(
+                "DPS answered CONNACK server unavailable".into(),
+            ))),
             Err(ConnectionError::ConnectionRefused(code)) => {
                 Err(Outcome::Final(DpsError::Unauthorized(format!("{code:?}"))))
             }
-            Err(ConnectionError::Tls(e)) => Err(Outcome::Final(DpsError::Tls(e.to_string()))),
+            Err(ConnectionError::Tls(e)) if is_tls_refusal(&e) => {
+                Err(Outcome::Final(DpsError::Tls(e.to_string())))
+            }
             Err(e) => Err(Outcome::Reconnect(DpsError::Connection(e.to_string()))),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 self.connected = true;
@@ -484,11 +508,32 @@ impl<'a> Conversation<'a> {
                 let next = self.repeat_last();
                 self.schedule(next, delay, DpsError::Upstream { status })
             }
+            // The operation expired (DPS keeps them for a limited time): register again.
+            404 if self.last_operation.is_some() => self.register_again(
+                retry_after.unwrap_or(Duration::ZERO),
+                DpsError::Upstream { status: 404 },
+            ),
+            // Another registration of this id is in progress (the device retried meanwhile).
+            412 => self.register_again(
+                with_jitter(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
+                DpsError::Upstream { status: 412 },
+            ),
             status => Err(Outcome::Final(DpsError::Rejected {
                 status,
                 error_code: parsed.error_code.unwrap_or_default(),
             })),
         }
+    }
+
+    /// Starts over with a new registration after `delay`, within the deadline and retries.
+    fn register_again(
+        &mut self,
+        delay: Duration,
+        give_up: DpsError,
+    ) -> Result<Option<Assignment>, Outcome> {
+        self.retries += 1;
+        self.last_operation = None;
+        self.schedule(Pending::Register, delay, give_up)
     }
 
     /// What to repeat after a throttled or failed request.
@@ -553,6 +598,13 @@ impl<'a> Conversation<'a> {
                     .and_then(|s| s.error_code)
                     .or(body.error_code)
                     .unwrap_or_default();
+                // 5xxxxx: DPS failed on its side (an allocation or IoT Hub error), not the device.
+                if status == "failed" && (500_000..600_000).contains(&error_code) {
+                    return self.register_again(
+                        with_jitter(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
+                        DpsError::Upstream { status: 500 },
+                    );
+                }
                 Err(Outcome::Final(DpsError::NotAssigned { status, error_code }))
             }
             other => Err(Outcome::Final(DpsError::Protocol(format!(

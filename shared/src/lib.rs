@@ -11,8 +11,8 @@
 //! - [`dps`]: the Azure DPS MQTT registration client, bounded by a deadline.
 //! - [`quota`]: per-subject fixed-window rate limits in the device table.
 //! - [`config`]: environment configuration read once, with errors that name the variable.
-//! - `replay` (feature `local-replay`): the local fix for replaying Funk client contexts
-//!   through `cargo lambda watch`.
+//! - [`replay`]: the local fix for replaying Funk client contexts through `cargo lambda watch`
+//!   (its proxy only with the `local-replay` feature, and never in a release build).
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 //! - `strategies` (feature `test-strategies`, tests only): hostile input for property tests.
 
@@ -24,7 +24,6 @@ pub mod keys;
 pub mod logging;
 pub mod quota;
 pub mod registry;
-#[cfg(feature = "local-replay")]
 pub mod replay;
 pub mod sas;
 pub mod secrets;

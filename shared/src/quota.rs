@@ -1,18 +1,32 @@
-//! Per-subject rate limits in the device table: a fixed-window counter per subject, incremented
-//! atomically with a conditional update so that concurrent requests cannot overshoot the limit.
-//! Counters expire through the table's TTL.
+//! Per-subject rate limits in the device table: a sliding window, exact.
+//!
+//! A fixed window lets a subject spend its whole allowance just before a window ends and again
+//! just after: twice the limit in a moment. Instead each subject has one item,
+//! `rate#<subject>`, holding the times of its uses within the last window (`uses`, a list of
+//! Unix seconds) and a `version`. A use reads the item, drops times older than the window,
+//! refuses if the rest reach the limit, and writes the new list on the condition that the
+//! version is still the one it read: of two concurrent uses, one writes and the other reads
+//! again. The item expires through the table's TTL once idle for a window.
+
+use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::aws::{classify, Failure};
 use crate::registry::KEY_ATTRIBUTE;
 
+/// The attributes of a rate-limit item (for the IAM policy of whoever counts).
+pub const RATE_ATTRIBUTES: &[&str] = &[KEY_ATTRIBUTE, "uses", "version", "expires_at"];
+
+/// Tries of the read-check-write before giving up on a subject hammered concurrently.
+const ATTEMPTS: usize = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Allowed {
         remaining: u32,
     },
-    /// Over the limit until the window ends, in this many seconds.
+    /// Over the limit until the oldest use leaves the window, in this many seconds.
     Exceeded {
         retry_after: u64,
     },
@@ -24,6 +38,27 @@ pub enum QuotaError {
     Throttled,
     #[error("rate-limit store unavailable: {0}")]
     Unavailable(String),
+}
+
+impl QuotaError {
+    fn from_failure(failure: Failure) -> Self {
+        match failure {
+            Failure::Throttled => Self::Throttled,
+            Failure::Service(code) | Failure::Unavailable(code) => Self::Unavailable(code),
+        }
+    }
+}
+
+/// The decision for one use, given the recorded uses: the new list, or when to come back.
+pub fn decide(used_at: &[u64], now: u64, limit: u32, window_secs: u64) -> Result<Vec<u64>, u64> {
+    let since = now.saturating_sub(window_secs);
+    let mut recent: Vec<u64> = used_at.iter().copied().filter(|t| *t > since).collect();
+    if recent.len() >= limit as usize {
+        let oldest = recent.iter().copied().min().unwrap_or(now);
+        return Err((oldest + window_secs).saturating_sub(now).max(1));
+    }
+    recent.push(now);
+    Ok(recent)
 }
 
 #[derive(Clone, Debug)]
@@ -49,54 +84,111 @@ impl Quota {
         }
     }
 
-    /// Counts one use by `subject` at `now` (Unix seconds), if the window has room.
+    /// Counts one use by `subject` at `now` (Unix seconds), if the last window has room.
     pub async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
-        let window_start = now - now % self.window_secs;
-        let window_end = window_start + self.window_secs;
+        let key = AttributeValue::S(format!("rate#{subject}"));
+        for _ in 0..ATTEMPTS {
+            let (used_at, version) = self.read(&key).await?;
+            let recent = match decide(&used_at, now, self.limit, self.window_secs) {
+                Ok(recent) => recent,
+                Err(retry_after) => return Ok(Verdict::Exceeded { retry_after }),
+            };
+            let remaining = self.limit.saturating_sub(recent.len() as u32);
+            if self.write(&key, &recent, version, now).await? {
+                return Ok(Verdict::Allowed { remaining });
+            }
+        }
+        Err(QuotaError::Unavailable(
+            "rate-limit item contended; retry".into(),
+        ))
+    }
+
+    async fn read(&self, key: &AttributeValue) -> Result<(Vec<u64>, u64), QuotaError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, key.clone())
+            .projection_expression("uses, version")
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| QuotaError::from_failure(classify(&e)))?;
+        let item = out.item.unwrap_or_default();
+        let used_at = match item.get("uses") {
+            Some(AttributeValue::L(times)) => times
+                .iter()
+                .filter_map(|t| t.as_n().ok()?.parse().ok())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok()?.parse().ok())
+            .unwrap_or(0);
+        Ok((used_at, version))
+    }
+
+    /// Writes the new list if nobody wrote since `version` was read; `false` if someone did.
+    async fn write(
+        &self,
+        key: &AttributeValue,
+        used_at: &[u64],
+        version: u64,
+        now: u64,
+    ) -> Result<bool, QuotaError> {
+        let n = |v: u64| AttributeValue::N(v.to_string());
+        let item = HashMap::from([
+            (KEY_ATTRIBUTE.to_owned(), key.clone()),
+            (
+                "uses".to_owned(),
+                AttributeValue::L(used_at.iter().copied().map(n).collect()),
+            ),
+            ("version".to_owned(), n(version + 1)),
+            ("expires_at".to_owned(), n(now + self.window_secs + 3600)),
+        ]);
         let result = self
             .client
-            .update_item()
+            .put_item()
             .table_name(&self.table)
-            .key(
-                KEY_ATTRIBUTE,
-                AttributeValue::S(format!("rate#{subject}#{window_start}")),
-            )
-            .update_expression("ADD #count :one SET expires_at = :expires")
-            .condition_expression("attribute_not_exists(#count) OR #count < :limit")
-            .expression_attribute_names("#count", "count")
-            .expression_attribute_values(":one", AttributeValue::N("1".into()))
-            .expression_attribute_values(":limit", AttributeValue::N(self.limit.to_string()))
-            .expression_attribute_values(
-                ":expires",
-                AttributeValue::N((window_end + 3600).to_string()),
-            )
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::UpdatedNew)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(version) OR version = :read")
+            .expression_attribute_values(":read", n(version))
             .send()
             .await;
         match result {
-            Ok(out) => {
-                let used = out
-                    .attributes
-                    .as_ref()
-                    .and_then(|a| a.get("count"))
-                    .and_then(|v| v.as_n().ok())
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .unwrap_or(self.limit);
-                Ok(Verdict::Allowed {
-                    remaining: self.limit.saturating_sub(used),
-                })
-            }
+            Ok(_) => Ok(true),
             Err(e) => match classify(&e) {
-                Failure::Service(code) if code == "ConditionalCheckFailedException" => {
-                    Ok(Verdict::Exceeded {
-                        retry_after: (window_end - now).max(1),
-                    })
-                }
-                Failure::Throttled => Err(QuotaError::Throttled),
-                Failure::Service(code) | Failure::Unavailable(code) => {
-                    Err(QuotaError::Unavailable(code))
-                }
+                Failure::Service(code) if code == "ConditionalCheckFailedException" => Ok(false),
+                other => Err(QuotaError::from_failure(other)),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sliding_window_cannot_be_doubled_at_a_boundary() {
+        // Two uses just before a fixed window would end, then two more just after: a fixed
+        // window allows all four; the sliding window only two.
+        let limit = 2;
+        let mut used = Vec::new();
+        for t in [590, 595] {
+            used = decide(&used, t, limit, 600).unwrap();
+        }
+        assert_eq!(decide(&used, 605, limit, 600), Err(585));
+        // Once the first use is a window old, there is room for one.
+        let used = decide(&used, 1190, limit, 600).unwrap();
+        assert_eq!(used, vec![595, 1190]);
+    }
+
+    #[test]
+    fn old_uses_are_dropped_and_retry_after_is_at_least_a_second() {
+        assert_eq!(decide(&[1, 2, 3], 1000, 2, 10).unwrap(), vec![1000]);
+        assert_eq!(decide(&[999], 1000, 1, 1), Ok(vec![1000]));
+        assert_eq!(decide(&[1000], 1000, 1, 10), Err(10));
     }
 }

@@ -15,32 +15,105 @@
 //! | `registered_at` | N | Unix time of that registration |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
+//! | `provisioning_state` | S | `pending` (the hook said yes; nothing confirmed the device since) or `confirmed` |
+//! | `replaced_certificate_id` | S | the certificate a re-provisioning replaced (for the operator to revoke) |
 //! | `expires_at` | N | DynamoDB TTL attribute, for records that expire (audit, rate limits) |
 //!
 //! Claim certificates issued by claim-issuer are recorded as `pk = claim#<certificateId>` with
 //! `issued_to` (S, the installer's `sub`), `serial` (S, optional binding), `issued_at` (N),
-//! `valid_until` (N, the certificate's expiry) and `expires_at` (N, TTL: end of audit retention).
+//! `valid_until` (N, the certificate's expiry) and `expires_at` (N, TTL: end of audit retention);
+//! fleet-prehook marks it used with `used_by_certificate` (S), `used_for_serial` (S) and
+//! `used_at` (N), in the same transaction that records the serial's provisioning.
 //! Rate-limit counters are `pk = rate#<subject>#<window start>` with `count` (N) and
 //! `expires_at` (N, TTL).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, TransactWriteItem, Update};
 
 use crate::aws::{classify, Failure};
 
-/// Device serial numbers unless configured otherwise: letters, digits and `-_.:`, 1 to 64
-/// characters, starting alphanumeric (safe in keys, topics and thing names).
-pub const DEFAULT_SERIAL_PATTERN: &str = "[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}";
+/// Device serial numbers unless configured otherwise: letters, digits and `_:-`, 1 to 64
+/// characters, starting alphanumeric. AWS IoT thing names allow `[a-zA-Z0-9:_-]` only (no `.`),
+/// and the thing name is the template's prefix plus the serial: a serial outside this set would
+/// pass the hook and then fail in AWS IoT.
+pub const DEFAULT_SERIAL_PATTERN: &str = "[A-Za-z0-9][A-Za-z0-9_:-]{0,63}";
 
 /// The table's partition key attribute.
 pub const KEY_ATTRIBUTE: &str = "pk";
 
+/// The attributes of a SIM's item (`sim#`, `simid#`) that azure-dps-register reads and writes.
+/// The IAM policies list exactly these per function (`dynamodb:Attributes`), so a function can
+/// touch nothing else: `tests/tests/infra.rs` checks the template against these lists.
+pub const SIM_ATTRIBUTES: &[&str] = &[
+    KEY_ATTRIBUTE,
+    "status",
+    "valid_until",
+    "registration_id",
+    "assigned_hub",
+    "device_id",
+    "registered_at",
+];
+/// The individual-enrollment key on a SIM's item: read by the secret store only.
+pub const DEVICE_KEY_ATTRIBUTE: &str = "device_key";
+/// The attributes of a serial's item (`serial#`) that fleet-prehook reads and writes.
+pub const SERIAL_ATTRIBUTES: &[&str] = &[
+    KEY_ATTRIBUTE,
+    "status",
+    "valid_until",
+    "allow_reprovision",
+    "overrides",
+    "certificate_id",
+    "claim_certificate_id",
+    "provisioned_at",
+    "provisioning_state",
+    "replaced_certificate_id",
+];
+/// The attributes claim-issuer writes on a claim's item (`claim#`).
+pub const CLAIM_ISSUE_ATTRIBUTES: &[&str] = &[
+    KEY_ATTRIBUTE,
+    "issued_to",
+    "serial",
+    "issued_at",
+    "valid_until",
+    "expires_at",
+];
+/// All attributes of a claim's item: as issued, and as fleet-prehook spends it.
+pub const CLAIM_ATTRIBUTES: &[&str] = &[
+    KEY_ATTRIBUTE,
+    "issued_to",
+    "serial",
+    "issued_at",
+    "valid_until",
+    "expires_at",
+    "used_by_certificate",
+    "used_for_serial",
+    "used_at",
+];
+
+/// A projection of `attributes` with every name aliased (`status` is a reserved word).
+fn projection(attributes: &[&str]) -> (String, HashMap<String, String>) {
+    let names: HashMap<String, String> = attributes
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("#p{i}"), (*a).to_owned()))
+        .collect();
+    let expression = (0..attributes.len())
+        .map(|i| format!("#p{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (expression, names)
+}
+
 /// Which device an item describes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DeviceId {
+    /// A SORACOM subscription, by IMSI.
     Sim(String),
+    /// A SORACOM SIM card, by SIM ID: a multi-IMSI SIM has several IMSIs, one SIM ID, and an
+    /// entry here covers all of them.
+    SimCard(String),
     Serial(String),
 }
 
@@ -48,18 +121,30 @@ impl DeviceId {
     pub fn key(&self) -> String {
         match self {
             Self::Sim(imsi) => format!("sim#{imsi}"),
+            Self::SimCard(sim_id) => format!("simid#{sim_id}"),
             Self::Serial(serial) => format!("serial#{serial}"),
         }
     }
 
     pub fn from_key(key: &str) -> Option<Self> {
-        if let Some(imsi) = key.strip_prefix("sim#") {
-            Some(Self::Sim(imsi.to_owned()))
-        } else {
-            key.strip_prefix("serial#")
-                .map(|s| Self::Serial(s.to_owned()))
+        let (kind, id) = key.split_once('#')?;
+        let id = id.to_owned();
+        match kind {
+            "sim" => Some(Self::Sim(id)),
+            "simid" => Some(Self::SimCard(id)),
+            "serial" => Some(Self::Serial(id)),
+            _ => None,
         }
     }
+}
+
+/// Why an entry does not allow provisioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryRefusal {
+    Blocked,
+    /// Nobody listed the device (see [`DeviceStatus::Unlisted`]).
+    Unlisted,
+    Expired,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,12 +176,74 @@ pub struct Registration {
     pub registered_at: u64,
 }
 
+/// Whether anything confirmed that a provisioned device got its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProvisioningState {
+    /// The hook said yes; AWS IoT may still have failed after it, or the device lost its new
+    /// key. Another certificate may replace it once it is old enough.
+    Pending,
+    /// The device is known to hold the certificate. Records written before the state existed
+    /// read as confirmed: only `allow_reprovision` replaces them.
+    Confirmed,
+}
+
+impl ProvisioningState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Confirmed => "confirmed",
+        }
+    }
+}
+
 /// The certificate a fleet device was provisioned with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provisioning {
     pub certificate_id: String,
     pub claim_certificate_id: Option<String>,
     pub provisioned_at: u64,
+    pub state: ProvisioningState,
+    /// The certificate this provisioning replaced, if it replaced one.
+    pub replaced_certificate_id: Option<String>,
+}
+
+/// What recording a new certificate for a serial replaces; each case is its own condition, so
+/// that whatever the hook read cannot have changed by the time it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replaces {
+    /// The serial has no certificate yet.
+    Nothing,
+    /// The same certificate again (AWS IoT retrying): nothing changes.
+    Itself,
+    /// `old`, through the operator's one-time `allow_reprovision`, which the write consumes.
+    Reprovisioning { old: String },
+    /// `old`, still pending and provisioned at or before `pending_since_before`.
+    StalePending {
+        old: String,
+        pending_since_before: u64,
+    },
+}
+
+/// A claim certificate being spent on one provisioning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimUse {
+    pub claim_certificate_id: String,
+    /// The claim is still valid at this time (Unix seconds).
+    pub at: u64,
+}
+
+/// One provisioning, recorded atomically: the serial's new certificate and, if claim-issuer
+/// recorded the claim, the claim's single use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningWrite {
+    pub serial: String,
+    pub certificate_id: String,
+    /// The claim certificate AWS IoT named, kept on the serial's item.
+    pub claim_certificate_id: Option<String>,
+    /// Set when the claim is recorded: it is marked used in the same transaction.
+    pub spend_claim: Option<ClaimUse>,
+    pub at: u64,
+    pub replaces: Replaces,
 }
 
 /// One device's item.
@@ -126,24 +273,27 @@ impl DeviceRecord {
     }
 
     /// Why this entry does not allow provisioning at `now`, or `None` if it does.
-    pub fn refusal(&self, now: u64) -> Option<&'static str> {
+    pub fn refusal(&self, now: u64) -> Option<EntryRefusal> {
         match self.status {
             DeviceStatus::Allowed => {}
-            DeviceStatus::Blocked => return Some("blocked"),
-            DeviceStatus::Unlisted => return Some("unlisted"),
+            DeviceStatus::Blocked => return Some(EntryRefusal::Blocked),
+            DeviceStatus::Unlisted => return Some(EntryRefusal::Unlisted),
         }
         if self.valid_until.is_some_and(|until| now >= until) {
-            return Some("expired");
+            return Some(EntryRefusal::Expired);
         }
         None
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     /// A conditional write lost: the item changed (blocked, or provisioned by someone else).
     #[error("device {0} changed concurrently or no longer qualifies")]
     Conflict(String),
+    /// The claim certificate was used meanwhile (or expired, or was bound elsewhere).
+    #[error("claim {0} was used meanwhile or no longer qualifies")]
+    ClaimSpent(String),
     #[error("device table throttled the request")]
     Throttled,
     #[error("device table unavailable: {0}")]
@@ -172,6 +322,16 @@ pub struct ClaimRecord {
     pub valid_until: u64,
     /// When DynamoDB may delete the audit record (TTL).
     pub retain_until: u64,
+    /// The provisioning it was spent on, if any.
+    pub used: Option<ClaimUsed>,
+}
+
+/// The one provisioning a claim certificate was spent on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimUsed {
+    pub certificate_id: String,
+    pub serial: String,
+    pub at: u64,
 }
 
 fn claim_key(certificate_id: &str) -> String {
@@ -196,12 +356,13 @@ pub trait DeviceRegistry: Send + Sync {
         registration: &Registration,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
-    /// Records a fleet provisioning of `serial` if the entry exists, is allowed, and either has
-    /// no certificate yet, has this one, or allows re-provisioning. Otherwise `Conflict`.
+    /// Records a fleet provisioning as pending, if the serial's entry is still allowed and
+    /// still in the state `write.replaces` describes (else `Conflict`), and spends the claim in
+    /// the same transaction if it is still unused, valid and not bound elsewhere (else
+    /// `ClaimSpent`).
     fn record_provisioning(
         &self,
-        serial: &str,
-        provisioning: &Provisioning,
+        write: &ProvisioningWrite,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// Records an issued claim certificate (expires with the `expires_at` TTL).
@@ -230,6 +391,121 @@ impl DynamoRegistry {
             table: table.to_owned(),
         }
     }
+
+    /// The serial's part of a provisioning: a condition that the item is still what the hook
+    /// read, and the new pending certificate.
+    fn serial_write(&self, key: &str, w: &ProvisioningWrite) -> TransactWriteItem {
+        // Allowed and within its validity, whatever the case.
+        let qualifies =
+            "#status = :allowed AND (attribute_not_exists(valid_until) OR valid_until > :now)";
+        let mut values = HashMap::from([
+            (":allowed".to_owned(), s(DeviceStatus::Allowed.as_str())),
+            (":now".to_owned(), n(w.at)),
+        ]);
+        let names = HashMap::from([("#status".to_owned(), "status".to_owned())]);
+        let (condition, replaced) = match &w.replaces {
+            Replaces::Itself => {
+                values.insert(":cert".into(), s(&w.certificate_id));
+                let check = ConditionCheck::builder()
+                    .table_name(&self.table)
+                    .key(KEY_ATTRIBUTE, s(key))
+                    .condition_expression(format!("{qualifies} AND certificate_id = :cert"))
+                    .set_expression_attribute_names(Some(names))
+                    .set_expression_attribute_values(Some(values))
+                    .build()
+                    .expect("table, key and condition are set");
+                return TransactWriteItem::builder().condition_check(check).build();
+            }
+            Replaces::Nothing => (
+                format!(
+                    "attribute_exists(pk) AND {qualifies} AND attribute_not_exists(certificate_id)"
+                ),
+                None,
+            ),
+            Replaces::Reprovisioning { old } => {
+                values.insert(":yes".into(), AttributeValue::Bool(true));
+                (
+                    format!("{qualifies} AND certificate_id = :old AND allow_reprovision = :yes"),
+                    Some(old),
+                )
+            }
+            Replaces::StalePending {
+                old,
+                pending_since_before,
+            } => {
+                values.insert(":before".into(), n(*pending_since_before));
+                (
+                    format!(
+                        "{qualifies} AND certificate_id = :old AND provisioning_state = :pending \
+                         AND provisioned_at <= :before"
+                    ),
+                    Some(old),
+                )
+            }
+        };
+        let mut set = vec![
+            "certificate_id = :cert",
+            "provisioned_at = :now",
+            "provisioning_state = :pending",
+        ];
+        let mut remove = Vec::new();
+        values.insert(":cert".into(), s(&w.certificate_id));
+        values.insert(":pending".into(), s(ProvisioningState::Pending.as_str()));
+        match &w.claim_certificate_id {
+            Some(claim) => {
+                set.push("claim_certificate_id = :claim");
+                values.insert(":claim".into(), s(claim));
+            }
+            None => remove.push("claim_certificate_id"),
+        }
+        match replaced {
+            Some(old) => {
+                set.push("replaced_certificate_id = :old");
+                values.insert(":old".into(), s(old));
+                // `allow_reprovision` is good for one certificate: this one.
+                remove.push("allow_reprovision");
+            }
+            None => remove.push("replaced_certificate_id"),
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        let update = Update::builder()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, s(key))
+            .update_expression(expression)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .build()
+            .expect("table, key and expressions are set");
+        TransactWriteItem::builder().update(update).build()
+    }
+
+    /// The claim's part: spent on this certificate and serial, if it is still unused (or used
+    /// by this same certificate: AWS IoT retrying), valid and not bound to another serial.
+    fn claim_spend(&self, w: &ProvisioningWrite, claim: &ClaimUse) -> TransactWriteItem {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, s(&claim_key(&claim.claim_certificate_id)))
+            .update_expression(
+                "SET used_by_certificate = :cert, used_for_serial = :serial, \
+                 used_at = if_not_exists(used_at, :now)",
+            )
+            .condition_expression(
+                "attribute_exists(pk) AND valid_until > :now \
+                 AND (attribute_not_exists(used_by_certificate) OR used_by_certificate = :cert) \
+                 AND (attribute_not_exists(#serial) OR #serial = :serial)",
+            )
+            .expression_attribute_names("#serial", "serial")
+            .expression_attribute_values(":cert", s(&w.certificate_id))
+            .expression_attribute_values(":serial", s(&w.serial))
+            .expression_attribute_values(":now", n(claim.at))
+            .build()
+            .expect("table, key and expressions are set");
+        TransactWriteItem::builder().update(update).build()
+    }
 }
 
 fn s(v: &str) -> AttributeValue {
@@ -255,18 +531,19 @@ where
 impl DeviceRegistry for DynamoRegistry {
     async fn get(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
         let key = id.key();
+        // Only what this kind of item holds for its function: what the IAM policy allows it.
+        // The individual key stays out of the record: only the secret store reads it.
+        let (expression, names) = projection(match id {
+            DeviceId::Sim(_) | DeviceId::SimCard(_) => SIM_ATTRIBUTES,
+            DeviceId::Serial(_) => SERIAL_ATTRIBUTES,
+        });
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&key))
-            // The individual key stays out of the record: only the secret store reads it.
-            .projection_expression(
-                "pk, #status, valid_until, allow_reprovision, overrides, registration_id, \
-                 assigned_hub, device_id, registered_at, certificate_id, claim_certificate_id, \
-                 provisioned_at",
-            )
-            .expression_attribute_names("#status", "status")
+            .projection_expression(expression)
+            .set_expression_attribute_names(Some(names))
             .consistent_read(true)
             .send()
             .await
@@ -309,6 +586,10 @@ impl DeviceRegistry for DynamoRegistry {
                 item.insert("claim_certificate_id".into(), s(claim));
             }
             item.insert("provisioned_at".into(), n(p.provisioned_at));
+            item.insert("provisioning_state".into(), s(p.state.as_str()));
+            if let Some(old) = &p.replaced_certificate_id {
+                item.insert("replaced_certificate_id".into(), s(old));
+            }
         }
         self.client
             .put_item()
@@ -347,38 +628,49 @@ impl DeviceRegistry for DynamoRegistry {
         Ok(())
     }
 
-    async fn record_provisioning(
-        &self,
-        serial: &str,
-        provisioning: &Provisioning,
-    ) -> Result<(), RegistryError> {
-        let key = DeviceId::Serial(serial.to_owned()).key();
-        let mut update = self
+    async fn record_provisioning(&self, write: &ProvisioningWrite) -> Result<(), RegistryError> {
+        let serial_key = DeviceId::Serial(write.serial.clone()).key();
+        let mut items = vec![self.serial_write(&serial_key, write)];
+        if let Some(claim) = &write.spend_claim {
+            items.push(self.claim_spend(write, claim));
+        }
+        let result = self
             .client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&key))
-            .condition_expression(
-                "attribute_exists(pk) AND #status = :allowed AND (attribute_not_exists(certificate_id) \
-                 OR certificate_id = :cert OR allow_reprovision = :yes)",
-            )
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":allowed", s(DeviceStatus::Allowed.as_str()))
-            .expression_attribute_values(":cert", s(&provisioning.certificate_id))
-            .expression_attribute_values(":yes", AttributeValue::Bool(true))
-            .expression_attribute_values(":at", n(provisioning.provisioned_at));
-        update = match &provisioning.claim_certificate_id {
-            Some(claim) => update
-                .update_expression(
-                    "SET certificate_id = :cert, provisioned_at = :at, claim_certificate_id = :claim",
-                )
-                .expression_attribute_values(":claim", s(claim)),
-            None => update.update_expression(
-                "SET certificate_id = :cert, provisioned_at = :at REMOVE claim_certificate_id",
-            ),
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        let Err(err) = result else {
+            return Ok(());
         };
-        update.send().await.map_err(|e| write_error(&key, e))?;
-        Ok(())
+        // Which condition failed: the serial's (first item) or the claim's (second).
+        let reasons = err
+            .as_service_error()
+            .and_then(|e| match e {
+                aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
+                    Some(c.cancellation_reasons().to_vec())
+                }
+                _ => None,
+            });
+        match reasons {
+            Some(reasons) => {
+                let failed = |i: usize| {
+                    reasons
+                        .get(i)
+                        .and_then(|r| r.code())
+                        .is_some_and(|c| c != "None")
+                };
+                match &write.spend_claim {
+                    Some(claim) if !failed(0) && failed(1) => Err(RegistryError::ClaimSpent(
+                        claim.claim_certificate_id.clone(),
+                    )),
+                    // A condition failed, or a concurrent transaction touched the items: one of
+                    // two racing requests loses, which is the point.
+                    _ => Err(RegistryError::Conflict(serial_key)),
+                }
+            }
+            None => Err(RegistryError::from_failure(classify(&err))),
+        }
     }
 
     async fn put_claim(&self, claim: &ClaimRecord) -> Result<(), RegistryError> {
@@ -402,11 +694,14 @@ impl DeviceRegistry for DynamoRegistry {
     }
 
     async fn get_claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+        let (expression, names) = projection(CLAIM_ATTRIBUTES);
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&claim_key(certificate_id)))
+            .projection_expression(expression)
+            .set_expression_attribute_names(Some(names))
             .consistent_read(true)
             .send()
             .await
@@ -434,10 +729,19 @@ fn decode_claim(
         Some(AttributeValue::S(v)) => v.clone(),
         _ => return Err(malformed("issued_to")),
     };
-    let serial = match item.get("serial") {
-        None | Some(AttributeValue::Null(_)) => None,
-        Some(AttributeValue::S(v)) => Some(v.clone()),
-        Some(_) => return Err(malformed("serial")),
+    let text = |field: &'static str| match item.get(field) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(AttributeValue::S(v)) => Ok(Some(v.clone())),
+        Some(_) => Err(malformed(field)),
+    };
+    let serial = text("serial")?;
+    let used = match text("used_by_certificate")? {
+        Some(certificate_id) => Some(ClaimUsed {
+            certificate_id,
+            serial: text("used_for_serial")?.unwrap_or_default(),
+            at: number("used_at")?,
+        }),
+        None => None,
     };
     Ok(ClaimRecord {
         certificate_id: certificate_id.to_owned(),
@@ -446,6 +750,7 @@ fn decode_claim(
         issued_at: number("issued_at")?,
         valid_until: number("valid_until")?,
         retain_until: number("expires_at")?,
+        used,
     })
 }
 
@@ -516,6 +821,12 @@ fn decode(
             certificate_id,
             claim_certificate_id: text("claim_certificate_id")?,
             provisioned_at,
+            // Deny by default: anything but `pending` cannot be replaced without the operator.
+            state: match text("provisioning_state")?.as_deref() {
+                Some("pending") => ProvisioningState::Pending,
+                _ => ProvisioningState::Confirmed,
+            },
+            replaced_certificate_id: text("replaced_certificate_id")?,
         }),
         _ => None,
     };
@@ -538,6 +849,7 @@ mod tests {
     fn keys_round_trip() {
         for id in [
             DeviceId::Sim("440103123456789".into()),
+            DeviceId::SimCard("8981100012345678901".into()),
             DeviceId::Serial("SN-1".into()),
         ] {
             assert_eq!(DeviceId::from_key(&id.key()), Some(id));
@@ -550,14 +862,14 @@ mod tests {
         let item = HashMap::from([("registration_id".to_owned(), s("440103123456789"))]);
         let record = decode(DeviceId::Sim("1".into()), "sim#1", &item).unwrap();
         assert_eq!(record.status, DeviceStatus::Unlisted);
-        assert_eq!(record.refusal(0), Some("unlisted"));
+        assert_eq!(record.refusal(0), Some(EntryRefusal::Unlisted));
     }
 
     #[test]
     fn unknown_status_is_blocked() {
         let item = HashMap::from([("status".to_owned(), s("ALLOWED"))]);
         let record = decode(DeviceId::Sim("1".into()), "sim#1", &item).unwrap();
-        assert_eq!(record.refusal(0), Some("blocked"));
+        assert_eq!(record.refusal(0), Some(EntryRefusal::Blocked));
     }
 
     #[test]
@@ -565,7 +877,7 @@ mod tests {
         let mut record = DeviceRecord::allowed(DeviceId::Serial("a".into()));
         record.valid_until = Some(100);
         assert_eq!(record.refusal(99), None);
-        assert_eq!(record.refusal(100), Some("expired"));
+        assert_eq!(record.refusal(100), Some(EntryRefusal::Expired));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so that tests can move time instead of waiting for it.
+use tokio::time::Instant;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_ssm::types::ParameterType;
@@ -192,8 +195,13 @@ impl SecretStore for DynamoSecretStore {
     }
 }
 
-/// Keeps successful lookups for `ttl`. Failures are not cached, so a fixed parameter is picked
-/// up on the next call; a rotated key is picked up within `ttl`.
+/// Most secrets a cache keeps; beyond it the oldest make room. Secrets are few (a group key,
+/// maybe its successor): the bound only matters if someone points the cache at many.
+pub const MAX_CACHED_SECRETS: usize = 16;
+
+/// Keeps successful lookups for `ttl`, at most [`MAX_CACHED_SECRETS`] of them. Failures are not
+/// cached, so a fixed parameter is picked up on the next call; a rotated key is picked up
+/// within `ttl`; an expired entry is wiped as soon as another lookup sees it.
 pub struct CachedSecretStore<S> {
     inner: S,
     ttl: Duration,
@@ -209,12 +217,40 @@ impl<S: SecretStore> CachedSecretStore<S> {
         }
     }
 
+    /// The store without the cache, for secrets that must not stay in memory (per-device keys,
+    /// which a refused SIM would otherwise leave behind).
+    pub fn uncached(&self) -> &S {
+        &self.inner
+    }
+
+    /// How many secrets are held now.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn cached(&self, name: &str) -> Option<Secret> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(name)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, s)| s.clone())
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        entries.get(name).map(|(_, s)| s.clone())
+    }
+
+    fn remember(&self, name: &str, secret: &Secret) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        while entries.len() >= MAX_CACHED_SECRETS && !entries.contains_key(name) {
+            let oldest = entries
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => entries.remove(&k),
+                None => break,
+            };
+        }
+        entries.insert(name.to_owned(), (Instant::now(), secret.clone()));
     }
 }
 
@@ -224,10 +260,9 @@ impl<S: SecretStore> SecretStore for CachedSecretStore<S> {
             return Ok(hit);
         }
         let fresh = self.inner.get(name).await?;
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), (Instant::now(), fresh.clone()));
+        if !self.ttl.is_zero() {
+            self.remember(name, &fresh);
+        }
         Ok(fresh)
     }
 }
@@ -276,6 +311,44 @@ mod tests {
         );
         expiring.get("a").await.unwrap();
         assert_eq!(expiring.get("a").await.unwrap().expose(), "a-v1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_is_bounded_and_forgets_expired_secrets() {
+        let store = CachedSecretStore::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                fail: false,
+            },
+            Duration::from_secs(3600),
+        );
+        for i in 0..MAX_CACHED_SECRETS + 5 {
+            store.get(&format!("k{i}")).await.unwrap();
+        }
+        assert_eq!(store.len(), MAX_CACHED_SECRETS);
+        // The newest stayed, the oldest made room.
+        let calls = store.inner.calls.load(Ordering::SeqCst);
+        store
+            .get(&format!("k{}", MAX_CACHED_SECRETS + 4))
+            .await
+            .unwrap();
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), calls);
+        store.get("k0").await.unwrap();
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), calls + 1);
+
+        let expiring = CachedSecretStore::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                fail: false,
+            },
+            Duration::from_secs(300),
+        );
+        expiring.get("a").await.unwrap();
+        assert_eq!(expiring.len(), 1);
+        tokio::time::advance(Duration::from_secs(301)).await;
+        // Seen expired by the next lookup, it is dropped rather than kept until overwritten.
+        expiring.get("b").await.unwrap();
+        assert_eq!(expiring.len(), 1);
     }
 
     #[tokio::test]

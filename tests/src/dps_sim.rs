@@ -49,13 +49,35 @@ pub enum Fault {
     Slow(Duration),
     /// Keep answering `assigning`.
     NeverAssign,
+    /// Refuse the first N connections with CONNACK "server unavailable".
+    ConnackUnavailable(u32),
+    /// Reset the first N TCP connections before the TLS handshake completes.
+    ResetHandshake(u32),
+    /// Answer the first N polls `failed` with a server-side (5xxxxx) error code.
+    FailServerError(u32),
+    /// Answer the first N polls 404: the operation expired.
+    ExpireOperation(u32),
+}
+
+impl Fault {
+    /// The kind's name, for counting "first N" faults.
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::ConnackUnavailable(_) => "connack-unavailable",
+            Fault::ResetHandshake(_) => "reset-handshake",
+            Fault::FailServerError(_) => "fail-server-error",
+            Fault::ExpireOperation(_) => "expire-operation",
+            _ => "other",
+        }
+    }
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
 
     /// `throttle-register[:N]`, `throttle-poll[:N]`, `throttle-percent:P`, `status:CODE`,
-    /// `disabled`, `drop-after-connack`, `slow:MS`, `never-assign`.
+    /// `disabled`, `drop-after-connack`, `slow:MS`, `never-assign`, `connack-unavailable[:N]`,
+    /// `reset-handshake[:N]`, `fail-server-error[:N]`, `expire-operation[:N]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
         let number = |default: u64| -> Result<u64, String> {
@@ -75,6 +97,10 @@ impl std::str::FromStr for Fault {
             "drop-after-connack" => Fault::DropAfterConnack,
             "slow" => Fault::Slow(Duration::from_millis(number(1000)?)),
             "never-assign" => Fault::NeverAssign,
+            "connack-unavailable" => Fault::ConnackUnavailable(number(1)? as u32),
+            "reset-handshake" => Fault::ResetHandshake(number(1)? as u32),
+            "fail-server-error" => Fault::FailServerError(number(1)? as u32),
+            "expire-operation" => Fault::ExpireOperation(number(1)? as u32),
             _ => return Err(format!("unknown fault '{s}'")),
         })
     }
@@ -145,6 +171,29 @@ struct Shared {
     sequence: AtomicU64,
     /// The `sig` of every accepted SAS token, as sent: secrets the log checks look for.
     signatures: Mutex<Vec<String>>,
+    /// How often each "first N" fault kind has fired.
+    fired: Mutex<HashMap<&'static str, u32>>,
+}
+
+impl Shared {
+    /// Whether the configured "first N" fault matching `which` fires now (and counts it).
+    fn fires(&self, which: impl Fn(&Fault) -> Option<u32>) -> bool {
+        let Some((kind, limit)) = self
+            .config
+            .faults
+            .iter()
+            .find_map(|f| which(f).map(|n| (f.kind(), n)))
+        else {
+            return false;
+        };
+        let mut fired = lock(&self.fired);
+        let count = fired.entry(kind).or_insert(0);
+        if *count >= limit {
+            return false;
+        }
+        *count += 1;
+        true
+    }
 }
 
 struct Operation {
@@ -175,6 +224,7 @@ impl DpsSimulator {
             operations: Mutex::new(HashMap::new()),
             sequence: AtomicU64::new(0),
             signatures: Mutex::new(Vec::new()),
+            fired: Mutex::new(HashMap::new()),
         });
         let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
         let counted = Arc::clone(&shared);
@@ -184,6 +234,10 @@ impl DpsSimulator {
             acceptor,
             move || {
                 counted.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                !counted.fires(|f| match f {
+                    Fault::ResetHandshake(n) => Some(*n),
+                    _ => None,
+                })
             },
             move |stream| {
                 let state = Arc::clone(&state);
@@ -304,6 +358,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(Packet::Connect(connect)) = read_packet(&mut stream, &mut buf).await else {
         return Ok(());
     };
+    if state.fires(|f| match f {
+        Fault::ConnackUnavailable(n) => Some(*n),
+        _ => None,
+    }) {
+        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let code = ConnectReturnCode::ServiceUnavailable;
+        write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
+        return Ok(());
+    }
     let registration_id = match authenticate(config, &connect) {
         Ok(id) => {
             if let Some(login) = &connect.login {
@@ -482,6 +545,12 @@ fn respond(
             }
             let operation_id =
                 query_value(query, "operationId").and_then(shared::sas::percent_decode)?;
+            if state.fires(|f| match f {
+                Fault::ExpireOperation(n) => Some(*n),
+                _ => None,
+            }) {
+                lock(&state.operations).remove(&operation_id);
+            }
             let mut operations = lock(&state.operations);
             let Some(op) = operations
                 .get_mut(&operation_id)
@@ -503,6 +572,18 @@ fn respond(
                 ));
             }
             let now = "2026-01-01T00:00:00.000Z";
+            if state.fires(|f| match f {
+                Fault::FailServerError(n) => Some(*n),
+                _ => None,
+            }) {
+                return Some((
+                    200,
+                    json!({"operationId": operation_id, "status": "failed", "registrationState": {
+                    "registrationId": op.registration_id, "status": "failed", "errorCode": 500_000,
+                    "errorMessage": "Internal server error", "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now}}),
+                    Some(config.retry_after),
+                ));
+            }
             if config.faults.contains(&Fault::Disabled) {
                 return Some((
                     200,

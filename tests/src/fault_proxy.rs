@@ -27,6 +27,9 @@ pub enum Mode {
     Slow(Duration),
     /// Answer every request `400 ThrottlingException`.
     Throttle,
+    /// Forward after this delay the requests for one operation (`X-Amz-Target`, such as
+    /// `DynamoDB_20120810.UpdateItem`), the others at once.
+    SlowOperation(&'static str, Duration),
 }
 
 struct State {
@@ -113,6 +116,16 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
         }
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
+        Mode::SlowOperation(target, delay) => {
+            let operation = req
+                .headers()
+                .get("x-amz-target")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if operation == target {
+                tokio::time::sleep(delay).await;
+            }
+        }
         Mode::Pass => {}
     }
     let (parts, body) = req.into_parts();

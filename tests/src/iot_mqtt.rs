@@ -6,7 +6,8 @@
 //!   simulator's own device CA, and is within its validity period (claim certificates live
 //!   5 minutes); a certificate it issued may connect only once RegisterThing activated it, and
 //!   only with the thing's name as client id;
-//! - a claim certificate may publish and subscribe only under the fleet provisioning topics
+//! - a claim certificate may connect only with a client id starting `claim.` and publish and
+//!   subscribe only under the fleet provisioning topics
 //!   (the claim policy in infra/template.yaml); anything else ends the connection; a device
 //!   certificate only under `devices/{thing}/`;
 //! - replies go to `{request}/accepted` or `{request}/rejected`, and only if subscribed;
@@ -124,6 +125,9 @@ pub struct IotMqttConfig {
     pub token_validity: Duration,
     pub account_id: String,
     pub region: String,
+    /// What a claim connection's client id must start with (the claim policy's
+    /// `iot:Connect` resource `client/claim.*` in infra/template.yaml).
+    pub claim_client_prefix: String,
 }
 
 impl IotMqttConfig {
@@ -135,6 +139,7 @@ impl IotMqttConfig {
             token_validity: TOKEN_VALIDITY,
             account_id: "123456789012".to_owned(),
             region: "us-east-1".to_owned(),
+            claim_client_prefix: "claim.".to_owned(),
         }
     }
 }
@@ -184,8 +189,10 @@ struct State {
     certificates: Mutex<HashMap<String, Certificate>>,
     tokens: Mutex<HashMap<String, Token>>,
     things: Mutex<Vec<Thing>>,
-    /// Why connections were refused (TLS or CONNECT), newest last.
-    refusals: Mutex<Vec<String>>,
+    /// Why connections were refused (TLS or CONNECT), newest last. A watch channel, because
+    /// the device sees a TLS alert before the simulator has recorded why it sent it: tests wait
+    /// for the record instead of reading it at once.
+    refusals: tokio::sync::watch::Sender<Vec<String>>,
     stats: Stats,
 }
 
@@ -215,7 +222,7 @@ impl IotMqttSimulator {
             certificates: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             things: Mutex::new(Vec::new()),
-            refusals: Mutex::new(Vec::new()),
+            refusals: tokio::sync::watch::Sender::new(Vec::new()),
             stats: Stats::default(),
         });
         let shared = Arc::clone(&state);
@@ -226,6 +233,7 @@ impl IotMqttSimulator {
                 let state = Arc::clone(&state);
                 move || {
                     state.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    true
                 }
             },
             move |stream| {
@@ -287,12 +295,28 @@ impl IotMqttSimulator {
     }
 
     pub fn refusals(&self) -> Vec<String> {
-        lock(&self.state.refusals).clone()
+        self.state.refusals.borrow().clone()
+    }
+
+    /// The first refusal containing `text`, once recorded; `None` if none is within `limit`.
+    pub async fn refusal_containing(&self, text: &str, limit: Duration) -> Option<String> {
+        let mut recorded = self.state.refusals.subscribe();
+        let found = tokio::time::timeout(
+            limit,
+            recorded.wait_for(|all| all.iter().any(|r| r.contains(text))),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .iter()
+        .find(|r| r.contains(text))
+        .cloned();
+        found
     }
 }
 
 fn refuse(state: &State, why: String) {
-    lock(&state.refusals).push(why);
+    state.refusals.send_modify(|all| all.push(why));
 }
 
 /// Who is connected, as the certificate says.
@@ -344,7 +368,17 @@ fn admit(
     }
     let certificates = lock(&state.certificates);
     let Some(certificate) = certificates.get(certificate_id) else {
-        // Not one of ours, yet it passed TLS verification: signed by the claim CA.
+        // Not one of ours, yet it passed TLS verification: signed by the claim CA. Its policy
+        // admits only client ids no device can have.
+        if !client_id.starts_with(&state.config.claim_client_prefix) {
+            return Err((
+                ConnectReturnCode::NotAuthorized,
+                format!(
+                    "client id '{client_id}' is not allowed for a claim certificate (the claim policy admits '{}*')",
+                    state.config.claim_client_prefix
+                ),
+            ));
+        }
         return Ok(Peer::Claim {
             certificate_id: certificate_id.to_owned(),
         });

@@ -55,11 +55,12 @@ where
 
 /// Runs the TLS handshake (at most 10 s) on every connection and hands `handler` the stream or
 /// why the handshake failed. `on_accept` runs before the handshake, so a client that refuses
-/// the server's certificate has been counted by the time it has seen it.
+/// the server's certificate has been counted by the time it has seen it; when it answers
+/// `false` the connection is reset instead (RST, as a crashing or overloaded server's would be).
 pub fn tls<H, Fut>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    on_accept: impl Fn() + Send + 'static,
+    on_accept: impl Fn() -> bool + Send + 'static,
     handler: H,
 ) -> Background
 where
@@ -68,7 +69,11 @@ where
 {
     Background(tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            on_accept();
+            if !on_accept() {
+                let _ = tcp.set_zero_linger();
+                drop(tcp);
+                continue;
+            }
             // Replies are small packets written back to back; no Nagle delay.
             let _ = tcp.set_nodelay(true);
             let (acceptor, handler) = (acceptor.clone(), handler.clone());

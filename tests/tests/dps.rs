@@ -319,6 +319,58 @@ async fn sas_expiry_tolerates_clock_skew_within_the_token_lifetime() {
     assert_eq!(ahead_6.sim.stats().refused.load(Ordering::Relaxed), 1);
 }
 
+/// Each transient failure the client used to report as final (a CONNACK "server unavailable"
+/// read as a refused device, a reset during the TLS handshake, a registration failed on DPS's
+/// side, an expired operation): ridden out on the next try when it passes.
+#[tokio::test]
+async fn transient_dps_failures_are_ridden_out_within_the_deadline() {
+    for fault in [
+        Fault::ConnackUnavailable(1),
+        Fault::ResetHandshake(1),
+        Fault::FailServerError(1),
+        Fault::ExpireOperation(1),
+    ] {
+        let f = simulator(|c| c.faults = vec![fault.clone()]).await;
+        let (result, _) = f.register(Duration::from_secs(8)).await;
+        assert_eq!(
+            result.map(|a| a.device_id),
+            Ok(IMSI.to_owned()),
+            "{fault:?}"
+        );
+        assert_eq!(f.sim.assigned().len(), 1, "{fault:?}");
+    }
+}
+
+/// The same failures, lasting: reported as retryable, never as a refused device, and within the
+/// deadline.
+#[tokio::test]
+async fn lasting_transient_failures_are_reported_as_retryable() {
+    for fault in [
+        Fault::ConnackUnavailable(100),
+        Fault::ResetHandshake(100),
+        Fault::FailServerError(100),
+        Fault::ExpireOperation(100),
+    ] {
+        let f = simulator(|c| {
+            c.faults = vec![fault.clone()];
+            c.retry_after = 1;
+        })
+        .await;
+        let budget = Duration::from_millis(3500);
+        let (result, elapsed) = f.register(budget).await;
+        let error = result.expect_err("a lasting fault cannot succeed");
+        assert!(
+            matches!(
+                error,
+                DpsError::Connection(_) | DpsError::Upstream { .. } | DpsError::Deadline { .. }
+            ),
+            "{fault:?}: {error:?}"
+        );
+        assert!(error.retry_after().is_some(), "{fault:?}: {error:?}");
+        assert_within(elapsed, budget);
+    }
+}
+
 /// The official Azure IoT Python device SDK registering through the simulator: the simulator
 /// must accept what real devices send (its `sr` encoding, no `skn`, TLS 1.2, persistent session).
 mod official_python_sdk {
@@ -472,7 +524,7 @@ mod function {
     use super::*;
     use aws_sdk_ssm::types::ParameterType;
     use azure_dps_register::config::Config;
-    use azure_dps_register::handler::{handle, Response};
+    use azure_dps_register::handler::{handle, Refused, Response};
     use azure_dps_register::state::State;
     use lambda_runtime::Context;
     use local_emulators::fault_proxy::{FaultProxy, Mode};
@@ -594,7 +646,7 @@ mod function {
             &funk_context("client-context.json", Some(Duration::from_secs(10))),
         )
         .await;
-        assert_eq!(response.status_code, 200, "{response:?}");
+        assert_eq!(response.status_code, 200, "{}", response.outline());
 
         let fields: HashMap<&str, &str> = response
             .body
@@ -654,7 +706,12 @@ mod function {
             let context = funk_context("client-context.json", Some(deadline));
             let response = handle(body.clone(), &context, &state).await;
             let elapsed = started.elapsed();
-            assert_eq!(response.status_code, 503, "{mode:?}: {response:?}");
+            assert_eq!(
+                response.status_code,
+                503,
+                "{mode:?}: {}",
+                response.outline()
+            );
             assert_eq!(response.error, Some("registry-unavailable"), "{mode:?}");
             assert!(response.retry_after.is_some(), "{mode:?}");
             assert!(elapsed < deadline, "{mode:?} took {elapsed:?}");
@@ -663,8 +720,10 @@ mod function {
             let context = funk_context("client-context.json", Some(deadline));
             let response = handle(body.clone(), &context, &state).await;
             assert_eq!(
-                response.status_code, 200,
-                "{mode:?} after recovery: {response:?}"
+                response.status_code,
+                200,
+                "{mode:?} after recovery: {}",
+                response.outline()
             );
         }
         // Only the three recovered requests reached DPS.
@@ -681,7 +740,12 @@ mod function {
         for boot in 1..=2 {
             let context = funk_context("client-context.json", Some(Duration::from_secs(10)));
             let response = invoke(&s, body.clone(), &context).await;
-            assert_eq!(response.status_code, 200, "boot {boot}: {response:?}");
+            assert_eq!(
+                response.status_code,
+                200,
+                "boot {boot}: {}",
+                response.outline()
+            );
         }
         let strict = State::new(
             Config {
@@ -693,7 +757,12 @@ mod function {
         .unwrap();
         let context = funk_context("client-context.json", Some(Duration::from_secs(10)));
         let response = handle(body, &context, &strict).await;
-        assert_eq!(response.error, Some("sim-unknown"), "{response:?}");
+        assert_eq!(
+            response.error,
+            Some("sim-unknown"),
+            "{}",
+            response.outline()
+        );
     }
 
     #[tokio::test]
@@ -827,7 +896,7 @@ mod function {
             .await
             .unwrap();
         let ok = invoke(&s, json!({}), &funk_context("client-context.json", None)).await;
-        assert_eq!(ok.status_code, 200, "{ok:?}");
+        assert_eq!(ok.status_code, 200, "{}", ok.outline());
         assert!(ok.body.ends_with(&format!(";SharedAccessKey={device_key}")));
 
         // A SIM without an individual key has no enrollment.
@@ -851,6 +920,163 @@ mod function {
         assert_eq!(s.dps.sim.stats().connections.load(Ordering::Relaxed), 0);
     }
 
+    /// What the device hears when DPS fails in a way that may pass: 502/503 with retryAfter,
+    /// never 403, and the fixed sentence of its code, never the client's error text.
+    #[tokio::test]
+    async fn transient_dps_failures_answer_retryable_with_a_fixed_sentence() {
+        for fault in [
+            Fault::ConnackUnavailable(100),
+            Fault::ResetHandshake(100),
+            Fault::FailServerError(100),
+            Fault::ExpireOperation(100),
+            Fault::RegisterStatus(503),
+        ] {
+            let s = setup(
+                |c| {
+                    c.faults = vec![fault.clone()];
+                    c.retry_after = 1;
+                },
+                None,
+            )
+            .await;
+            let context = funk_context("client-context.json", Some(Duration::from_secs(5)));
+            let response = invoke(&s, json!({}), &context).await;
+            assert!(
+                [502, 503].contains(&response.status_code) && response.retry_after.is_some(),
+                "{fault:?}: {}",
+                response.outline()
+            );
+            let refused = Refused::ALL
+                .into_iter()
+                .find(|r| Some(r.code()) == response.error)
+                .unwrap();
+            assert_eq!(response.body, refused.sentence(), "{fault:?}");
+        }
+    }
+
+    /// Lambda's deadline already passed (a cold start that took it all): nothing is tried,
+    /// not the device table, not DPS.
+    #[tokio::test]
+    async fn a_passed_deadline_attempts_nothing() {
+        let s = setup(|_| {}, None).await;
+        let mut context = funk_context("client-context.json", None);
+        let two_seconds_ago = std::time::SystemTime::now() - Duration::from_secs(2);
+        context.deadline = two_seconds_ago
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        // Through a proxy that counts what reaches the local AWS endpoint.
+        let counting = FaultProxy::start(s._aws.endpoint()).await.unwrap();
+        let state = State::new(
+            s.config.clone(),
+            &local_sdk_config(&counting.endpoint()).await,
+        )
+        .unwrap();
+        let started = Instant::now();
+        let response = handle(json!({}), &context, &state).await;
+        assert_eq!(
+            response.error,
+            Some("dps-timeout"),
+            "{}",
+            response.outline()
+        );
+        assert!(response.retry_after.is_some());
+        assert_eq!(
+            counting.requests(),
+            0,
+            "the device table or SSM was contacted"
+        );
+        assert_eq!(s.dps.sim.stats().accepted.load(Ordering::Relaxed), 0);
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
+
+    /// DPS registered the device; the device table is slow to take the record. The answer
+    /// still leaves before the Lambda deadline (it waited out the SDK's 3 s before).
+    #[tokio::test]
+    async fn a_slow_record_cannot_push_the_answer_past_the_deadline() {
+        let s = setup(|_| {}, None).await;
+        let proxy = FaultProxy::start(s._aws.endpoint()).await.unwrap();
+        let state =
+            State::new(s.config.clone(), &local_sdk_config(&proxy.endpoint()).await).unwrap();
+        proxy.set(Mode::SlowOperation(
+            "DynamoDB_20120810.UpdateItem",
+            Duration::from_secs(30),
+        ));
+        let deadline = Duration::from_millis(2500);
+        let started = Instant::now();
+        let context = funk_context("client-context.json", Some(deadline));
+        let response = handle(json!({}), &context, &state).await;
+        assert_eq!(response.status_code, 200, "{}", response.outline());
+        assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+    }
+
+    /// A multi-IMSI SIM switched to its other subscription: blocked by its SIM ID, it stays
+    /// blocked although this IMSI has no entry of its own.
+    #[tokio::test]
+    async fn a_blocked_sim_card_stays_blocked_on_its_other_imsi() {
+        let s = setup(|_| {}, None).await;
+        // The SIM ID that events/azure-dps-register/client-context.json carries.
+        let mut card = DeviceRecord::allowed(DeviceId::SimCard("8981100012345678901".into()));
+        card.status = DeviceStatus::Blocked;
+        s.state.registry.put(&card).await.unwrap();
+        let context = funk_context("client-context.json", None);
+        let response = invoke(&s, json!({}), &context).await;
+        assert_eq!(
+            (response.status_code, response.error),
+            (403, Some("sim-blocked"))
+        );
+        assert_eq!(s.dps.sim.stats().accepted.load(Ordering::Relaxed), 0);
+
+        // With the allowlist required, an allowed SIM card admits each of its IMSIs.
+        let strict = State::new(
+            Config {
+                require_allowlist: true,
+                ..s.config.clone()
+            },
+            &s._aws.sdk_config().await,
+        )
+        .unwrap();
+        card.status = DeviceStatus::Allowed;
+        s.state.registry.put(&card).await.unwrap();
+        let response = handle(json!({}), &context, &strict).await;
+        assert_eq!(response.status_code, 200, "{}", response.outline());
+    }
+
+    /// Individual keys are fetched per SIM: a refused SIM's key must not stay in the warm
+    /// function's memory, and the cache holds only what it must (the group key).
+    #[tokio::test]
+    async fn a_refused_sims_key_is_not_kept_in_memory() {
+        let s = setup_with(|_| {}, None, &[("KEY_SOURCE", "individual-dynamodb")]).await;
+        let db = s._aws.dynamodb().await;
+        use aws_sdk_dynamodb::types::AttributeValue as A;
+        db.put_item()
+            .table_name("devices")
+            .item("pk", A::S("sim#440103999999999".into()))
+            .item("status", A::S("blocked".into()))
+            .item("device_key", A::S(random_key_base64()))
+            .send()
+            .await
+            .unwrap();
+        let response = invoke(
+            &s,
+            json!({}),
+            &funk_context("client-context-blocked.json", None),
+        )
+        .await;
+        assert_eq!(response.error, Some("sim-blocked"));
+        assert!(s.state.keys.is_empty(), "a per-device key was cached");
+
+        let group = setup(|_| {}, None).await;
+        let response = invoke(
+            &group,
+            json!({}),
+            &funk_context("client-context.json", None),
+        )
+        .await;
+        assert_eq!(response.status_code, 200, "{}", response.outline());
+        assert_eq!(group.state.keys.len(), 1, "the group key is cached");
+    }
+
     #[tokio::test]
     async fn throttled_dps_is_ridden_out_by_the_function() {
         let s = setup(
@@ -864,7 +1090,7 @@ mod function {
             &funk_context("client-context.json", Some(Duration::from_secs(9))),
         )
         .await;
-        assert_eq!(response.status_code, 200, "{response:?}");
+        assert_eq!(response.status_code, 200, "{}", response.outline());
         assert_eq!(s.dps.sim.stats().throttled.load(Ordering::Relaxed), 5);
     }
 }

@@ -9,8 +9,10 @@ use fleet_prehook::config::Config;
 use fleet_prehook::handler::{evaluate, handle, Denial};
 use local_emulators::local_aws::LocalAws;
 use serde_json::Value;
+use shared::clock::unix_now;
 use shared::registry::{
     ClaimRecord, DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry,
+    ProvisioningState,
 };
 
 const TABLE: &str = "devices";
@@ -199,6 +201,7 @@ async fn claim_binding_is_enforced() {
             issued_at: 1,
             valid_until: far,
             retain_until: far,
+            used: None,
         })
         .await
         .unwrap();
@@ -223,12 +226,177 @@ async fn claim_binding_is_enforced() {
             issued_at: 1,
             valid_until: far,
             retain_until: far,
+            used: None,
         })
         .await
         .unwrap();
     let mut bound = event("allowed.json");
     bound["claimCertificateId"] = Value::String("bound-to-sn-0001".into());
     assert!(evaluate(bound, &strict, &registry).await.0.is_ok());
+}
+
+/// A recorded claim issued to `installer`, bound to `serial` (or to none), valid until `until`.
+async fn record_claim(registry: &DynamoRegistry, id: &str, serial: Option<&str>, until: u64) {
+    registry
+        .put_claim(&ClaimRecord {
+            certificate_id: id.into(),
+            issued_to: "installer-sub".into(),
+            serial: serial.map(str::to_owned),
+            issued_at: until.saturating_sub(300),
+            valid_until: until,
+            retain_until: until + 86_400,
+            used: None,
+        })
+        .await
+        .unwrap();
+}
+
+fn hook_event(serial: &str, certificate: &str, claim: &str) -> Value {
+    let mut e = with_certificate(event("allowed.json"), certificate);
+    e["parameters"]["SerialNumber"] = Value::String(serial.into());
+    e["claimCertificateId"] = Value::String(claim.into());
+    e
+}
+
+/// The hole: a claim requested without a serial, held by anyone for its 5 minutes, could loop
+/// RegisterThing over every allowed serial. A recorded claim now provisions one device, once.
+#[tokio::test]
+async fn a_claim_certificate_provisions_one_device_once() {
+    let (_aws, registry) = setup().await;
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-0002".into())))
+        .await
+        .unwrap();
+    let c = config(&[("REQUIRE_CLAIM_RECORD", "true")]);
+    record_claim(&registry, "unbound-claim", None, unix_now() + 300).await;
+    let first = hook_event("SN-0001", "cert-1", "unbound-claim");
+    assert!(evaluate(first.clone(), &c, &registry).await.0.is_ok());
+    // AWS IoT retrying the same RegisterThing is not a second use.
+    assert!(evaluate(first, &c, &registry).await.0.is_ok());
+    let second = hook_event("SN-0002", "cert-2", "unbound-claim");
+    assert_eq!(
+        denial(second, &c, &registry).await.code,
+        "claim-already-used"
+    );
+    let untouched = registry
+        .get(&DeviceId::Serial("SN-0002".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.provisioning, None);
+    let claim = registry.get_claim("unbound-claim").await.unwrap().unwrap();
+    let used = claim.used.unwrap();
+    assert_eq!(
+        (used.certificate_id.as_str(), used.serial.as_str()),
+        ("cert-1", "SN-0001")
+    );
+}
+
+/// TLS checks a claim's validity when the connection opens; a connection opened in its last
+/// second may call RegisterThing long after. The hook checks the recorded validity itself.
+#[tokio::test]
+async fn a_claim_past_its_validity_is_denied_whatever_tls_let_through() {
+    let (_aws, registry) = setup().await;
+    let c = config(&[]);
+    record_claim(&registry, "expired-claim", Some("SN-0001"), unix_now() - 1).await;
+    assert_eq!(
+        denial(
+            hook_event("SN-0001", "cert-1", "expired-claim"),
+            &c,
+            &registry
+        )
+        .await
+        .code,
+        "claim-expired"
+    );
+}
+
+/// The hole: `allow_reprovision` was a permanent flag, and two certificates racing both passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_reprovision_is_single_use() {
+    let (_aws, registry) = setup().await;
+    let c = Arc::new(config(&[]));
+    assert!(evaluate(event("allowed.json"), &c, &registry)
+        .await
+        .0
+        .is_ok());
+    let original = event("allowed.json")["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    allow_reprovisioning(&registry, "SN-0001").await;
+    let registry = Arc::new(registry);
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            let (registry, c) = (Arc::clone(&registry), Arc::clone(&c));
+            tokio::spawn(async move {
+                let e = with_certificate(event("allowed.json"), &format!("replacement-{i}"));
+                evaluate(e, &c, registry.as_ref()).await.0.is_ok()
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for racer in racers {
+        passed += usize::from(racer.await.unwrap());
+    }
+    assert_eq!(passed, 1, "exactly one re-provisioning passes");
+    let record = registry
+        .get(&DeviceId::Serial("SN-0001".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.allow_reprovision);
+    assert_eq!(
+        record.provisioning.unwrap().replaced_certificate_id,
+        Some(original),
+        "the replaced certificate is kept for the operator to revoke"
+    );
+    let later = with_certificate(event("allowed.json"), "yet-another");
+    assert_eq!(
+        denial(later, &c, registry.as_ref()).await.code,
+        "already-provisioned"
+    );
+}
+
+/// The hole: the hook recorded `provisioned` before AWS IoT finished; a device whose template
+/// then failed (or that lost its new key) was denied `already-provisioned` forever. Now the
+/// record is pending, and another certificate may replace it after PENDING_SECONDS.
+#[tokio::test]
+async fn a_device_that_failed_after_the_hook_said_yes_is_not_locked_out() {
+    let (_aws, registry) = setup().await;
+    assert!(evaluate(event("allowed.json"), &config(&[]), &registry)
+        .await
+        .0
+        .is_ok());
+    let retry = with_certificate(event("allowed.json"), "second-attempt");
+    // Within PENDING_SECONDS (default 600) the pending certificate stands.
+    assert_eq!(
+        denial(retry.clone(), &config(&[]), &registry).await.code,
+        "already-provisioned"
+    );
+    // Once it is older than PENDING_SECONDS, the device's next attempt replaces it.
+    let patient = config(&[("PENDING_SECONDS", "0")]);
+    assert!(evaluate(retry, &patient, &registry).await.0.is_ok());
+    let mut record = registry
+        .get(&DeviceId::Serial("SN-0001".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    let provisioning = record.provisioning.clone().unwrap();
+    assert_eq!(provisioning.certificate_id, "second-attempt");
+    assert_eq!(provisioning.state, ProvisioningState::Pending);
+
+    // A confirmed provisioning is never replaced that way.
+    record.provisioning = Some(shared::registry::Provisioning {
+        state: ProvisioningState::Confirmed,
+        ..provisioning
+    });
+    registry.put(&record).await.unwrap();
+    let third = with_certificate(event("allowed.json"), "third-attempt");
+    assert_eq!(
+        denial(third, &patient, &registry).await.code,
+        "already-provisioned"
+    );
 }
 
 #[tokio::test]
@@ -332,7 +500,7 @@ async fn table_faults_deny_with_their_reason_and_recover() {
 mod issuer {
     use super::*;
     use ::claim_issuer::config::Config as IssuerConfig;
-    use ::claim_issuer::handler::{handle as issue, HttpResponse, State};
+    use ::claim_issuer::handler::{handle as issue, HttpResponse, Refused, State};
     use local_emulators::iot_control::{IotControlPlane, IotFault};
     use local_emulators::local_aws::local_sdk_config;
     use shared::quota::Quota;
@@ -499,16 +667,15 @@ mod issuer {
     async fn template_missing_in_iot_and_upstream_failures() {
         let s = setup(&[("ALLOWED_TEMPLATES", "retired-template")]).await;
         let mut retired = claim_event("issue.json");
-        retired["body"] = Value::String(r#"{"templateName":"retired-template"}"#.into());
+        retired["body"] =
+            Value::String(r#"{"serial":"SN-0001","templateName":"retired-template"}"#.into());
         let r = issue(retired, NOW, &s.state).await;
         assert_eq!(
             (r.status_code, body(&r)["error"].as_str()),
             (502, Some("upstream"))
         );
-        assert!(body(&r)["message"]
-            .as_str()
-            .unwrap()
-            .contains("retired-template"));
+        // The caller gets the fixed sentence; which template AWS IoT lacked is for the log.
+        assert_eq!(body(&r)["message"], Refused::Upstream.message());
 
         s.iot.set_faults(&[IotFault::ServerError]);
         let r = issue(claim_event("issue.json"), NOW, &s.state).await;
@@ -532,41 +699,80 @@ mod issuer {
         );
     }
 
+    fn issue_at(s: &Setup, now: u64) -> impl std::future::Future<Output = HttpResponse> + '_ {
+        issue(claim_event("issue.json"), now, &s.state)
+    }
+
     #[tokio::test]
     async fn rate_limit_is_per_user_and_recovers_after_the_window() {
         let s = setup(&[("CLAIMS_PER_WINDOW", "2"), ("CLAIM_WINDOW_SECONDS", "600")]).await;
-        let window_start = NOW - NOW % 600;
         for _ in 0..2 {
-            assert_eq!(
-                issue(claim_event("issue.json"), window_start + 10, &s.state)
-                    .await
-                    .status_code,
-                200
-            );
+            assert_eq!(issue_at(&s, NOW + 10).await.status_code, 200);
         }
-        let limited = issue(claim_event("issue.json"), window_start + 100, &s.state).await;
+        let limited = issue_at(&s, NOW + 100).await;
         assert_eq!(
             (limited.status_code, limited.header("retry-after")),
-            (429, Some("500"))
+            (429, Some("510"))
         );
 
         // Another installer is not affected.
         let mut other = claim_event("issue.json");
         other["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] =
             Value::String("another-installer".into());
-        assert_eq!(
-            issue(other, window_start + 100, &s.state).await.status_code,
-            200
-        );
+        assert_eq!(issue(other, NOW + 100, &s.state).await.status_code, 200);
 
-        // The next window starts afresh.
-        assert_eq!(
-            issue(claim_event("issue.json"), window_start + 600, &s.state)
-                .await
-                .status_code,
-            200
-        );
+        // Once the first claims are a window old, there is room again.
+        assert_eq!(issue_at(&s, NOW + 609).await.status_code, 429);
+        assert_eq!(issue_at(&s, NOW + 610).await.status_code, 200);
         assert_eq!(s.iot.issued().len(), 4);
+    }
+
+    /// The hole: a fixed window let an installer take the whole quota just before a window
+    /// boundary and again just after it.
+    #[tokio::test]
+    async fn the_claim_quota_cannot_be_doubled_across_a_window_boundary() {
+        let s = setup(&[("CLAIMS_PER_WINDOW", "2"), ("CLAIM_WINDOW_SECONDS", "600")]).await;
+        let boundary = NOW - NOW % 600 + 600;
+        for t in [boundary - 2, boundary - 1] {
+            assert_eq!(issue_at(&s, t).await.status_code, 200);
+        }
+        for t in [boundary, boundary + 1, boundary + 300] {
+            assert_eq!(
+                issue_at(&s, t).await.status_code,
+                429,
+                "at boundary + {}",
+                t - boundary
+            );
+        }
+        assert_eq!(s.iot.issued().len(), 2);
+    }
+
+    /// The hole: a claim without a serial was bound to nothing. Now it needs a serial, unless
+    /// the operator opts in to unbound claims.
+    #[tokio::test]
+    async fn a_claim_without_a_serial_is_refused_unless_unbound_claims_are_allowed() {
+        let mut no_serial = claim_event("issue.json");
+        no_serial["body"] = Value::String("{}".into());
+        let s = setup(&[]).await;
+        let r = issue(no_serial.clone(), NOW, &s.state).await;
+        assert_eq!(
+            (r.status_code, body(&r)["error"].as_str()),
+            (400, Some("serial-required"))
+        );
+        assert_eq!(s.iot.requests(), 0);
+
+        let opted_in = setup(&[("ALLOW_UNBOUND_CLAIMS", "true")]).await;
+        let r = issue(no_serial, NOW, &opted_in.state).await;
+        assert_eq!(r.status_code, 200);
+        let id = body(&r)["certificateId"].as_str().unwrap().to_owned();
+        let claim = opted_in
+            .state
+            .registry
+            .get_claim(&id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.serial, None);
     }
 
     #[tokio::test]

@@ -169,7 +169,8 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
                 let v = match k.as_str() {
                     "DPS_ENDPOINT" => "dps.example:8883",
                     "CLAIMS_PER_WINDOW" | "CLAIM_WINDOW_SECONDS" => "20",
-                    "REQUIRE_CLAIM_RECORD" => "true",
+                    "REQUIRE_CLAIM_RECORD" | "REQUIRE_SIM_ALLOWLIST" => "true",
+                    "PENDING_SECONDS" => "600",
                     "ALLOWED_OPERATOR_IDS" => "",
                     _ => "value",
                 };
@@ -240,6 +241,7 @@ fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
         "DPS_ID_SCOPE",
         "SORACOM_AWS_ACCOUNT_ID",
         "SORACOM_EXTERNAL_ID",
+        "ALLOWED_OPERATOR_IDS",
         "STACK_NAME",
     ] {
         command.env_remove(name);
@@ -256,6 +258,7 @@ fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
             ("DPS_ID_SCOPE", "0ne00ABC123"),
             ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
             ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
+            ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
         ],
     );
     let plan = String::from_utf8_lossy(&out.stdout);
@@ -317,8 +320,193 @@ fn deploy_without_settings_names_them_and_runs_nothing() {
     assert!(
         err.contains("AWS_REGION")
             && err.contains("SORACOM_EXTERNAL_ID")
+            && err.contains("ALLOWED_OPERATOR_IDS")
             && !err.contains("DPS_ID_SCOPE"),
         "{err}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// The hole: deployed unchanged, the stack admitted every SIM nobody had blocked, of any
+/// SORACOM operator. Now a deployed stack refuses unlisted SIMs, and deploying needs the
+/// operator ids.
+#[test]
+fn the_deployed_stack_is_deny_by_default() {
+    let t = template();
+    let env = &functions(&t)["azure-dps-register"];
+    assert_eq!(
+        env.get("REQUIRE_SIM_ALLOWLIST").map(String::as_str),
+        Some("true")
+    );
+    let operators = &t["Parameters"]["AllowedOperatorIds"];
+    assert!(
+        operators.get("Default").is_none(),
+        "AllowedOperatorIds has a default"
+    );
+    let pattern = format!("^(?:{})$", operators["AllowedPattern"].as_str().unwrap());
+    let pattern = regex_lite::Regex::new(&pattern).unwrap();
+    assert!(pattern.is_match("OP0012345678") && pattern.is_match("OP1,OP2"));
+    assert!(!pattern.is_match("") && !pattern.is_match("*"));
+    let out = deploy_script(
+        false,
+        &[
+            ("AWS_REGION", "ap-northeast-1"),
+            ("DPS_ID_SCOPE", "0ne00ABC123"),
+            ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
+            ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ALLOWED_OPERATOR_IDS"));
+}
+
+/// The device table statement of a role, and its condition's values for `key`.
+fn table_condition(t: &Value, role: &str, operator: &str, key: &str) -> Vec<String> {
+    let statement = statements(t)
+        .into_iter()
+        .find(|(owner, s)| owner == role && text(&s["Sid"]).as_deref() == Some("DeviceTable"))
+        .unwrap_or_else(|| panic!("{role} has no DeviceTable statement"))
+        .1;
+    list(statement["Condition"][operator].get(key))
+}
+
+fn like(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => value == pattern,
+    }
+}
+
+/// The hole: every role could read and write every item and attribute of the device table: the
+/// hook and claim-issuer could read SIM items and their individual keys. Now each role's
+/// statement names the items (by key prefix) and the attributes its function uses, and the
+/// lists in the code (what the functions actually project and write) fit within them.
+#[test]
+fn each_function_touches_only_its_own_items_and_attributes() {
+    use shared::quota::RATE_ATTRIBUTES;
+    use shared::registry::{
+        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, SERIAL_ATTRIBUTES,
+        SIM_ATTRIBUTES,
+    };
+    let t = template();
+    let azure: Vec<&str> = SIM_ATTRIBUTES
+        .iter()
+        .copied()
+        .chain([DEVICE_KEY_ATTRIBUTE])
+        .collect();
+    let hook: Vec<&str> = SERIAL_ATTRIBUTES
+        .iter()
+        .chain(CLAIM_ATTRIBUTES)
+        .copied()
+        .collect();
+    let issuer: Vec<&str> = CLAIM_ISSUE_ATTRIBUTES
+        .iter()
+        .chain(RATE_ATTRIBUTES)
+        .copied()
+        .collect();
+    // (role, attributes its code uses, keys it must reach, keys it must not reach)
+    type Expectation<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+    let roles: [Expectation; 3] = [
+        (
+            "AzureDpsRegisterRole",
+            &azure,
+            &["sim#1", "simid#1"],
+            &["serial#1", "claim#1", "rate#1"],
+        ),
+        (
+            "FleetPrehookRole",
+            &hook,
+            &["serial#1", "claim#1"],
+            &["sim#1", "simid#1", "rate#1"],
+        ),
+        (
+            "ClaimIssuerRole",
+            &issuer,
+            &["claim#1", "rate#1"],
+            &["sim#1", "simid#1", "serial#1"],
+        ),
+    ];
+    for (role, used, own_keys, other_keys) in roles {
+        let keys = table_condition(&t, role, "ForAllValues:StringLike", "dynamodb:LeadingKeys");
+        let attributes =
+            table_condition(&t, role, "ForAllValues:StringEquals", "dynamodb:Attributes");
+        for key in own_keys {
+            assert!(
+                keys.iter().any(|p| like(p, key)),
+                "{role} cannot reach its {key}"
+            );
+        }
+        for key in other_keys {
+            assert!(!keys.iter().any(|p| like(p, key)), "{role} reaches {key}");
+        }
+        for attribute in used {
+            assert!(
+                attributes.iter().any(|a| a == attribute),
+                "{role}: the code uses {attribute}, the policy does not allow it"
+            );
+        }
+        let extra: Vec<&String> = attributes
+            .iter()
+            .filter(|a| !used.contains(&a.as_str()))
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "{role} allows more than it uses: {extra:?}"
+        );
+        if role != "AzureDpsRegisterRole" {
+            assert!(
+                !attributes.iter().any(|a| a == DEVICE_KEY_ATTRIBUTE),
+                "{role}"
+            );
+        }
+    }
+}
+
+/// The holes: AWS IoT's provisioning role trusted the service for any account; a claim could
+/// connect with any client id (a provisioned device's too, which disconnects that device); the
+/// claims API had no overall throttle; installers' tokens lived an hour and MFA was optional.
+#[test]
+fn provisioning_role_claim_policy_api_and_sign_in_are_locked_down() {
+    let t = template();
+    let r = &t["Resources"];
+    let trust =
+        &r["FleetProvisioningRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert_eq!(
+        text(&trust["Condition"]["StringEquals"]["aws:SourceAccount"]).as_deref(),
+        Some("!Ref AWS::AccountId")
+    );
+
+    let claim_connect = statements(&t)
+        .into_iter()
+        .filter(|(owner, _)| owner == "ClaimPolicy")
+        .find(|(_, s)| list(s.get("Action")) == ["iot:Connect"])
+        .unwrap()
+        .1;
+    let resource = list(claim_connect.get("Resource")).remove(0);
+    let client_pattern = resource.rsplit("client/").next().unwrap();
+    assert_eq!(client_pattern, "claim.*");
+    // No thing name can match it: thing names are [a-zA-Z0-9:_-], and the pattern needs a '.'.
+    let thing_name = regex_lite::Regex::new("^[a-zA-Z0-9:_-]+$").unwrap();
+    let prefix = client_pattern.trim_end_matches('*');
+    assert!(!thing_name.is_match(prefix.trim_end_matches('*')));
+    assert!(prefix.contains('.'));
+
+    let api = &r["ClaimsApi"]["Properties"]["DefaultRouteSettings"];
+    for limit in ["ThrottlingRateLimit", "ThrottlingBurstLimit"] {
+        assert!(api.get(limit).is_some(), "ClaimsApi lacks {limit}");
+    }
+
+    let pool = &r["InstallersUserPool"]["Properties"];
+    assert_eq!(pool["MfaConfiguration"].as_str(), Some("ON"));
+    let client = &r["InstallersAppClient"]["Properties"];
+    for token in ["AccessToken", "IdToken"] {
+        let minutes = client[format!("{token}Validity").as_str()]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            client["TokenValidityUnits"][token].as_str(),
+            Some("minutes")
+        );
+        assert!(minutes <= 15, "{token} lives {minutes} minutes");
+    }
 }

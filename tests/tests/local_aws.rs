@@ -10,8 +10,9 @@ use aws_sdk_ssm::types::ParameterType;
 use local_emulators::local_aws::{random_key_base64, LocalAws};
 use shared::keys::{KeyError, SymmetricKey};
 use shared::registry::{
-    DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry, Provisioning,
-    Registration, RegistryError,
+    ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus,
+    DynamoRegistry, Provisioning, ProvisioningState, ProvisioningWrite, Registration,
+    RegistryError, Replaces,
 };
 use shared::secrets::{
     load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, SecretError, SecretStore,
@@ -185,12 +186,25 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
     );
 }
 
-fn provisioning(cert: &str) -> Provisioning {
-    Provisioning {
+const AT: u64 = 1_700_000_000;
+
+fn write(serial: &str, cert: &str, replaces: Replaces) -> ProvisioningWrite {
+    ProvisioningWrite {
+        serial: serial.into(),
         certificate_id: cert.into(),
         claim_certificate_id: Some("claim-1".into()),
-        provisioned_at: 1_700_000_000,
+        spend_claim: None,
+        at: AT,
+        replaces,
     }
+}
+
+async fn provisioned(registry: &DynamoRegistry, serial: &str) -> DeviceRecord {
+    registry
+        .get(&DeviceId::Serial(serial.into()))
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -201,7 +215,7 @@ async fn provisioning_is_conditional() {
     // Unknown serial: nothing to provision.
     assert_eq!(
         registry
-            .record_provisioning("SN-X", &provisioning("c1"))
+            .record_provisioning(&write("SN-X", "c1", Replaces::Nothing))
             .await,
         Err(conflict("SN-X"))
     );
@@ -211,45 +225,160 @@ async fn provisioning_is_conditional() {
         .await
         .unwrap();
     registry
-        .record_provisioning("SN-1", &provisioning("c1"))
+        .record_provisioning(&write("SN-1", "c1", Replaces::Nothing))
         .await
         .unwrap();
-    // The same certificate again (AWS IoT retrying) is fine; another one is not.
+    // The same certificate again (AWS IoT retrying) is fine; another one as if first is not.
     registry
-        .record_provisioning("SN-1", &provisioning("c1"))
+        .record_provisioning(&write("SN-1", "c1", Replaces::Itself))
         .await
         .unwrap();
     assert_eq!(
         registry
-            .record_provisioning("SN-1", &provisioning("c2"))
+            .record_provisioning(&write("SN-1", "c2", Replaces::Nothing))
             .await,
         Err(conflict("SN-1"))
     );
-    let stored = registry
-        .get(&DeviceId::Serial("SN-1".into()))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.provisioning, Some(provisioning("c1")));
-
-    let mut again = DeviceRecord::allowed(DeviceId::Serial("SN-2".into()));
-    again.allow_reprovision = true;
-    again.provisioning = Some(provisioning("c1"));
-    registry.put(&again).await.unwrap();
-    registry
-        .record_provisioning("SN-2", &provisioning("c2"))
-        .await
-        .unwrap();
+    let stored = provisioned(&registry, "SN-1").await.provisioning.unwrap();
+    assert_eq!(
+        (stored.certificate_id.as_str(), stored.state),
+        ("c1", ProvisioningState::Pending)
+    );
+    assert_eq!(stored.claim_certificate_id.as_deref(), Some("claim-1"));
 
     let mut blocked = DeviceRecord::allowed(DeviceId::Serial("SN-3".into()));
     blocked.status = DeviceStatus::Blocked;
     registry.put(&blocked).await.unwrap();
     assert_eq!(
         registry
-            .record_provisioning("SN-3", &provisioning("c1"))
+            .record_provisioning(&write("SN-3", "c1", Replaces::Nothing))
             .await,
         Err(conflict("SN-3"))
     );
+}
+
+/// `allow_reprovision` lets exactly one new certificate in, once, and the replaced one is kept
+/// for the operator to revoke.
+#[tokio::test]
+async fn allow_reprovision_is_consumed_by_the_write_that_uses_it() {
+    let (_aws, registry) = with_table().await;
+    let mut record = DeviceRecord::allowed(DeviceId::Serial("SN-2".into()));
+    record.allow_reprovision = true;
+    record.provisioning = Some(Provisioning {
+        certificate_id: "c1".into(),
+        claim_certificate_id: None,
+        provisioned_at: AT - 10,
+        state: ProvisioningState::Confirmed,
+        replaced_certificate_id: None,
+    });
+    registry.put(&record).await.unwrap();
+    let registry = Arc::new(registry);
+    let racers: Vec<_> = (2..6)
+        .map(|i| {
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                let old = Replaces::Reprovisioning { old: "c1".into() };
+                registry
+                    .record_provisioning(&write("SN-2", &format!("c{i}"), old))
+                    .await
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for racer in racers {
+        passed += usize::from(racer.await.unwrap().is_ok());
+    }
+    assert_eq!(passed, 1);
+    let stored = provisioned(&registry, "SN-2").await;
+    assert!(!stored.allow_reprovision, "the flag is spent");
+    let provisioning = stored.provisioning.unwrap();
+    assert_eq!(provisioning.replaced_certificate_id.as_deref(), Some("c1"));
+    assert_eq!(provisioning.state, ProvisioningState::Pending);
+}
+
+#[tokio::test]
+async fn a_stale_pending_certificate_may_be_replaced_a_recent_one_not() {
+    let (_aws, registry) = with_table().await;
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-P".into())))
+        .await
+        .unwrap();
+    registry
+        .record_provisioning(&write("SN-P", "c1", Replaces::Nothing))
+        .await
+        .unwrap();
+    let stale = |before| Replaces::StalePending {
+        old: "c1".into(),
+        pending_since_before: before,
+    };
+    // Provisioned at AT: not pending since before AT - 1.
+    assert!(registry
+        .record_provisioning(&write("SN-P", "c2", stale(AT - 1)))
+        .await
+        .is_err());
+    registry
+        .record_provisioning(&write("SN-P", "c2", stale(AT)))
+        .await
+        .unwrap();
+    let provisioning = provisioned(&registry, "SN-P").await.provisioning.unwrap();
+    assert_eq!(provisioning.certificate_id, "c2");
+    assert_eq!(provisioning.replaced_certificate_id.as_deref(), Some("c1"));
+}
+
+#[tokio::test]
+async fn a_claim_is_spent_with_the_provisioning_in_one_transaction() {
+    let (_aws, registry) = with_table().await;
+    for serial in ["SN-A", "SN-B"] {
+        registry
+            .put(&DeviceRecord::allowed(DeviceId::Serial(serial.into())))
+            .await
+            .unwrap();
+    }
+    registry
+        .put_claim(&ClaimRecord {
+            certificate_id: "claim-1".into(),
+            issued_to: "installer".into(),
+            serial: None,
+            issued_at: AT - 60,
+            valid_until: AT + 240,
+            retain_until: AT + 86_400,
+            used: None,
+        })
+        .await
+        .unwrap();
+    let spending = |serial: &str, cert: &str, replaces| ProvisioningWrite {
+        spend_claim: Some(ClaimUse {
+            claim_certificate_id: "claim-1".into(),
+            at: AT,
+        }),
+        ..write(serial, cert, replaces)
+    };
+    registry
+        .record_provisioning(&spending("SN-A", "c1", Replaces::Nothing))
+        .await
+        .unwrap();
+    let claim = registry.get_claim("claim-1").await.unwrap().unwrap();
+    assert_eq!(
+        claim.used,
+        Some(ClaimUsed {
+            certificate_id: "c1".into(),
+            serial: "SN-A".into(),
+            at: AT
+        })
+    );
+    // AWS IoT retrying with the same certificate spends nothing new.
+    registry
+        .record_provisioning(&spending("SN-A", "c1", Replaces::Itself))
+        .await
+        .unwrap();
+    // The same claim for another serial: refused, and SN-B stays unprovisioned.
+    assert_eq!(
+        registry
+            .record_provisioning(&spending("SN-B", "c2", Replaces::Nothing))
+            .await,
+        Err(RegistryError::ClaimSpent("claim-1".into()))
+    );
+    assert_eq!(provisioned(&registry, "SN-B").await.provisioning, None);
 }
 
 #[tokio::test]
@@ -265,7 +394,7 @@ async fn concurrent_provisioning_lets_exactly_one_certificate_in() {
             let registry = Arc::clone(&registry);
             tokio::spawn(async move {
                 registry
-                    .record_provisioning("SN-RACE", &provisioning(&format!("cert-{i}")))
+                    .record_provisioning(&write("SN-RACE", &format!("cert-{i}"), Replaces::Nothing))
                     .await
             })
         })

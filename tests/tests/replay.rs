@@ -94,3 +94,118 @@ fn client_context_files_are_valid_header_values() {
     }
     assert!(checked >= 2);
 }
+
+fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The hole: `tests/Cargo.toml` enabled `local-replay` on `shared`, and features unify across
+/// the workspace, so `cargo build --workspace --release` put the local Runtime API proxy into
+/// the deployed functions. No member may enable it; the functions' own feature stays opt-in.
+#[test]
+fn local_replay_is_enabled_by_no_workspace_member() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = std::process::Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    let host = version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // This machine's platform only: the others' dependencies need not be downloaded.
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", host])
+        .current_dir(workspace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = metadata["resolve"]["nodes"].as_array().unwrap();
+    let mut checked = 0;
+    for node in nodes {
+        let id = node["id"].as_str().unwrap_or("");
+        let ours = [
+            "shared",
+            "azure-dps-register",
+            "fleet-prehook",
+            "claim-issuer",
+        ]
+        .iter()
+        .any(|name| id.contains(&format!("/{name}#")) || id.contains(&format!("#{name}@")));
+        if !ours {
+            continue;
+        }
+        checked += 1;
+        let features: Vec<&str> = node["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        assert!(!features.contains(&"local-replay"), "{id}: {features:?}");
+    }
+    assert_eq!(
+        checked, 4,
+        "found {checked} of the four crates in the metadata"
+    );
+}
+
+/// And should anything enable it in a release build, that build fails: the guard compiled as
+/// the release profile compiles it (no debug assertions) refuses, in a debug build it is silent.
+#[test]
+fn a_release_build_with_local_replay_does_not_compile() {
+    let guard = workspace().join("shared/src/replay/release_guard.rs");
+    let out_dir = std::env::temp_dir().join(format!("release-guard-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let compile = |feature: bool, debug_assertions: bool| {
+        let mut rustc =
+            std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
+        rustc
+            .args([
+                "--edition",
+                "2021",
+                "--crate-type",
+                "lib",
+                "--emit",
+                "metadata",
+            ])
+            .arg("--out-dir")
+            .arg(&out_dir)
+            .args(["--crate-name", "release_guard"])
+            .args([
+                "-C",
+                &format!(
+                    "debug-assertions={}",
+                    if debug_assertions { "on" } else { "off" }
+                ),
+            ]);
+        if feature {
+            rustc.args(["--cfg", "feature=\"local-replay\""]);
+        }
+        rustc.arg(&guard).output().unwrap()
+    };
+    let release = compile(true, false);
+    assert!(!release.status.success());
+    assert!(
+        String::from_utf8_lossy(&release.stderr).contains("never be part of a release build"),
+        "{}",
+        String::from_utf8_lossy(&release.stderr)
+    );
+    assert!(
+        compile(true, true).status.success(),
+        "debug build with the feature"
+    );
+    assert!(
+        compile(false, false).status.success(),
+        "release build without it"
+    );
+    let _ = std::fs::remove_dir_all(out_dir);
+}

@@ -5,15 +5,18 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use lambda_runtime::Context;
-use serde::Serialize;
 use serde_json::Value;
 use shared::dps::{self, Assignment, DpsError, RegistrationRequest};
 use shared::keys::SymmetricKey;
-use shared::registry::{DeviceId, DeviceRegistry, DeviceStatus, Registration, RegistryError};
+use shared::registry::{
+    DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, EntryRefusal, Registration, RegistryError,
+};
 use shared::secrets::{load_key, KeyLookupError, SecretError};
 use shared::soracom::SimIdentity;
+use tokio::time::{timeout_at, Instant};
 
-use crate::config::KeySource;
+pub use crate::answer::{Refused, Response};
+use crate::config::{Config, KeySource};
 use crate::state::State;
 use shared::clock::unix_now;
 
@@ -21,61 +24,62 @@ use shared::clock::unix_now;
 pub const MAX_BODY_BYTES: usize = 4096;
 /// Kept free before the Lambda deadline to answer and log.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(700);
+/// Without a Lambda deadline (tests, local tools): time for the table and the record besides
+/// the DPS budget.
+const UNBOUNDED_EXTRA: Duration = Duration::from_secs(4);
+/// Lambda's longest timeout. A deadline further in the past than this is no real invocation's
+/// deadline: `cargo lambda watch` (1.9.2, `functions_router.rs`) sends the constant
+/// `lambda-runtime-deadline-ms: 600000` (1970), and is treated as having none.
+const LONGEST_INVOCATION: Duration = Duration::from_secs(15 * 60);
+/// Retry hint when the cause says nothing better.
+const RETRY_SOON: Duration = Duration::from_secs(2);
 
-/// What Funk hands back to the device. The firmware reads `statusCode` and `body`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Response {
-    pub status_code: u16,
-    /// On success `HostName=...;DeviceId=...;SharedAccessKey=...`; otherwise a short reason.
-    pub body: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<&'static str>,
-    /// Seconds after which a retry may succeed (throttling, timeouts).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub assigned_hub: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
-}
-
-/// A refusal: status, stable code for logs and clients, and a short secret-free reason.
+/// A refusal, with the detail that only the log sees.
 #[derive(Debug)]
 struct Refusal {
-    status: u16,
-    code: &'static str,
-    reason: String,
-    retry_after: Option<u64>,
+    refused: Refused,
+    detail: String,
+    retry_after: Option<Duration>,
 }
 
-fn refuse(status: u16, code: &'static str, reason: impl Into<String>) -> Refusal {
+fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
     Refusal {
-        status,
-        code,
-        reason: reason.into(),
+        refused,
+        detail: detail.into(),
         retry_after: None,
     }
 }
 
 impl Refusal {
     fn retry_in(mut self, after: Duration) -> Self {
-        self.retry_after = Some(after.as_secs().max(1));
+        self.retry_after = Some(after.max(Duration::from_secs(1)));
         self
     }
 }
 
+/// A registration DPS accepted.
+struct Registered {
+    registration_id: String,
+    assignment: Assignment,
+    key: SymmetricKey,
+}
+
 /// Handles one Funk invocation. Never fails: every outcome is a `Response`.
 pub async fn handle(event: Value, context: &Context, state: &State) -> Response {
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     let imsi = context
         .client_context
         .as_ref()
         .and_then(|c| c.custom.get("imsi"))
         .cloned()
         .unwrap_or_default();
-    match register(event, context, state).await {
-        Ok((registration_id, assignment, key)) => {
+    // Boxed: the registration's future nests deep enough to exceed the compiler's layout depth.
+    match Box::pin(register(event, context, state)).await {
+        Ok(Registered {
+            registration_id,
+            assignment,
+            key,
+        }) => {
             tracing::info!(
                 outcome = "registered", imsi = %imsi, registration_id = %registration_id,
                 assigned_hub = %assignment.assigned_hub, device_id = %assignment.device_id,
@@ -99,109 +103,73 @@ pub async fn handle(event: Value, context: &Context, state: &State) -> Response 
         }
         Err(refusal) => {
             tracing::warn!(
-                outcome = "refused", imsi = %imsi, status = refusal.status, error = refusal.code,
-                reason = %refusal.reason, elapsed_ms = started.elapsed().as_millis() as u64,
+                outcome = "refused", imsi = %imsi, status = refusal.refused.status(),
+                error = refusal.refused.code(), reason = %refusal.detail,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "device not registered"
             );
-            Response {
-                status_code: refusal.status,
-                body: refusal.reason,
-                error: Some(refusal.code),
-                retry_after: refusal.retry_after,
-                assigned_hub: None,
-                device_id: None,
-            }
+            Response::refused(refusal.refused, refusal.retry_after)
         }
     }
 }
 
-async fn register(
-    event: Value,
-    context: &Context,
-    state: &State,
-) -> Result<(String, Assignment, SymmetricKey), Refusal> {
+/// When the invocation must have its answer, and until when DPS may be waited for.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    answer_by: Instant,
+    dps_until: Instant,
+}
+
+/// The Lambda deadline less a margin (already past if the deadline is), and DPS's share of it:
+/// never more than `budget` from now.
+fn deadlines(context: &Context, budget: Duration) -> Deadlines {
+    let now = Instant::now();
+    let unbounded = now + budget + UNBOUNDED_EXTRA;
+    let answer_by = match context.deadline().duration_since(SystemTime::now()) {
+        _ if context.deadline == 0 => unbounded,
+        Ok(left) => now + left.saturating_sub(DEADLINE_MARGIN),
+        Err(past) if past.duration() <= LONGEST_INVOCATION => now,
+        Err(_) => unbounded,
+    };
+    Deadlines {
+        answer_by,
+        dps_until: answer_by.min(now + budget),
+    }
+}
+
+async fn register(event: Value, context: &Context, state: &State) -> Result<Registered, Refusal> {
     let config = &state.config;
-    // Identity comes only from the client context that Funk sets, never from the body.
-    let custom = context
-        .client_context
-        .as_ref()
-        .map(|c| &c.custom)
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| {
-            refuse(
-                403,
-                "no-identity",
-                "no SORACOM identity: invoke through SORACOM Funk",
-            )
-        })?;
-    let sim =
-        SimIdentity::from_custom(custom).map_err(|e| refuse(403, "bad-identity", e.to_string()))?;
-    if !config.allowed_operators.is_empty() && !config.allowed_operators.contains(&sim.operator_id)
-    {
+    let deadlines = deadlines(context, config.dps_budget);
+    if deadlines.answer_by <= Instant::now() {
         return Err(refuse(
-            403,
-            "operator-not-allowed",
-            "SIM belongs to an operator that is not allowed",
-        ));
+            Refused::DpsTimeout,
+            "the invocation deadline has passed; nothing attempted",
+        )
+        .retry_in(RETRY_SOON));
     }
+    let sim = identify(context, config)?;
+    let payload = device_payload(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
+    let registration_id = registration_id(config, &sim)?;
 
-    let payload = device_payload(&event).map_err(|reason| refuse(400, "bad-request", reason))?;
-
-    let registration_id = config
-        .registration_id
-        .render(&sim.imsi, sim.sim_id.as_deref())
-        .ok_or_else(|| {
-            refuse(
-                403,
-                "bad-identity",
-                "client context lacks simId, which REGISTRATION_ID_TEMPLATE needs",
-            )
-        })?;
-    if !is_registration_id(&registration_id) {
-        return Err(refuse(
-            500,
-            "misconfigured",
-            "registration id is not 1-128 of a-z A-Z 0-9 - . _ :",
-        ));
-    }
-
-    // The SIM's entry and its key, fetched together: a cold start waits for one round trip
+    // The SIM's entries and its key, fetched together: a cold start waits for one round trip
     // instead of two (measured by `make bench`). A refused SIM's key is dropped unused.
-    let sim_id = DeviceId::Sim(sim.imsi.clone());
-    let (record, key) = tokio::join!(
-        state.registry.get(&sim_id),
-        device_key(state, &sim.imsi, &registration_id)
-    );
-    let record = record.map_err(registry_refusal)?;
-    // A SIM known only from its own earlier registrations was never listed: it is treated as
-    // not in the table (found by the fault tests: it used to read as blocked, so every unlisted
-    // SIM could register exactly once).
-    let listed = record
-        .as_ref()
-        .filter(|r| r.status != DeviceStatus::Unlisted);
-    match listed {
-        Some(r) => {
-            if let Some(why) = r.refusal(unix_now()) {
-                return Err(refuse(
-                    403,
-                    if why == "expired" {
-                        "sim-expired"
-                    } else {
-                        "sim-blocked"
-                    },
-                    format!("SIM is {why}"),
-                ));
-            }
-        }
-        None if config.require_allowlist => {
-            return Err(refuse(403, "sim-unknown", "SIM is not in the device table"));
-        }
-        None => {}
-    }
-
+    let (cleared, key) = timeout_at(deadlines.answer_by, async {
+        tokio::join!(
+            check_sim(state, &sim),
+            device_key(state, &sim.imsi, &registration_id)
+        )
+    })
+    .await
+    .map_err(|_| {
+        refuse(
+            Refused::RegistryUnavailable,
+            "device table or key store gave no answer before the deadline",
+        )
+        .retry_in(RETRY_SOON)
+    })?;
+    cleared?;
     let key = key?;
 
-    let deadline = dps_deadline(context, config.dps_budget);
     let tls = state.tls.get().await.map_err(dps_refusal)?;
     let request = RegistrationRequest {
         endpoint: &config.endpoint,
@@ -211,39 +179,135 @@ async fn register(
         payload: payload.as_ref(),
         tls,
     };
-    let assignment = dps::register(&request, deadline)
+    let assignment = dps::register(&request, deadlines.dps_until)
         .await
         .map_err(dps_refusal)?;
+    record(state, &sim.imsi, &registration_id, &assignment, deadlines).await;
+    Ok(Registered {
+        registration_id,
+        assignment,
+        key,
+    })
+}
 
+/// The SIM as SORACOM identifies it, from the client context only (never the body), of an
+/// allowed operator.
+fn identify(context: &Context, config: &Config) -> Result<SimIdentity, Refusal> {
+    let custom = context
+        .client_context
+        .as_ref()
+        .map(|c| &c.custom)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| refuse(Refused::NoIdentity, "no client context"))?;
+    let sim = SimIdentity::from_custom(custom)
+        .map_err(|e| refuse(Refused::BadIdentity, e.to_string()))?;
+    if !config.allowed_operators.is_empty() && !config.allowed_operators.contains(&sim.operator_id)
+    {
+        return Err(refuse(
+            Refused::OperatorNotAllowed,
+            format!(
+                "operator {} is not in ALLOWED_OPERATOR_IDS",
+                sim.operator_id
+            ),
+        ));
+    }
+    Ok(sim)
+}
+
+fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal> {
+    let id = config
+        .registration_id
+        .render(&sim.imsi, sim.sim_id.as_deref())
+        .ok_or_else(|| {
+            refuse(
+                Refused::BadIdentity,
+                "client context lacks simId, which REGISTRATION_ID_TEMPLATE needs",
+            )
+        })?;
+    if !is_registration_id(&id) {
+        return Err(refuse(
+            Refused::Misconfigured,
+            "registration id is not 1-128 of a-z A-Z 0-9 - . _ :",
+        ));
+    }
+    Ok(id)
+}
+
+/// The device table's say on this SIM: its IMSI's entry and, when Funk names the SIM card, the
+/// card's entry, so that blocking a multi-IMSI SIM holds whichever subscription it uses.
+async fn check_sim(state: &State, sim: &SimIdentity) -> Result<(), Refusal> {
+    let imsi = DeviceId::Sim(sim.imsi.clone());
+    let by_imsi = state.registry.get(&imsi);
+    let by_card = async {
+        match &sim.sim_id {
+            Some(sim_id) => state.registry.get(&DeviceId::SimCard(sim_id.clone())).await,
+            None => Ok(None),
+        }
+    };
+    let (by_imsi, by_card) = tokio::join!(by_imsi, by_card);
+    let entries = [
+        by_imsi.map_err(registry_refusal)?,
+        by_card.map_err(registry_refusal)?,
+    ];
+    sim_verdict(&entries, unix_now(), state.config.require_allowlist)
+}
+
+/// Either entry blocked or expired refuses; with the allowlist required, one must allow. An
+/// entry nobody listed (only this function's own records on it) counts as absent, never as
+/// allowed and never as blocked.
+fn sim_verdict(
+    entries: &[Option<DeviceRecord>],
+    now: u64,
+    require_allowlist: bool,
+) -> Result<(), Refusal> {
+    let listed: Vec<&DeviceRecord> = entries
+        .iter()
+        .flatten()
+        .filter(|r| r.status != DeviceStatus::Unlisted)
+        .collect();
+    let refusals: Vec<EntryRefusal> = listed.iter().filter_map(|r| r.refusal(now)).collect();
+    if refusals.contains(&EntryRefusal::Blocked) {
+        return Err(refuse(Refused::SimBlocked, "SIM or SIM card is blocked"));
+    }
+    if refusals.contains(&EntryRefusal::Expired) {
+        return Err(refuse(Refused::SimExpired, "SIM or SIM card entry expired"));
+    }
+    if listed.is_empty() && require_allowlist {
+        return Err(refuse(
+            Refused::SimUnknown,
+            "neither the IMSI nor the SIM ID is in the device table",
+        ));
+    }
+    Ok(())
+}
+
+/// Records the registration for operators. DPS has registered the device; failing the device
+/// now would only make it retry, so a failed or late write is logged loudly instead, and it
+/// never holds the answer past the deadline.
+async fn record(
+    state: &State,
+    imsi: &str,
+    registration_id: &str,
+    assignment: &Assignment,
+    deadlines: Deadlines,
+) {
     let recorded = Registration {
-        registration_id: registration_id.clone(),
+        registration_id: registration_id.to_owned(),
         assigned_hub: assignment.assigned_hub.clone(),
         device_id: assignment.device_id.clone(),
         registered_at: unix_now(),
     };
-    // DPS has registered the device; failing the device now would only make it retry. The
-    // record is for operators, so a failed write is logged loudly instead.
-    if let Err(e) = state
-        .registry
-        .record_registration(&sim.imsi, &recorded)
-        .await
-    {
-        tracing::error!(imsi = %sim.imsi, error = %e, "registration not recorded in the device table");
+    let write = state.registry.record_registration(imsi, &recorded);
+    match timeout_at(deadlines.answer_by, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(imsi = %imsi, error = %e, "registration not recorded in the device table")
+        }
+        Err(_) => tracing::error!(
+            imsi = %imsi,
+            "registration not recorded: the device table did not answer before the deadline"
+        ),
     }
-    Ok((registration_id, assignment, key))
-}
-
-/// The Lambda deadline less a margin, and never more than `budget` from now.
-fn dps_deadline(context: &Context, budget: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    let remaining = context
-        .deadline()
-        .duration_since(SystemTime::now())
-        .ok()
-        .filter(|_| context.deadline > 0)
-        .map(|d| d.saturating_sub(DEADLINE_MARGIN))
-        .unwrap_or(budget);
-    now + remaining.min(budget)
 }
 
 fn is_registration_id(id: &str) -> bool {
@@ -253,6 +317,8 @@ fn is_registration_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
 }
 
+/// The device key: derived from the (cached) group key, or the SIM's individual key, which is
+/// never cached: a refused SIM's key must not stay in memory.
 async fn device_key(
     state: &State,
     imsi: &str,
@@ -264,65 +330,61 @@ async fn device_key(
             .map(|group| group.derive_device_key(registration_id))
             .map_err(|e| (e, false)),
         KeySource::IndividualSsm { prefix } => {
-            load_key(&state.keys, &format!("{prefix}{registration_id}"))
+            load_key(state.keys.uncached(), &format!("{prefix}{registration_id}"))
                 .await
                 .map_err(|e| (e, true))
         }
         KeySource::IndividualDynamoDb => {
-            load_key(&state.keys, &DeviceId::Sim(imsi.to_owned()).key())
+            load_key(state.keys.uncached(), &DeviceId::Sim(imsi.to_owned()).key())
                 .await
                 .map_err(|e| (e, true))
         }
     };
-    lookup.map_err(|(error, per_device)| match error {
+    lookup.map_err(|(error, per_device)| key_refusal(error, per_device))
+}
+
+fn key_refusal(error: KeyLookupError, per_device: bool) -> Refusal {
+    match error {
         // No individual key: this SIM has no enrollment. No group key: the function is broken.
-        KeyLookupError::Secret(SecretError::NotFound(_)) if per_device => refuse(
-            403,
-            "no-enrollment",
-            "no individual enrollment for this SIM",
-        ),
+        KeyLookupError::Secret(SecretError::NotFound(_)) if per_device => {
+            refuse(Refused::NoEnrollment, "no individual key for this SIM")
+        }
         KeyLookupError::Secret(e) if e.is_transient() => {
-            refuse(503, "key-store-unavailable", "key store unavailable")
-                .retry_in(Duration::from_secs(2))
+            refuse(Refused::KeyStoreUnavailable, e.to_string()).retry_in(RETRY_SOON)
         }
-        other => {
-            tracing::error!(error = %other, "device key unavailable");
-            refuse(500, "misconfigured", "device key unavailable")
-        }
-    })
+        other => refuse(Refused::Misconfigured, other.to_string()),
+    }
 }
 
 fn registry_refusal(e: RegistryError) -> Refusal {
     match e {
-        RegistryError::Malformed { .. } => refuse(500, "misconfigured", e.to_string()),
-        _ => refuse(503, "registry-unavailable", "device table unavailable")
-            .retry_in(Duration::from_secs(2)),
+        RegistryError::Malformed { .. } => refuse(Refused::Misconfigured, e.to_string()),
+        _ => refuse(Refused::RegistryUnavailable, e.to_string()).retry_in(RETRY_SOON),
     }
 }
 
+/// Final only when the device may not register; everything that may pass on its own comes
+/// with `retryAfter`.
 fn dps_refusal(e: DpsError) -> Refusal {
-    let reason = e.to_string();
+    let detail = e.to_string();
     match &e {
-        DpsError::Unauthorized(_) => refuse(403, "enrollment-refused", reason),
-        DpsError::Rejected {
+        DpsError::Unauthorized(_)
+        | DpsError::Rejected {
             status: 401 | 403 | 404,
             ..
-        } => refuse(403, "enrollment-refused", reason),
-        DpsError::NotAssigned { .. } => refuse(403, "enrollment-not-assigned", reason),
-        DpsError::Throttled { retry_after } | DpsError::Deadline { retry_after } => refuse(
-            503,
-            if matches!(e, DpsError::Throttled { .. }) {
-                "dps-throttled"
-            } else {
-                "dps-timeout"
-            },
-            reason,
-        )
-        .retry_in(*retry_after),
-        DpsError::Upstream { .. } | DpsError::Connection(_) => refuse(502, "dps-failed", reason)
-            .retry_in(e.retry_after().unwrap_or(Duration::from_secs(2))),
+        } => refuse(Refused::EnrollmentRefused, detail),
+        DpsError::NotAssigned { .. } => refuse(Refused::EnrollmentNotAssigned, detail),
+        DpsError::Throttled { retry_after } => {
+            refuse(Refused::DpsThrottled, detail).retry_in(*retry_after)
+        }
+        DpsError::Deadline { retry_after } => {
+            refuse(Refused::DpsTimeout, detail).retry_in(*retry_after)
+        }
+        DpsError::Upstream { .. } | DpsError::Connection(_) => {
+            refuse(Refused::DpsFailed, detail).retry_in(e.retry_after().unwrap_or(RETRY_SOON))
+        }
         DpsError::Rejected { .. } | DpsError::Protocol(_) | DpsError::Tls(_) => {
-            refuse(502, "dps-failed", reason)
+            refuse(Refused::DpsFailed, detail)
         }
     }
 }
@@ -422,21 +484,231 @@ mod tests {
         assert!(!is_registration_id(&"a".repeat(129)));
     }
 
-    #[test]
-    fn deadline_respects_budget_and_lambda_deadline() {
-        let budget = Duration::from_secs(8);
-        let no_deadline = Context::default();
-        let d = dps_deadline(&no_deadline, budget) - tokio::time::Instant::now();
-        assert!(d <= budget && d > Duration::from_secs(7));
-
-        let mut soon = Context::default();
-        let in_two = SystemTime::now() + Duration::from_secs(2);
-        soon.deadline = in_two
+    fn context_with_deadline_in(offset: Duration, past: bool) -> Context {
+        let mut context = Context::default();
+        let at = if past {
+            SystemTime::now() - offset
+        } else {
+            SystemTime::now() + offset
+        };
+        context.deadline = at
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        let d = dps_deadline(&soon, budget) - tokio::time::Instant::now();
-        assert!(d <= Duration::from_millis(1300), "{d:?}");
+        context
+    }
+
+    #[test]
+    fn deadlines_respect_budget_and_lambda_deadline() {
+        let budget = Duration::from_secs(8);
+        let d = deadlines(&Context::default(), budget);
+        let dps = d.dps_until - Instant::now();
+        assert!(dps <= budget && dps > Duration::from_secs(7), "{dps:?}");
+        assert!(d.answer_by > d.dps_until);
+
+        let soon = deadlines(
+            &context_with_deadline_in(Duration::from_secs(2), false),
+            budget,
+        );
+        let dps = soon.dps_until - Instant::now();
+        assert!(dps <= Duration::from_millis(1300), "{dps:?}");
+        assert_eq!(soon.dps_until, soon.answer_by);
+    }
+
+    #[test]
+    fn the_emulators_constant_deadline_is_no_deadline() {
+        // cargo lambda watch sends 600000 ms after the epoch for every invocation.
+        let mut context = Context::default();
+        context.deadline = 600_000;
+        let d = deadlines(&context, Duration::from_secs(8));
+        assert!(d.dps_until - Instant::now() > Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_passed_lambda_deadline_leaves_no_time_at_all() {
+        // It used to fall back to the 8 s budget: work for an invocation Lambda had given up on.
+        let passed = deadlines(
+            &context_with_deadline_in(Duration::from_secs(1), true),
+            Duration::from_secs(8),
+        );
+        assert!(passed.answer_by <= Instant::now());
+        assert!(passed.dps_until <= Instant::now());
+    }
+
+    fn entry(id: DeviceId, status: DeviceStatus, valid_until: Option<u64>) -> Option<DeviceRecord> {
+        let mut record = DeviceRecord::allowed(id);
+        record.status = status;
+        record.valid_until = valid_until;
+        Some(record)
+    }
+
+    #[test]
+    fn blocking_follows_the_sim_card_not_one_of_its_imsis() {
+        let imsi = || DeviceId::Sim("440103123456789".into());
+        let card = || DeviceId::SimCard("8981100012345678901".into());
+        let verdict = |entries: &[Option<DeviceRecord>], require| {
+            sim_verdict(entries, 100, require).map_err(|r| r.refused)
+        };
+        // The other IMSI of a blocked card: its own entry is absent or unlisted.
+        let blocked_card = entry(card(), DeviceStatus::Blocked, None);
+        assert_eq!(
+            verdict(&[None, blocked_card.clone()], false),
+            Err(Refused::SimBlocked)
+        );
+        let unlisted = entry(imsi(), DeviceStatus::Unlisted, None);
+        assert_eq!(
+            verdict(&[unlisted, blocked_card.clone()], false),
+            Err(Refused::SimBlocked)
+        );
+        // Blocked wins over allowed, whichever entry says it.
+        let allowed_imsi = entry(imsi(), DeviceStatus::Allowed, None);
+        assert_eq!(
+            verdict(&[allowed_imsi.clone(), blocked_card], true),
+            Err(Refused::SimBlocked)
+        );
+        let expired_card = entry(card(), DeviceStatus::Allowed, Some(100));
+        assert_eq!(
+            verdict(&[allowed_imsi.clone(), expired_card], true),
+            Err(Refused::SimExpired)
+        );
+        // The allowlist is satisfied by either entry.
+        let allowed_card = entry(card(), DeviceStatus::Allowed, None);
+        assert_eq!(verdict(&[None, allowed_card], true), Ok(()));
+        assert_eq!(verdict(&[allowed_imsi, None], true), Ok(()));
+        assert_eq!(verdict(&[None, None], true), Err(Refused::SimUnknown));
+        assert_eq!(verdict(&[None, None], false), Ok(()));
+    }
+
+    mod failures {
+        use super::*;
+        use proptest::prelude::*;
+        use shared::keys::KeyError;
+        use shared::strategies::text;
+
+        /// Internal text with a marker no sentence contains, so a leak is unmistakable.
+        fn internal() -> impl Strategy<Value = String> {
+            text().prop_map(|t| format!("INTERNAL<{t}>"))
+        }
+
+        fn dps_error() -> impl Strategy<Value = DpsError> {
+            let secs = (0u64..120).prop_map(Duration::from_secs);
+            prop_oneof![
+                internal().prop_map(DpsError::Unauthorized),
+                (any::<u16>(), any::<i64>())
+                    .prop_map(|(status, error_code)| DpsError::Rejected { status, error_code }),
+                (internal(), any::<i64>())
+                    .prop_map(|(status, error_code)| DpsError::NotAssigned { status, error_code }),
+                secs.clone()
+                    .prop_map(|retry_after| DpsError::Throttled { retry_after }),
+                any::<u16>().prop_map(|status| DpsError::Upstream { status }),
+                secs.prop_map(|retry_after| DpsError::Deadline { retry_after }),
+                internal().prop_map(DpsError::Connection),
+                internal().prop_map(DpsError::Protocol),
+                internal().prop_map(DpsError::Tls),
+            ]
+        }
+
+        fn registry_error() -> impl Strategy<Value = RegistryError> {
+            prop_oneof![
+                internal().prop_map(RegistryError::Conflict),
+                internal().prop_map(RegistryError::ClaimSpent),
+                Just(RegistryError::Throttled),
+                internal().prop_map(RegistryError::Unavailable),
+                internal().prop_map(|key| RegistryError::Malformed {
+                    key,
+                    field: "status"
+                }),
+            ]
+        }
+
+        fn key_error() -> impl Strategy<Value = (KeyLookupError, bool)> {
+            let secret = prop_oneof![
+                internal().prop_map(SecretError::NotFound),
+                internal().prop_map(SecretError::NotEncrypted),
+                internal().prop_map(SecretError::Empty),
+                internal().prop_map(SecretError::Throttled),
+                (internal(), internal())
+                    .prop_map(|(name, reason)| SecretError::Unavailable { name, reason }),
+            ];
+            let lookup = prop_oneof![
+                secret.prop_map(KeyLookupError::Secret),
+                internal().prop_map(|name| KeyLookupError::Key {
+                    name,
+                    source: KeyError::NotBase64
+                }),
+            ];
+            (lookup, any::<bool>())
+        }
+
+        /// A context as the runtime builds it from the Runtime API's raw-JSON header.
+        fn client_context(custom: Vec<(String, String)>) -> Option<Context> {
+            let custom: serde_json::Map<String, Value> = custom
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            let json = serde_json::json!({ "custom": custom }).to_string();
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "lambda-runtime-client-context",
+                http::HeaderValue::from_bytes(json.as_bytes()).ok()?,
+            );
+            headers.insert(
+                "lambda-runtime-deadline-ms",
+                http::HeaderValue::from_static("0"),
+            );
+            Context::new("test", Default::default(), &headers).ok()
+        }
+
+        fn checked(refusal: Refusal) -> Result<(), TestCaseError> {
+            let response = Response::refused(refusal.refused, refusal.retry_after);
+            prop_assert!(
+                Refused::ALL.iter().any(|r| r.sentence() == response.body
+                    && Some(r.code()) == response.error
+                    && r.status() == response.status_code),
+                "not a fixed answer: {}",
+                response.outline()
+            );
+            prop_assert!(!response.body.contains("INTERNAL<"));
+            Ok(())
+        }
+
+        proptest! {
+            /// Every failure path the handler maps (DPS, the device table, the key store, the
+            /// SIM identity, the body) answers with its code's fixed sentence and nothing of
+            /// the cause's own text.
+            #[test]
+            fn every_failure_answers_a_fixed_sentence(
+                dps in dps_error(),
+                registry in registry_error(),
+                (key, per_device) in key_error(),
+                custom in proptest::collection::vec(
+                    (prop_oneof![Just("imsi".to_owned()), Just("operatorId".to_owned()), Just("srn".to_owned()), internal()], internal()),
+                    0..4,
+                ),
+                body in shared::strategies::json_with_keys(KEYS),
+            ) {
+                checked(dps_refusal(dps))?;
+                checked(registry_refusal(registry))?;
+                checked(key_refusal(key, per_device))?;
+                let config = crate::config::Config::from_env(&[
+                    ("DPS_ID_SCOPE", "0ne00000001"),
+                    ("GROUP_KEY_PARAMETER", "/k"),
+                    ("DEVICES_TABLE", "d"),
+                    ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
+                ]).unwrap();
+                if let Some(context) = client_context(custom) {
+                    if let Err(refusal) = identify(&context, &config) {
+                        checked(refusal)?;
+                    }
+                }
+                if let Err(refusal) = identify(&Context::default(), &config) {
+                    checked(refusal)?;
+                }
+                if let Err(reason) = device_payload(&body) {
+                    checked(refuse(Refused::BadRequest, reason))?;
+                }
+            }
+        }
     }
 
     const KEYS: &[&str] = &["payload", "body", "data", "isBase64Encoded", "a"];

@@ -4,6 +4,7 @@
 //! `main.rs` only initialises; [`handler::handle`] is the per-invocation logic, [`state::State`]
 //! the cold-start state, [`config::Config`] the environment.
 
+pub mod answer;
 pub mod config;
 pub mod handler;
 pub mod state;

@@ -112,7 +112,7 @@ impl State {
             KeySource::IndividualDynamoDb => KeyStore::Dynamo(DynamoSecretStore::new(
                 dynamodb.clone(),
                 &config.devices_table,
-                "device_key",
+                shared::registry::DEVICE_KEY_ATTRIBUTE,
             )),
         };
         Ok(Self {

@@ -19,6 +19,8 @@ pub struct Config {
     pub iot_data_endpoint: Option<String>,
     pub audit_retention_seconds: u64,
     pub serial_pattern: Regex,
+    /// Claims without a serial: whoever holds one provisions the first allowed serial they name.
+    pub allow_unbound_claims: bool,
 }
 
 impl Config {
@@ -61,6 +63,12 @@ impl Config {
             iot_data_endpoint: config::optional(env, "IOT_DATA_ENDPOINT"),
             audit_retention_seconds: retention_days * 86_400,
             serial_pattern: config::pattern(env, "SERIAL_PATTERN", DEFAULT_SERIAL_PATTERN)?,
+            allow_unbound_claims: config::parsed(
+                env,
+                "ALLOW_UNBOUND_CLAIMS",
+                false,
+                "true or false",
+            )?,
         })
     }
 }
@@ -74,6 +82,7 @@ mod tests {
         let c = Config::from_env(&[("PROVISIONING_TEMPLATE", "fleet"), ("DEVICES_TABLE", "d")])
             .unwrap();
         assert_eq!(c.allowed_templates, vec!["fleet"]);
+        assert!(!c.allow_unbound_claims);
         assert_eq!(
             (
                 c.installer_group.as_str(),

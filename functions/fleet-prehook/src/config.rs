@@ -16,6 +16,8 @@ pub struct Config {
     pub require_claim_record: bool,
     /// Decide within this time; AWS IoT gives the hook 5 s and denies on timeout.
     pub budget: Duration,
+    /// How long a provisioning stays pending before another certificate may replace it.
+    pub pending: Duration,
 }
 
 impl Config {
@@ -45,6 +47,12 @@ impl Config {
                 "true or false",
             )?,
             budget,
+            pending: Duration::from_secs(config::parsed(
+                env,
+                "PENDING_SECONDS",
+                600,
+                "a number of seconds",
+            )?),
         })
     }
 }
@@ -60,6 +68,9 @@ mod tests {
         assert!(c.serial_pattern.is_match("SN-0001"));
         assert!(!c.serial_pattern.is_match("../etc"));
         assert!(!c.serial_pattern.is_match(&"a".repeat(65)));
+        // AWS IoT thing names have no '.': such a serial would pass the hook and fail in IoT.
+        assert!(!c.serial_pattern.is_match("SN.0001"));
+        assert_eq!(c.pending, Duration::from_secs(600));
         assert_eq!(
             Config::from_env(&[("X", "y")]).unwrap_err(),
             ConfigError::Missing("DEVICES_TABLE")
@@ -68,6 +79,7 @@ mod tests {
             ("SERIAL_PATTERN", "("),
             ("DECISION_BUDGET_MS", "5000"),
             ("REQUIRE_CLAIM_RECORD", "maybe"),
+            ("PENDING_SECONDS", "ten minutes"),
         ] {
             let err = Config::from_env(&[("DEVICES_TABLE", "d"), (name, value)]).unwrap_err();
             assert!(

@@ -5,7 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::registry::{DeviceId, DeviceRegistry, Provisioning, RegistryError};
+use std::time::Duration;
+
+use shared::registry::{
+    ClaimRecord, ClaimUse, DeviceId, DeviceRecord, DeviceRegistry, EntryRefusal, ProvisioningState,
+    ProvisioningWrite, RegistryError, Replaces,
+};
 
 use crate::config::Config;
 use shared::clock::unix_now;
@@ -162,76 +167,142 @@ async fn check(
     ctx.serial = serial.clone();
 
     // 2. Known and allowed.
+    let now = unix_now();
     let record = registry
         .get(&DeviceId::Serial(serial.clone()))
         .await
         .map_err(registry_denial)?
         .ok_or_else(|| deny("unknown-serial", "serial is not in the device table"))?;
-    if let Some(why) = record.refusal(unix_now()) {
+    if let Some(why) = record.refusal(now) {
         return Err(match why {
-            "expired" => deny("serial-expired", "serial is expired"),
-            "unlisted" => deny("unknown-serial", "serial is not listed in the device table"),
-            _ => deny("serial-blocked", format!("serial is {why}")),
+            EntryRefusal::Expired => deny("serial-expired", "serial is expired"),
+            EntryRefusal::Unlisted => {
+                deny("unknown-serial", "serial is not listed in the device table")
+            }
+            EntryRefusal::Blocked => deny("serial-blocked", "serial is blocked"),
         });
     }
 
-    // 3. Not provisioned with another certificate, unless re-provisioning is allowed.
-    if let Some(previous) = &record.provisioning {
-        if previous.certificate_id != certificate_id && !record.allow_reprovision {
-            return Err(deny(
-                "already-provisioned",
-                "serial was provisioned with another certificate",
-            ));
-        }
-    }
+    // 3. What the new certificate replaces, if it may replace anything.
+    let replaces = replaces(&record, certificate_id, now, config.pending)?;
 
-    // 4. The claim certificate, if claim-issuer recorded it, is bound to this serial or none.
-    let claim = match request
+    // 4. The claim: recorded claims are bound, short-lived and good for one device.
+    let claim_id = request
         .claim_certificate_id
         .as_deref()
-        .filter(|c| !c.is_empty())
-    {
+        .filter(|c| !c.is_empty());
+    let claim = match claim_id {
         Some(id) => registry.get_claim(id).await.map_err(registry_denial)?,
         None => None,
     };
-    match &claim {
-        Some(c) if c.serial.as_deref().is_some_and(|bound| bound != serial) => {
-            return Err(deny(
-                "claim-bound-elsewhere",
-                "claim certificate is bound to another serial",
-            ));
-        }
-        None if config.require_claim_record => {
-            return Err(deny(
-                "claim-unknown",
-                "claim certificate was not issued by claim-issuer",
-            ));
-        }
-        _ => {}
-    }
+    let spend_claim = check_claim(claim.as_ref(), &serial, certificate_id, now, config)?;
 
-    // 5. Record it; the conditional write lets exactly one of two concurrent requests through.
-    let provisioning = Provisioning {
+    // 5. Record it; the conditions of one transaction let exactly one of two concurrent
+    //    requests through, for the serial and for the claim.
+    let write = ProvisioningWrite {
+        serial: serial.clone(),
         certificate_id: certificate_id.to_owned(),
-        claim_certificate_id: request
-            .claim_certificate_id
-            .clone()
-            .filter(|c| !c.is_empty()),
-        provisioned_at: unix_now(),
+        claim_certificate_id: claim_id.map(str::to_owned),
+        spend_claim,
+        at: now,
+        replaces,
     };
     registry
-        .record_provisioning(&serial, &provisioning)
+        .record_provisioning(&write)
         .await
         .map_err(|e| match e {
             RegistryError::Conflict(_) => deny(
                 "already-provisioned",
                 "another certificate won the race for this serial",
             ),
+            RegistryError::ClaimSpent(_) => deny(
+                "claim-already-used",
+                "the claim certificate was spent by a concurrent request",
+            ),
             other => registry_denial(other),
         })?;
 
     // Overrides come from the device record, never from what the device sent.
     Ok(record.overrides)
+}
+
+/// Whether `certificate_id` may become the serial's certificate, and what it replaces: nothing
+/// yet, itself (AWS IoT retrying), the old one once through `allow_reprovision`, or a pending
+/// one nobody confirmed within `pending` (AWS IoT failed after the hook's yes, or the device
+/// lost its new key).
+fn replaces(
+    record: &DeviceRecord,
+    certificate_id: &str,
+    now: u64,
+    pending: Duration,
+) -> Result<Replaces, Denial> {
+    let Some(previous) = &record.provisioning else {
+        return Ok(Replaces::Nothing);
+    };
+    let old = previous.certificate_id.clone();
+    if old == certificate_id {
+        return Ok(Replaces::Itself);
+    }
+    if record.allow_reprovision {
+        return Ok(Replaces::Reprovisioning { old });
+    }
+    let pending_since_before = now.saturating_sub(pending.as_secs());
+    if previous.state == ProvisioningState::Pending
+        && previous.provisioned_at <= pending_since_before
+    {
+        return Ok(Replaces::StalePending {
+            old,
+            pending_since_before,
+        });
+    }
+    Err(deny(
+        "already-provisioned",
+        "serial was provisioned with another certificate",
+    ))
+}
+
+/// The claim certificate's checks; the claim to spend if claim-issuer recorded it.
+fn check_claim(
+    claim: Option<&ClaimRecord>,
+    serial: &str,
+    certificate_id: &str,
+    now: u64,
+    config: &Config,
+) -> Result<Option<ClaimUse>, Denial> {
+    let Some(claim) = claim else {
+        return if config.require_claim_record {
+            Err(deny(
+                "claim-unknown",
+                "claim certificate was not issued by claim-issuer",
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    if claim.serial.as_deref().is_some_and(|bound| bound != serial) {
+        return Err(deny(
+            "claim-bound-elsewhere",
+            "claim certificate is bound to another serial",
+        ));
+    }
+    // TLS checked the certificate when the connection opened; a connection may outlive it.
+    if claim.valid_until <= now {
+        return Err(deny("claim-expired", "claim certificate has expired"));
+    }
+    if claim
+        .used
+        .as_ref()
+        .is_some_and(|used| used.certificate_id != certificate_id)
+    {
+        return Err(deny(
+            "claim-already-used",
+            "claim certificate already provisioned a device",
+        ));
+    }
+    Ok(Some(ClaimUse {
+        claim_certificate_id: claim.certificate_id.clone(),
+        at: now,
+    }))
 }
 
 fn registry_denial(e: RegistryError) -> Denial {
@@ -245,8 +316,6 @@ fn registry_denial(e: RegistryError) -> Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::registry::{ClaimRecord, DeviceRecord};
-    use std::time::Duration;
 
     /// A device table that knows no serial and no claim, and answers at once or never.
     struct Unhelpful {
@@ -270,11 +339,7 @@ mod tests {
         ) -> Result<(), RegistryError> {
             Ok(())
         }
-        async fn record_provisioning(
-            &self,
-            _: &str,
-            _: &Provisioning,
-        ) -> Result<(), RegistryError> {
+        async fn record_provisioning(&self, _: &ProvisioningWrite) -> Result<(), RegistryError> {
             Ok(())
         }
         async fn put_claim(&self, _: &ClaimRecord) -> Result<(), RegistryError> {

@@ -18,6 +18,10 @@ use tokio::time::Instant;
 use crate::files::{CERTIFICATE_FILE, PRIVATE_KEY_FILE, THING_FILE};
 use crate::session::Session;
 
+/// Client ids of claim connections begin with this: the claim policy admits only such ids, and
+/// no thing name can take one (thing names have no '.').
+pub const CLAIM_CLIENT_PREFIX: &str = "claim.";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("{0}")]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use fleet_device::{provision, Options};
+use fleet_device::{provision, Options, CLAIM_CLIENT_PREFIX};
 
 const USAGE: &str = "\
 usage: fleet-device --endpoint HOST[:PORT] --claim-cert FILE --claim-key FILE --template NAME
@@ -28,8 +28,9 @@ Prints the thing name on stdout; progress goes to stderr.
   --template NAME         the fleet provisioning template
   --param NAME=VALUE      a template parameter (repeatable), e.g. --param SerialNumber=SN-0001
   --csr                   make the key here and send a CSR
-  --client-id ID          MQTT client id for the claim connection (default: the SerialNumber
-                          parameter, or 'fleet-device')
+  --client-id ID          MQTT client id for the claim connection (default: claim.SERIAL for
+                          the SerialNumber parameter, or claim.fleet-device; the claim policy
+                          admits ids starting 'claim.', which no thing name can take)
   --out DIR               where to keep the new identity (refuses to replace one without --force)
   --timeout SECONDS       bound on the whole run (default 30)
   --verify                afterwards, connect once with the new certificate as the thing
@@ -89,9 +90,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
         ),
         None => (endpoint, 8883),
     };
-    let client_id = client_id
-        .or_else(|| parameters.get("SerialNumber").cloned())
-        .unwrap_or_else(|| "fleet-device".to_owned());
+    let client_id = client_id.unwrap_or_else(|| {
+        let name = parameters
+            .get("SerialNumber")
+            .map_or("fleet-device", String::as_str);
+        format!("{CLAIM_CLIENT_PREFIX}{name}")
+    });
     Ok(Options {
         host,
         port,
@@ -161,7 +165,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((o.host.as_str(), o.port), ("localhost", 18883));
-        assert_eq!(o.client_id, "SN-1");
+        assert_eq!(o.client_id, "claim.SN-1");
         assert_eq!(o.parameters["Location"], "a=b");
         assert!(o.csr && !o.verify && !o.force);
         assert_eq!(o.timeout, Duration::from_secs(5));

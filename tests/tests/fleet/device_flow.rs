@@ -123,7 +123,7 @@ impl Flow {
             template: TEMPLATE.into(),
             parameters: BTreeMap::from([("SerialNumber".to_owned(), serial.to_owned())]),
             csr,
-            client_id: serial.into(),
+            client_id: format!("claim.{serial}"),
             out_dir: self.dir.path().join(format!("identity-{serial}")),
             force: false,
             timeout: Duration::from_secs(20),
@@ -269,14 +269,12 @@ async fn an_expired_claim_certificate_is_refused_at_the_handshake() {
         "{result:?}"
     );
     assert_eq!(result.unwrap_err().exit_code(), 3);
-    assert!(
-        f.sim
-            .refusals()
-            .iter()
-            .any(|r| r.contains("certificate expired")),
-        "{:?}",
-        f.sim.refusals()
-    );
+    // The device saw the alert; the simulator records why it sent it right after.
+    let refusal = f
+        .sim
+        .refusal_containing("certificate expired", Duration::from_secs(5))
+        .await;
+    assert!(refusal.is_some(), "{:?}", f.sim.refusals());
     assert_eq!(
         f.sim.stats().certificates_created.load(Ordering::Relaxed),
         0
@@ -295,7 +293,7 @@ async fn an_ownership_token_is_single_use_and_a_pending_certificate_cannot_conne
     let mut session = Session::connect(
         "localhost",
         options.port,
-        "SN-0001",
+        "claim.SN-0001",
         tls_config(
             tls::read_certificates(&claim.0).unwrap(),
             tls::read_private_key(&claim.1).unwrap(),
@@ -416,4 +414,144 @@ async fn a_failing_or_slow_hook_denies() {
         assert!(f.sim.things().is_empty());
     }
     no_files_left(&a.out_dir);
+}
+
+/// The hole, over MQTT: with a claim bound to no serial, one connection looped
+/// CreateKeysAndCertificate + RegisterThing over every allowed serial. The claim's first
+/// RegisterThing spends it; the second, for another serial, is denied by the hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_claim_cannot_provision_two_devices_over_one_connection() {
+    let f = flow(None).await;
+    // What claim-issuer issues with ALLOW_UNBOUND_CLAIMS=true: recorded, bound to no serial.
+    let now = unix_now();
+    let issued = f
+        .iot
+        .issue_with_validity(TEMPLATE, now - 1, now + 300)
+        .unwrap();
+    let claim_id = issued["certificateId"].as_str().unwrap().to_owned();
+    f.registry
+        .put_claim(&ClaimRecord {
+            certificate_id: claim_id,
+            issued_to: "installer-sub".into(),
+            serial: None,
+            issued_at: now,
+            valid_until: now + 300,
+            retain_until: now + 86_400,
+            used: None,
+        })
+        .await
+        .unwrap();
+    let claim = f.write_claim(
+        "unbound",
+        issued["certificatePem"].as_str().unwrap(),
+        issued["keyPair"]["PrivateKey"].as_str().unwrap(),
+    );
+    let options = f.options("SN-0001", &claim, false);
+    let mut session = Session::connect(
+        "localhost",
+        options.port,
+        "claim.loop",
+        tls::client_config(
+            options.ca_file.as_deref(),
+            tls::read_certificates(&claim.0).unwrap(),
+            tls::read_private_key(&claim.1).unwrap(),
+            options.port,
+        )
+        .unwrap(),
+        tokio::time::Instant::now() + Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision/json");
+    let mut outcomes = Vec::new();
+    for serial in ["SN-0001", "SN-0002"] {
+        let created = session
+            .request(
+                "CreateKeysAndCertificate",
+                "$aws/certificates/create/json",
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        let register = json!({
+            "certificateOwnershipToken": created["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": serial},
+        });
+        outcomes.push(session.request("RegisterThing", &topic, &register).await);
+    }
+    session.close().await;
+    assert_eq!(outcomes[0].as_ref().unwrap()["thingName"], "fleet-SN-0001");
+    assert!(
+        matches!(&outcomes[1], Err(DeviceError::Rejected { status: 403, .. })),
+        "{:?}",
+        outcomes[1]
+    );
+    let things: Vec<String> = f.sim.things().into_iter().map(|t| t.thing_name).collect();
+    assert_eq!(things, ["fleet-SN-0001"]);
+}
+
+/// The hole: the claim policy admitted any client id, so a claim could connect as a
+/// provisioned device's thing name, and AWS IoT disconnects the other connection of that id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_connection_cannot_take_a_devices_client_id() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let options = f.options("SN-0001", &claim, false);
+    let connect = |client_id: &'static str| {
+        let config = tls::client_config(
+            options.ca_file.as_deref(),
+            tls::read_certificates(&claim.0).unwrap(),
+            tls::read_private_key(&claim.1).unwrap(),
+            options.port,
+        )
+        .unwrap();
+        Session::connect(
+            "localhost",
+            options.port,
+            client_id,
+            config,
+            tokio::time::Instant::now() + Duration::from_secs(10),
+        )
+    };
+    let refused = connect("fleet-SN-0001").await;
+    assert!(
+        matches!(refused, Err(DeviceError::NotAuthorized(_))),
+        "{:?}",
+        refused.err()
+    );
+    connect("claim.SN-0001").await.unwrap().close().await;
+}
+
+/// The default serial pattern admits exactly what AWS IoT takes in a thing name: serials at
+/// its edges (1 character; 64 with ':', '_' and '-') go from installer to thing; one with a
+/// '.' (which AWS IoT would refuse after the hook said yes) is refused by claim-issuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serials_at_the_default_patterns_edges_become_things() {
+    let f = flow(None).await;
+    let longest = format!("Z{}", "9:_-".repeat(16))
+        .chars()
+        .take(64)
+        .collect::<String>();
+    assert_eq!(longest.len(), 64);
+    for serial in ["A", longest.as_str()] {
+        f.registry
+            .put(&DeviceRecord::allowed(DeviceId::Serial(serial.into())))
+            .await
+            .unwrap();
+        let claim = f.claim(serial).await;
+        let mut options = f.options(serial, &claim, false);
+        options.out_dir = f.dir.path().join(format!("identity-{}", serial.len()));
+        let done = provision(&options, |_| {}).await.unwrap();
+        assert_eq!(done.thing_name, format!("{PREFIX}{serial}"));
+        assert!(done.verified);
+    }
+    let mut event = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events/claim-issuer/issue.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    event["body"] = Value::String(json!({ "serial": "SN.0001" }).to_string());
+    assert_eq!(issue(event, unix_now(), &f.issuer).await.status_code, 400);
 }

@@ -1,0 +1,180 @@
+//! What Funk hands back to the device: the connection string, or a refusal with a stable code
+//! and one fixed sentence. What exactly went wrong (rumqttc, TLS and I/O texts, host names,
+//! table keys, AWS error codes) goes to the log only: the caller is a device, or whoever holds
+//! its SIM.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The answer. The firmware reads `statusCode` and `body`; the rest are additions. No `Debug`:
+/// a successful answer carries the device key.
+#[derive(Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub status_code: u16,
+    /// On success `HostName=...;DeviceId=...;SharedAccessKey=...`; otherwise the refusal's
+    /// sentence.
+    pub body: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// Seconds after which a retry may succeed (throttling, timeouts, outages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+impl Response {
+    /// What may be shown of the answer (logs, test failures): never the connection string.
+    pub fn outline(&self) -> String {
+        let body = if self.status_code == 200 {
+            "[connection string]"
+        } else {
+            &self.body
+        };
+        format!(
+            "{} {} {body} retryAfter={:?}",
+            self.status_code,
+            self.error.unwrap_or("-"),
+            self.retry_after
+        )
+    }
+
+    pub fn refused(refused: Refused, retry_after: Option<Duration>) -> Self {
+        Self {
+            status_code: refused.status(),
+            body: refused.sentence().to_owned(),
+            error: Some(refused.code()),
+            retry_after: retry_after.map(|d| d.as_secs().max(1)),
+            assigned_hub: None,
+            device_id: None,
+        }
+    }
+}
+
+/// Why a device got no connection string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    BadRequest,
+    NoIdentity,
+    BadIdentity,
+    OperatorNotAllowed,
+    SimBlocked,
+    SimExpired,
+    SimUnknown,
+    NoEnrollment,
+    EnrollmentRefused,
+    EnrollmentNotAssigned,
+    Misconfigured,
+    DpsFailed,
+    DpsThrottled,
+    DpsTimeout,
+    KeyStoreUnavailable,
+    RegistryUnavailable,
+}
+
+impl Refused {
+    /// Every refusal, for tests that check answers against the fixed sentences.
+    pub const ALL: [Refused; 16] = [
+        Self::BadRequest,
+        Self::NoIdentity,
+        Self::BadIdentity,
+        Self::OperatorNotAllowed,
+        Self::SimBlocked,
+        Self::SimExpired,
+        Self::SimUnknown,
+        Self::NoEnrollment,
+        Self::EnrollmentRefused,
+        Self::EnrollmentNotAssigned,
+        Self::Misconfigured,
+        Self::DpsFailed,
+        Self::DpsThrottled,
+        Self::DpsTimeout,
+        Self::KeyStoreUnavailable,
+        Self::RegistryUnavailable,
+    ];
+
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::NoIdentity
+            | Self::BadIdentity
+            | Self::OperatorNotAllowed
+            | Self::SimBlocked
+            | Self::SimExpired
+            | Self::SimUnknown
+            | Self::NoEnrollment
+            | Self::EnrollmentRefused
+            | Self::EnrollmentNotAssigned => 403,
+            Self::Misconfigured => 500,
+            Self::DpsFailed => 502,
+            Self::DpsThrottled
+            | Self::DpsTimeout
+            | Self::KeyStoreUnavailable
+            | Self::RegistryUnavailable => 503,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::NoIdentity => "no-identity",
+            Self::BadIdentity => "bad-identity",
+            Self::OperatorNotAllowed => "operator-not-allowed",
+            Self::SimBlocked => "sim-blocked",
+            Self::SimExpired => "sim-expired",
+            Self::SimUnknown => "sim-unknown",
+            Self::NoEnrollment => "no-enrollment",
+            Self::EnrollmentRefused => "enrollment-refused",
+            Self::EnrollmentNotAssigned => "enrollment-not-assigned",
+            Self::Misconfigured => "misconfigured",
+            Self::DpsFailed => "dps-failed",
+            Self::DpsThrottled => "dps-throttled",
+            Self::DpsTimeout => "dps-timeout",
+            Self::KeyStoreUnavailable => "key-store-unavailable",
+            Self::RegistryUnavailable => "registry-unavailable",
+        }
+    }
+
+    /// The one sentence the caller sees for this refusal.
+    pub fn sentence(self) -> &'static str {
+        match self {
+            Self::BadRequest => "The request body must be a JSON object of at most 4096 bytes.",
+            Self::NoIdentity => "No SORACOM identity: call this function through SORACOM Funk.",
+            Self::BadIdentity => "The SORACOM identity is incomplete or malformed.",
+            Self::OperatorNotAllowed => "This SIM's operator may not register devices here.",
+            Self::SimBlocked => "This SIM is blocked.",
+            Self::SimExpired => "This SIM's registration permission has expired.",
+            Self::SimUnknown => "This SIM is not registered for provisioning.",
+            Self::NoEnrollment => "This SIM has no enrollment.",
+            Self::EnrollmentRefused => "The provisioning service refused this device.",
+            Self::EnrollmentNotAssigned => "The provisioning service did not assign this device.",
+            Self::Misconfigured => "The provisioning function is misconfigured.",
+            Self::DpsFailed => "The provisioning service failed; try again later.",
+            Self::DpsThrottled => "The provisioning service is busy; try again after retryAfter seconds.",
+            Self::DpsTimeout => "The provisioning service did not answer in time; try again after retryAfter seconds.",
+            Self::KeyStoreUnavailable => "The key store is unavailable; try again after retryAfter seconds.",
+            Self::RegistryUnavailable => "The device table is unavailable; try again after retryAfter seconds.",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_sentences_are_distinct() {
+        let mut codes: Vec<_> = Refused::ALL.iter().map(|r| r.code()).collect();
+        let mut sentences: Vec<_> = Refused::ALL.iter().map(|r| r.sentence()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        sentences.sort_unstable();
+        sentences.dedup();
+        assert_eq!(codes.len(), Refused::ALL.len());
+        assert_eq!(sentences.len(), Refused::ALL.len());
+    }
+}
