@@ -5,9 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 TOOLS_STAMP := $(VENV)/.installed
+BUILD_TOOLS_STAMP := $(VENV)/.build-tools
 NODE_STAMP := tests/interop/node_modules/.installed
 
-# `cargo lambda` (pinned in tests/requirements.txt) lives in .venv/bin.
+# `cargo lambda` (pinned in tools/requirements-build.txt) lives in .venv/bin.
 export PATH := $(VENV)/bin:$(PATH)
 LOCAL_ENV := $(CURDIR)/target/local.env
 
@@ -25,11 +26,18 @@ help:
 	@echo "make bench  benchmarks against the Node.js baseline; writes bench/results.md"
 	@echo "make deploy-plan / make deploy   print / run the deployment (settings: infra/deploy.sh)"
 
-# Pinned Python tools (moto server) in a project-local virtual environment.
-$(TOOLS_STAMP): tests/requirements.txt
+# Pinned Python tools (moto server, SDKs, cargo-lambda) in a project-local virtual environment.
+$(TOOLS_STAMP): tests/requirements.txt tools/requirements-build.txt
 	@echo "==> installing pinned tools into .venv"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@touch $@ $(BUILD_TOOLS_STAMP)
+
+# Only what cross-compiling the functions needs: cargo-lambda and zig.
+$(BUILD_TOOLS_STAMP): tools/requirements-build.txt
+	@echo "==> installing cargo-lambda and zig into .venv"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-build.txt
 	@touch $@
 
 # The official Azure IoT Node.js SDK, pinned by package-lock.json, for the interop test.
@@ -55,7 +63,7 @@ invoke: tools
 	@test -n "$(FN)" -a -n "$(EVENT)" || { echo "usage: make invoke FN=azure-dps-register EVENT=events/azure-dps-register/register.json CONTEXT=events/azure-dps-register/client-context.json"; exit 2; }
 	cargo lambda invoke $(FN) --invoke-address 127.0.0.1 --data-file $(EVENT) $(if $(CONTEXT),--client-context-file $(CONTEXT))
 
-build: tools
+build: $(BUILD_TOOLS_STAMP)
 	cargo lambda build --release --arm64 --output-format zip
 	@ls -l target/lambda/*/bootstrap.zip | awk '{printf "%-60s %6.2f MB\n", $$9, $$5/1048576}'
 
@@ -80,7 +88,7 @@ $(DEPLOY_VENV)/.installed: infra/requirements.txt
 deploy-plan:
 	@infra/deploy.sh --plan
 
-deploy: tools $(DEPLOY_VENV)/.installed
+deploy: $(BUILD_TOOLS_STAMP) $(DEPLOY_VENV)/.installed
 	infra/deploy.sh
 
 fmt:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Deploys the bundle into the AWS account of the current credentials:
-#   1. the stack (infra/template.yaml) with AWS SAM, which builds the functions with cargo-lambda;
-#   2. each function's code with `cargo lambda deploy`, with the role and table the stack outputs.
+# Deploys the bundle into the AWS account of the current credentials: one AWS SAM stack
+# (infra/template.yaml) that holds everything, the functions included. SAM builds each function
+# with cargo-lambda (BuildMethod: rust-cargolambda) and uploads it once, with the environment,
+# role and permissions the template gives it: what runs is what the template says (see
+# infra/README.md for why there is no second `cargo lambda deploy`).
 #
 # usage: infra/deploy.sh [--plan]
 #   --plan  print every command that would run, with the values it would use, and stop; needs
@@ -17,7 +19,8 @@
 #   PROVISIONING_TEMPLATE   default fleet-template
 #   ALLOWED_OPERATOR_IDS    required: your SORACOM operator id(s), comma-separated (OP...); a
 #                           deployed stack never admits SIMs of any operator
-#   SAM, AWS, CARGO         the commands to use (default: from .venv-deploy, and cargo)
+#   SAM, AWS                the commands to use (default: from .venv-deploy); SAM's build
+#                           runs `cargo lambda build`, from .venv/bin (make deploy installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +36,6 @@ GROUP_KEY_PARAMETER=${GROUP_KEY_PARAMETER:-/soracom-dps/group-key}
 PROVISIONING_TEMPLATE=${PROVISIONING_TEMPLATE:-fleet-template}
 SAM=${SAM:-.venv-deploy/bin/sam}
 AWS=${AWS:-.venv-deploy/bin/aws}
-CARGO=${CARGO:-cargo}
-FUNCTIONS=(azure-dps-register claim-issuer fleet-prehook)
 
 missing=()
 for name in AWS_REGION DPS_ID_SCOPE SORACOM_AWS_ACCOUNT_ID SORACOM_EXTERNAL_ID ALLOWED_OPERATOR_IDS; do
@@ -76,35 +77,11 @@ run() {
   $plan || "$@"
 }
 
-output() {
-  if $plan; then
-    echo "<output $1 of stack $STACK_NAME>"
-  else
-    "$AWS" cloudformation describe-stacks --region "$AWS_REGION" --stack-name "$STACK_NAME" \
-      --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text
-  fi
-}
-
-echo "# 1. the stack: table, roles, Funk role, provisioning template + hook, Cognito, HTTP API, functions"
+echo "# the stack: table, roles, Funk role, provisioning template + hook, Cognito, HTTP API, functions"
 run "$SAM" build --template-file infra/template.yaml --build-dir target/sam --beta-features
 run "$SAM" deploy --template-file target/sam/template.yaml --stack-name "$STACK_NAME" \
   --region "$AWS_REGION" --capabilities CAPABILITY_IAM --resolve-s3 \
   --no-fail-on-empty-changeset --parameter-overrides "${overrides[@]}"
-
-echo "# 2. each function's code with cargo lambda, with the stack's role and table"
-run "$CARGO" lambda build --release --arm64
-table=$(output DevicesTableName)
-for fn in "${FUNCTIONS[@]}"; do
-  case "$fn" in
-    azure-dps-register) role_output=AzureDpsRegisterRoleArn ;;
-    claim-issuer) role_output=ClaimIssuerRoleArn ;;
-    fleet-prehook) role_output=FleetPrehookRoleArn ;;
-  esac
-  role=$(output "$role_output")
-  # --merge-env keeps the rest of the environment the stack set.
-  run "$CARGO" lambda deploy --region "$AWS_REGION" --binary-name "$fn" --role "$role" \
-    --merge-env --env-var "DEVICES_TABLE=$table" "$STACK_NAME-$fn"
-done
 
 echo "# outputs to configure SORACOM Funk and the installer app:"
 if $plan; then

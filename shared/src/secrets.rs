@@ -205,7 +205,10 @@ pub const MAX_CACHED_SECRETS: usize = 16;
 pub struct CachedSecretStore<S> {
     inner: S,
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Instant, Secret)>>,
+    /// Each entry: when it was fetched, its insertion number (ties of the clock broken in
+    /// insertion order), the secret.
+    entries: Mutex<HashMap<String, (Instant, u64, Secret)>>,
+    inserted: std::sync::atomic::AtomicU64,
 }
 
 impl<S: SecretStore> CachedSecretStore<S> {
@@ -214,6 +217,7 @@ impl<S: SecretStore> CachedSecretStore<S> {
             inner,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            inserted: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -234,8 +238,8 @@ impl<S: SecretStore> CachedSecretStore<S> {
 
     fn cached(&self, name: &str) -> Option<Secret> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
-        entries.get(name).map(|(_, s)| s.clone())
+        entries.retain(|_, (at, _, _)| at.elapsed() < self.ttl);
+        entries.get(name).map(|(_, _, s)| s.clone())
     }
 
     fn remember(&self, name: &str, secret: &Secret) {
@@ -243,14 +247,17 @@ impl<S: SecretStore> CachedSecretStore<S> {
         while entries.len() >= MAX_CACHED_SECRETS && !entries.contains_key(name) {
             let oldest = entries
                 .iter()
-                .min_by_key(|(_, (at, _))| *at)
+                .min_by_key(|(_, (at, n, _))| (*at, *n))
                 .map(|(k, _)| k.clone());
             match oldest {
                 Some(k) => entries.remove(&k),
                 None => break,
             };
         }
-        entries.insert(name.to_owned(), (Instant::now(), secret.clone()));
+        let n = self
+            .inserted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        entries.insert(name.to_owned(), (Instant::now(), n, secret.clone()));
     }
 }
 

@@ -716,7 +716,10 @@ async fn register_thing(
                 return rejected(
                     403,
                     "AccessDenied",
-                    "the pre-provisioning hook did not answer within 5 seconds",
+                    &format!(
+                        "the pre-provisioning hook did not answer within {} ms",
+                        state.config.hook_timeout.as_millis()
+                    ),
                 )
             }
             Ok(Err(e)) => {

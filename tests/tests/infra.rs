@@ -274,40 +274,15 @@ fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
         !plan.contains("s3cret-external-id"),
         "the external id leaked into the plan"
     );
-    assert!(plan.contains("cargo lambda build --release --arm64"));
-    for (function, role) in [
-        ("azure-dps-register", "AzureDpsRegisterRoleArn"),
-        ("claim-issuer", "ClaimIssuerRoleArn"),
-        ("fleet-prehook", "FleetPrehookRoleArn"),
-    ] {
-        let line = plan
-            .lines()
-            .find(|l| {
-                l.contains("cargo lambda deploy")
-                    && l.ends_with(&format!("soracom-provisioning-{function}"))
-            })
-            .unwrap_or_else(|| panic!("no deploy line for {function}:\n{plan}"));
+    // One upload per function, by SAM from the template: no `cargo lambda deploy` after it
+    // overwriting code and environment (the live functions drifted from the stack).
+    assert!(!plan.contains("cargo lambda deploy"), "{plan}");
+    let template = template();
+    let functions = functions(&template);
+    for function in ["azure-dps-register", "claim-issuer", "fleet-prehook"] {
         assert!(
-            line.contains(&format!("--binary-name {function}")) && line.contains(role),
-            "{line}"
-        );
-    }
-    // Every role output the script reads exists in the template.
-    let outputs = template()["Outputs"]
-        .as_mapping()
-        .unwrap()
-        .keys()
-        .filter_map(|k| k.as_str().map(str::to_owned))
-        .collect::<Vec<_>>();
-    for used in [
-        "AzureDpsRegisterRoleArn",
-        "ClaimIssuerRoleArn",
-        "FleetPrehookRoleArn",
-        "DevicesTableName",
-    ] {
-        assert!(
-            outputs.iter().any(|o| o == used),
-            "template lacks output {used}"
+            functions.contains_key(function),
+            "the stack builds {function}"
         );
     }
 }

@@ -717,9 +717,22 @@ mod tests {
         /// Any body a device sends through Funk: a payload for DPS or a refusal with a reason.
         #[test]
         fn any_body_becomes_a_payload_or_a_reason(event in shared::strategies::json_with_keys(KEYS)) {
+            // What DPS gets is an object of at most MAX_BODY_BYTES, or nothing; a refusal is
+            // never of a plain object that small without Funk's `payload` wrapping.
             match device_payload(&event) {
-                Ok(_) => {}
-                Err(reason) => proptest::prop_assert!(!reason.is_empty()),
+                Ok(Some(payload)) => {
+                    proptest::prop_assert!(payload.is_object());
+                    proptest::prop_assert!(payload.to_string().len() <= MAX_BODY_BYTES);
+                }
+                Ok(None) => proptest::prop_assert!(
+                    event.is_null() || event.as_object().is_some_and(|o| o.is_empty() || o.contains_key("payload"))
+                ),
+                Err(_) => {
+                    let plain_small_object = event.as_object().is_some_and(|o| {
+                        !(o.len() == 1 && o.get("payload").is_some_and(Value::is_string))
+                    }) && event.to_string().len() <= MAX_BODY_BYTES;
+                    proptest::prop_assert!(!plain_small_object, "{event}");
+                }
             }
         }
     }

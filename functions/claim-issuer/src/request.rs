@@ -173,12 +173,21 @@ mod tests {
         /// and whatever body it carries is parsed or refused, never a panic.
         #[test]
         fn any_event_and_body_is_parsed_or_refused(event in shared::strategies::json_with_keys(KEYS)) {
+            let claims = event["requestContext"]["authorizer"]["jwt"]["claims"].clone();
             if let Ok(request) = serde_json::from_value::<HttpApiRequest>(event) {
+                // The identity is the claims' own `sub`, and nothing else.
                 if let Some(installer) = request.installer() {
-                    proptest::prop_assert!(!installer.sub.is_empty());
+                    proptest::prop_assert_eq!(Some(installer.sub.as_str()), claims["sub"].as_str().map(str::trim));
                 }
+                // A body is accepted only as an object of the two known fields.
                 if let Ok(text) = request.body_text() {
-                    let _ = serde_json::from_str::<ClaimRequest>(&text);
+                    if serde_json::from_str::<ClaimRequest>(&text).is_ok() {
+                        let value: Value = serde_json::from_str(&text).unwrap_or_default();
+                        let object = value.as_object();
+                        proptest::prop_assert!(object.is_some_and(|o| o
+                            .keys()
+                            .all(|k| k == "serial" || k == "templateName")));
+                    }
                 }
             }
         }
