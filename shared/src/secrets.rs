@@ -1,6 +1,6 @@
 //! Secret lookup: enrollment-group keys and individual device keys.
 //!
-//! [`SecretStore`] is the seam; [`SsmSecretStore`] (Parameter Store SecureString, decrypted
+//! [`SecretStore`] is the seam; `SsmSecretStore` (feature `ssm`: Parameter Store SecureString, decrypted
 //! through KMS) and [`DynamoSecretStore`] (one attribute of an item) are the adapters, and
 //! [`CachedSecretStore`] keeps answers for a TTL so a warm function does not call SSM on every
 //! invocation (SSM's default throughput is 40 TPS per account, shared with everything else).
@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_ssm::types::ParameterType;
 
 use crate::aws::{classify, Failure};
 use crate::keys::{wipe, KeyError, SymmetricKey};
@@ -108,19 +107,22 @@ pub async fn load_key(
     })
 }
 
-/// SSM Parameter Store. Only `SecureString` parameters are accepted: a key stored as a plain
+/// SSM Parameter Store (feature `ssm`). Only `SecureString` parameters are accepted: a key stored as a plain
 /// `String` is readable by anyone with `ssm:GetParameter*` and shows in the console.
+#[cfg(feature = "ssm")]
 #[derive(Clone, Debug)]
 pub struct SsmSecretStore {
     client: aws_sdk_ssm::Client,
 }
 
+#[cfg(feature = "ssm")]
 impl SsmSecretStore {
     pub fn new(client: aws_sdk_ssm::Client) -> Self {
         Self { client }
     }
 }
 
+#[cfg(feature = "ssm")]
 impl SecretStore for SsmSecretStore {
     async fn get(&self, name: &str) -> Result<Secret, SecretError> {
         let out = self
@@ -142,7 +144,7 @@ impl SecretStore for SsmSecretStore {
         let parameter = out
             .parameter
             .ok_or_else(|| SecretError::NotFound(name.to_owned()))?;
-        if parameter.r#type != Some(ParameterType::SecureString) {
+        if parameter.r#type != Some(aws_sdk_ssm::types::ParameterType::SecureString) {
             return Err(SecretError::NotEncrypted(name.to_owned()));
         }
         match parameter.value {

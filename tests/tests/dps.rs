@@ -1,13 +1,13 @@
-//! The DPS client (shared::dps) in a real TLS MQTT conversation with the strict DPS simulator.
+//! The DPS client (dps-client) in a real TLS MQTT conversation with the strict DPS simulator.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use dps_client::{self as dps, DpsError, RegistrationRequest};
 use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator, Fault};
 use local_emulators::local_aws::random_key_base64;
 use serde_json::json;
 use shared::config::HostPort;
-use shared::dps::{self, DpsError, RegistrationRequest};
 use shared::keys::SymmetricKey;
 use tokio::time::Instant;
 

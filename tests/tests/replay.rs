@@ -112,7 +112,7 @@ fn workspace() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The hole: `tests/Cargo.toml` enabled `local-replay` on `shared`, and features unify across
+/// The hole: `tests/Cargo.toml` enabled `local-replay` (then on `shared`), and features unify across
 /// the workspace, so `cargo build --workspace --release` put the local Runtime API proxy into
 /// the deployed functions. No member may enable it; the functions' own feature stays opt-in.
 #[test]
@@ -175,7 +175,7 @@ fn local_replay_is_enabled_by_no_workspace_member() {
 /// the release profile compiles it (no debug assertions) refuses, in a debug build it is silent.
 #[test]
 fn a_release_build_with_local_replay_does_not_compile() {
-    let guard = workspace().join("shared/src/replay/release_guard.rs");
+    let guard = workspace().join("shared/lambda-support/src/replay/release_guard.rs");
     let out_dir = std::env::temp_dir().join(format!("release-guard-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let compile = |feature: bool, debug_assertions: bool| {
@@ -221,4 +221,48 @@ fn a_release_build_with_local_replay_does_not_compile() {
         "release build without it"
     );
     let _ = std::fs::remove_dir_all(out_dir);
+}
+
+/// Each function links only the layers it uses: the hook and claim-issuer talk neither MQTT nor
+/// SSM, so neither rumqttc nor the SSM client is in their dependency tree.
+#[test]
+fn functions_link_only_the_layers_they_use() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = |package: &str| {
+        let out = std::process::Command::new(&cargo)
+            .args([
+                "tree",
+                "--offline",
+                "--locked",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+            ])
+            .args(["-p", package])
+            .current_dir(workspace())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    for function in ["fleet-prehook", "claim-issuer"] {
+        let crates = tree(function);
+        for unwanted in ["rumqttc", "aws-sdk-ssm", "dps-client"] {
+            assert!(!crates.contains(unwanted), "{function} links {unwanted}");
+        }
+        assert!(
+            crates.contains("aws-sdk-dynamodb"),
+            "{function}: {crates:?}"
+        );
+    }
+    let azure = tree("azure-dps-register");
+    assert!(azure.contains("rumqttc") && azure.contains("aws-sdk-ssm"));
 }

@@ -4,9 +4,9 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use dps_client::{Assignment, DpsError, RegistrationRequest};
 use lambda_runtime::Context;
 use serde_json::Value;
-use shared::dps::{self, Assignment, DpsError, RegistrationRequest};
 use shared::keys::SymmetricKey;
 use shared::registry::{
     DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, EntryRefusal, Registration, RegistryError,
@@ -179,7 +179,7 @@ async fn register(event: Value, context: &Context, state: &State) -> Result<Regi
         payload: payload.as_ref(),
         tls,
     };
-    let assignment = dps::register(&request, deadlines.dps_until)
+    let assignment = dps_client::register(&request, deadlines.dps_until)
         .await
         .map_err(dps_refusal)?;
     record(state, &sim.imsi, &registration_id, &assignment, deadlines).await;

@@ -9,13 +9,14 @@ use shared::aws::CallLimits;
 use shared::config::ProcessEnv;
 
 fn main() -> Result<(), Error> {
-    shared::startup::main(run())
+    lambda_support::startup::main(run())
 }
 
 async fn run() -> Result<(), Error> {
-    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
+    let config =
+        lambda_support::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     let sdk = shared::aws::loader(&CallLimits::default()).load().await;
-    let state = shared::startup::logged(State::new(config, &sdk), "cannot start")?;
+    let state = lambda_support::startup::logged(State::new(config, &sdk), "cannot start")?;
     let state = &state;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         Ok::<_, Error>(handle(event.payload, &event.context, state).await)

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use dps_client::DpsError;
 use rustls::ClientConfig;
-use shared::dps::{self, DpsError};
 use shared::registry::DynamoRegistry;
 use shared::secrets::{
     CachedSecretStore, DynamoSecretStore, Secret, SecretError, SecretStore, SsmSecretStore,
@@ -48,7 +48,8 @@ pub struct DpsTls {
 impl DpsTls {
     /// Starts building; needs a Tokio runtime.
     pub fn start(extra_root: Option<Vec<u8>>) -> Self {
-        let building = tokio::task::spawn_blocking(move || dps::tls_config(extra_root.as_deref()));
+        let building =
+            tokio::task::spawn_blocking(move || dps_client::tls_config(extra_root.as_deref()));
         Self {
             ready: tokio::sync::OnceCell::new(),
             building: std::sync::Mutex::new(Some(building)),
@@ -101,7 +102,7 @@ impl State {
         };
         // A bad CA file is a configuration error: refuse to start rather than fail later.
         if let Some(pem) = &extra_root {
-            dps::tls_config_roots_check(pem)?;
+            dps_client::tls_config_roots_check(pem)?;
         }
         let tls = DpsTls::start(extra_root);
         let dynamodb = aws_sdk_dynamodb::Client::new(sdk);

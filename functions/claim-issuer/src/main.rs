@@ -8,11 +8,12 @@ use shared::aws::CallLimits;
 use shared::config::ProcessEnv;
 
 fn main() -> Result<(), Error> {
-    shared::startup::main(run())
+    lambda_support::startup::main(run())
 }
 
 async fn run() -> Result<(), Error> {
-    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
+    let config =
+        lambda_support::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     let sdk = shared::aws::loader(&CallLimits::default()).load().await;
     let state = State::new(config, &sdk);
     let state = &state;

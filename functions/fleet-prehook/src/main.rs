@@ -10,11 +10,12 @@ use shared::registry::DynamoRegistry;
 use std::time::Duration;
 
 fn main() -> Result<(), Error> {
-    shared::startup::main(run())
+    lambda_support::startup::main(run())
 }
 
 async fn run() -> Result<(), Error> {
-    let config = shared::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
+    let config =
+        lambda_support::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     // One attempt of DynamoDB may not eat the whole 5 s AWS IoT allows.
     let limits = CallLimits {
         connect: Duration::from_millis(500),

@@ -274,7 +274,7 @@ fn throughput_figures(total: usize, successes: usize, latencies: &[f64], wall: f
     run
 }
 
-/// `total` registrations by `concurrency` concurrent callers through `shared::dps` (the
+/// `total` registrations by `concurrency` concurrent callers through `dps_client` (the
 /// function's DPS client), each bounded by a 60 s deadline.
 async fn rust_load(
     b: &Bench,
@@ -282,7 +282,7 @@ async fn rust_load(
     total: usize,
     concurrency: usize,
 ) -> Result<Run, String> {
-    let tls = shared::dps::tls_config(Some(sim.ca_pem().as_bytes())).map_err(|e| e.to_string())?;
+    let tls = dps_client::tls_config(Some(sim.ca_pem().as_bytes())).map_err(|e| e.to_string())?;
     let endpoint = Arc::new(HostPort {
         host: "127.0.0.1".into(),
         port: sim.addr().port(),
@@ -307,7 +307,7 @@ async fn rust_load(
                 }
                 let id = format!("bench-rust-{i}");
                 let key = group_key.derive_device_key(&id);
-                let request = shared::dps::RegistrationRequest {
+                let request = dps_client::RegistrationRequest {
                     endpoint: &endpoint,
                     id_scope: ID_SCOPE,
                     registration_id: &id,
@@ -317,7 +317,7 @@ async fn rust_load(
                 };
                 let t = Instant::now();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                let ok = shared::dps::register(&request, deadline).await.is_ok();
+                let ok = dps_client::register(&request, deadline).await.is_ok();
                 results.push((ok, millis(t.elapsed())));
             }
         }));
@@ -809,7 +809,7 @@ const NOTES: &str = "
   bench/node/package-lock.json) under a minimal runtime loop (bench/node/bootstrap.js), which
   does less than AWS's managed Node.js runtime: its cold start is if anything flattered.
 - Peak RSS is the process's `VmHWM` after its last invocation.
-- Throughput calls the function's DPS client (`shared::dps::register`) from 100 concurrent
+- Throughput calls the function's DPS client (`dps_client::register`) from 100 concurrent
   tasks in one process, and the baseline's SDK from 100 concurrent callers in one Node.js
   process; the simulator answers 20% of register and poll requests with 429 and retry-after 1 s.
 
