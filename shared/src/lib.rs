@@ -14,12 +14,15 @@
 //! - [`quota`]: per-subject sliding-window rate limits in the device table.
 //! - [`config`]: environment configuration read once, with errors that name the variable.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
+//! - `memory` (feature `memory`, tests only): in-memory stores with the adapters' conditions.
 //! - `strategies` (feature `test-strategies`, tests only): hostile input for property tests.
 
 pub mod aws;
 pub mod clock;
 pub mod config;
 pub mod keys;
+#[cfg(any(test, feature = "memory"))]
+pub mod memory;
 pub mod quota;
 pub mod registry;
 pub mod sas;

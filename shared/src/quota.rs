@@ -32,7 +32,7 @@ pub enum Verdict {
     },
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum QuotaError {
     #[error("rate-limit store throttled the request")]
     Throttled,
@@ -61,15 +61,25 @@ pub fn decide(used_at: &[u64], now: u64, limit: u32, window_secs: u64) -> Result
     Ok(recent)
 }
 
+/// What claim-issuer needs: count one use by a subject, if its window has room.
+pub trait Quota: Send + Sync {
+    fn consume(
+        &self,
+        subject: &str,
+        now: u64,
+    ) -> impl std::future::Future<Output = Result<Verdict, QuotaError>> + Send;
+}
+
+/// The DynamoDB adapter.
 #[derive(Clone, Debug)]
-pub struct Quota {
+pub struct DynamoQuota {
     client: aws_sdk_dynamodb::Client,
     table: String,
     limit: u32,
     window_secs: u64,
 }
 
-impl Quota {
+impl DynamoQuota {
     pub fn new(
         client: aws_sdk_dynamodb::Client,
         table: &str,
@@ -85,7 +95,7 @@ impl Quota {
     }
 
     /// Counts one use by `subject` at `now` (Unix seconds), if the last window has room.
-    pub async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
+    async fn count_use(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
         let key = AttributeValue::S(format!("rate#{subject}"));
         for _ in 0..ATTEMPTS {
             let (used_at, version) = self.read(&key).await?;
@@ -102,7 +112,15 @@ impl Quota {
             "rate-limit item contended; retry".into(),
         ))
     }
+}
 
+impl Quota for DynamoQuota {
+    async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
+        self.count_use(subject, now).await
+    }
+}
+
+impl DynamoQuota {
     async fn read(&self, key: &AttributeValue) -> Result<(Vec<u64>, u64), QuotaError> {
         let out = self
             .client

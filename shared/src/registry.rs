@@ -338,16 +338,22 @@ fn claim_key(certificate_id: &str) -> String {
     format!("claim#{certificate_id}")
 }
 
-/// Reads and records devices. Writes that decide who gets in are conditional, so two
-/// concurrent requests cannot both pass.
-pub trait DeviceRegistry: Send + Sync {
-    fn get(
-        &self,
-        id: &DeviceId,
-    ) -> impl Future<Output = Result<Option<DeviceRecord>, RegistryError>> + Send;
+/// A SIM's entries in the device table: its IMSI's, and its SIM card's if Funk named the card.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimEntries {
+    pub by_imsi: Option<DeviceRecord>,
+    pub by_card: Option<DeviceRecord>,
+}
 
-    /// Creates or replaces an entry (administration, seeding, tests).
-    fn put(&self, record: &DeviceRecord) -> impl Future<Output = Result<(), RegistryError>> + Send;
+/// What azure-dps-register needs of the device table. Writes that decide who gets in are
+/// conditional, so two concurrent requests cannot both pass.
+pub trait SimRegistry: Send + Sync {
+    /// The entries of the SIM with this IMSI and (if known) SIM ID.
+    fn sim(
+        &self,
+        imsi: &str,
+        sim_id: Option<&str>,
+    ) -> impl Future<Output = Result<SimEntries, RegistryError>> + Send;
 
     /// Records a DPS registration of `imsi`, unless the SIM is blocked meanwhile.
     fn record_registration(
@@ -355,6 +361,14 @@ pub trait DeviceRegistry: Send + Sync {
         imsi: &str,
         registration: &Registration,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}
+
+/// What fleet-prehook needs of the device table's serials.
+pub trait SerialRegistry: Send + Sync {
+    fn serial(
+        &self,
+        serial: &str,
+    ) -> impl Future<Output = Result<Option<DeviceRecord>, RegistryError>> + Send;
 
     /// Records a fleet provisioning as pending, if the serial's entry is still allowed and
     /// still in the state `write.replaces` describes (else `Conflict`), and spends the claim in
@@ -364,14 +378,18 @@ pub trait DeviceRegistry: Send + Sync {
         &self,
         write: &ProvisioningWrite,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}
 
-    /// Records an issued claim certificate (expires with the `expires_at` TTL).
-    fn put_claim(
+/// The claims claim-issuer issued: it records them, fleet-prehook reads them.
+pub trait ClaimLog: Send + Sync {
+    /// Records an issued claim certificate (expires with the `expires_at` TTL); a certificate
+    /// id is recorded once.
+    fn record_claim(
         &self,
         claim: &ClaimRecord,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
-    fn get_claim(
+    fn claim(
         &self,
         certificate_id: &str,
     ) -> impl Future<Output = Result<Option<ClaimRecord>, RegistryError>> + Send;
@@ -528,8 +546,9 @@ where
     }
 }
 
-impl DeviceRegistry for DynamoRegistry {
-    async fn get(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+/// Administration and seeding (tests, the demo, operators' tools): not a function's trait.
+impl DynamoRegistry {
+    pub async fn get(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
         let key = id.key();
         // Only what this kind of item holds for its function: what the IAM policy allows it.
         // The individual key stays out of the record: only the secret store reads it.
@@ -553,7 +572,7 @@ impl DeviceRegistry for DynamoRegistry {
             .transpose()
     }
 
-    async fn put(&self, record: &DeviceRecord) -> Result<(), RegistryError> {
+    pub async fn put(&self, record: &DeviceRecord) -> Result<(), RegistryError> {
         let key = record.id.key();
         let mut item = HashMap::from([
             (KEY_ATTRIBUTE.to_owned(), s(&key)),
@@ -600,6 +619,24 @@ impl DeviceRegistry for DynamoRegistry {
             .map_err(|e| write_error(&key, e))?;
         Ok(())
     }
+}
+
+impl SimRegistry for DynamoRegistry {
+    async fn sim(&self, imsi: &str, sim_id: Option<&str>) -> Result<SimEntries, RegistryError> {
+        let by_imsi = DeviceId::Sim(imsi.to_owned());
+        let by_card = sim_id.map(|id| DeviceId::SimCard(id.to_owned()));
+        let card = async {
+            match &by_card {
+                Some(id) => self.get(id).await,
+                None => Ok(None),
+            }
+        };
+        let (imsi_entry, card_entry) = tokio::join!(self.get(&by_imsi), card);
+        Ok(SimEntries {
+            by_imsi: imsi_entry?,
+            by_card: card_entry?,
+        })
+    }
 
     async fn record_registration(
         &self,
@@ -626,6 +663,12 @@ impl DeviceRegistry for DynamoRegistry {
             .await
             .map_err(|e| write_error(&key, e))?;
         Ok(())
+    }
+}
+
+impl SerialRegistry for DynamoRegistry {
+    async fn serial(&self, serial: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.get(&DeviceId::Serial(serial.to_owned())).await
     }
 
     async fn record_provisioning(&self, write: &ProvisioningWrite) -> Result<(), RegistryError> {
@@ -672,8 +715,10 @@ impl DeviceRegistry for DynamoRegistry {
             None => Err(RegistryError::from_failure(classify(&err))),
         }
     }
+}
 
-    async fn put_claim(&self, claim: &ClaimRecord) -> Result<(), RegistryError> {
+impl ClaimLog for DynamoRegistry {
+    async fn record_claim(&self, claim: &ClaimRecord) -> Result<(), RegistryError> {
         let key = claim_key(&claim.certificate_id);
         let mut put = self
             .client
@@ -692,8 +737,7 @@ impl DeviceRegistry for DynamoRegistry {
         put.send().await.map_err(|e| write_error(&key, e))?;
         Ok(())
     }
-
-    async fn get_claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+    async fn claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
         let (expression, names) = projection(CLAIM_ATTRIBUTES);
         let out = self
             .client

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use aws_sdk_ssm::types::ParameterType;
 use shared::keys::SymmetricKey;
-use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry};
+use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, DynamoRegistry};
 
 use crate::dps_sim::{DpsSimConfig, DpsSimulator};
 use crate::iot_control::IotControlPlane;

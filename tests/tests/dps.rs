@@ -529,7 +529,7 @@ mod function {
     use lambda_runtime::Context;
     use local_emulators::fault_proxy::{FaultProxy, Mode};
     use local_emulators::local_aws::{local_sdk_config, LocalAws};
-    use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus};
+    use shared::registry::{DeviceId, DeviceRecord, DeviceStatus};
     use std::collections::HashMap;
     use std::path::PathBuf;
 

@@ -11,8 +11,7 @@ use local_emulators::local_aws::LocalAws;
 use serde_json::Value;
 use shared::clock::unix_now;
 use shared::registry::{
-    ClaimRecord, DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, DynamoRegistry,
-    ProvisioningState,
+    ClaimLog, ClaimRecord, DeviceId, DeviceRecord, DeviceStatus, DynamoRegistry, ProvisioningState,
 };
 
 const TABLE: &str = "devices";
@@ -113,27 +112,35 @@ async fn unknown_blocked_and_malformed_are_denied_with_reasons() {
     assert_eq!(
         denial(event("unknown-serial.json"), &c, &registry)
             .await
-            .code,
+            .code
+            .code(),
         "unknown-serial"
     );
     assert_eq!(
         denial(event("blocked-serial.json"), &c, &registry)
             .await
-            .code,
+            .code
+            .code(),
         "serial-blocked"
     );
     assert_eq!(
-        denial(event("malformed.json"), &c, &registry).await.code,
+        denial(event("malformed.json"), &c, &registry)
+            .await
+            .code
+            .code(),
         "malformed-request"
     );
     assert_eq!(
-        denial(Value::String("x".into()), &c, &registry).await.code,
+        denial(Value::String("x".into()), &c, &registry)
+            .await
+            .code
+            .code(),
         "malformed-request"
     );
     let mut bad_serial = event("allowed.json");
     bad_serial["parameters"]["SerialNumber"] = Value::String("SN 0001; DROP".into());
     assert_eq!(
-        denial(bad_serial, &c, &registry).await.code,
+        denial(bad_serial, &c, &registry).await.code.code(),
         "serial-format"
     );
 
@@ -145,7 +152,7 @@ async fn unknown_blocked_and_malformed_are_denied_with_reasons() {
 async fn misnamed_serial_parameter_says_which_names_arrived() {
     let (_aws, registry) = setup().await;
     let d = denial(event("misnamed-parameter.json"), &config(&[]), &registry).await;
-    assert_eq!(d.code, "missing-serial-parameter");
+    assert_eq!(d.code.code(), "missing-serial-parameter");
     assert!(
         d.detail.contains("'SerialNumber'") && d.detail.contains("device_serial"),
         "{}",
@@ -176,7 +183,7 @@ async fn provisioned_serial_needs_the_same_certificate_or_reprovisioning() {
         .is_ok());
     let other = with_certificate(event("allowed.json"), "another-certificate");
     assert_eq!(
-        denial(other.clone(), &c, &registry).await.code,
+        denial(other.clone(), &c, &registry).await.code.code(),
         "already-provisioned"
     );
 
@@ -194,7 +201,7 @@ async fn claim_binding_is_enforced() {
         .to_owned();
     let far = 4_000_000_000;
     registry
-        .put_claim(&ClaimRecord {
+        .record_claim(&ClaimRecord {
             certificate_id: claim_id.clone(),
             issued_to: "installer-sub".into(),
             serial: Some("SN-0002".into()),
@@ -206,7 +213,10 @@ async fn claim_binding_is_enforced() {
         .await
         .unwrap();
     assert_eq!(
-        denial(event("allowed.json"), &c, &registry).await.code,
+        denial(event("allowed.json"), &c, &registry)
+            .await
+            .code
+            .code(),
         "claim-bound-elsewhere"
     );
 
@@ -214,12 +224,12 @@ async fn claim_binding_is_enforced() {
     let mut unrecorded = event("allowed.json");
     unrecorded["claimCertificateId"] = Value::String("not-from-claim-issuer".into());
     assert_eq!(
-        denial(unrecorded, &strict, &registry).await.code,
+        denial(unrecorded, &strict, &registry).await.code.code(),
         "claim-unknown"
     );
 
     registry
-        .put_claim(&ClaimRecord {
+        .record_claim(&ClaimRecord {
             certificate_id: "bound-to-sn-0001".into(),
             issued_to: "installer-sub".into(),
             serial: Some("SN-0001".into()),
@@ -238,7 +248,7 @@ async fn claim_binding_is_enforced() {
 /// A recorded claim issued to `installer`, bound to `serial` (or to none), valid until `until`.
 async fn record_claim(registry: &DynamoRegistry, id: &str, serial: Option<&str>, until: u64) {
     registry
-        .put_claim(&ClaimRecord {
+        .record_claim(&ClaimRecord {
             certificate_id: id.into(),
             issued_to: "installer-sub".into(),
             serial: serial.map(str::to_owned),
@@ -275,7 +285,7 @@ async fn a_claim_certificate_provisions_one_device_once() {
     assert!(evaluate(first, &c, &registry).await.0.is_ok());
     let second = hook_event("SN-0002", "cert-2", "unbound-claim");
     assert_eq!(
-        denial(second, &c, &registry).await.code,
+        denial(second, &c, &registry).await.code.code(),
         "claim-already-used"
     );
     let untouched = registry
@@ -284,7 +294,7 @@ async fn a_claim_certificate_provisions_one_device_once() {
         .unwrap()
         .unwrap();
     assert_eq!(untouched.provisioning, None);
-    let claim = registry.get_claim("unbound-claim").await.unwrap().unwrap();
+    let claim = registry.claim("unbound-claim").await.unwrap().unwrap();
     let used = claim.used.unwrap();
     assert_eq!(
         (used.certificate_id.as_str(), used.serial.as_str()),
@@ -306,7 +316,8 @@ async fn a_claim_past_its_validity_is_denied_whatever_tls_let_through() {
             &registry
         )
         .await
-        .code,
+        .code
+        .code(),
         "claim-expired"
     );
 }
@@ -353,7 +364,7 @@ async fn allow_reprovision_is_single_use() {
     );
     let later = with_certificate(event("allowed.json"), "yet-another");
     assert_eq!(
-        denial(later, &c, registry.as_ref()).await.code,
+        denial(later, &c, registry.as_ref()).await.code.code(),
         "already-provisioned"
     );
 }
@@ -371,7 +382,10 @@ async fn a_device_that_failed_after_the_hook_said_yes_is_not_locked_out() {
     let retry = with_certificate(event("allowed.json"), "second-attempt");
     // Within PENDING_SECONDS (default 600) the pending certificate stands.
     assert_eq!(
-        denial(retry.clone(), &config(&[]), &registry).await.code,
+        denial(retry.clone(), &config(&[]), &registry)
+            .await
+            .code
+            .code(),
         "already-provisioned"
     );
     // Once it is older than PENDING_SECONDS, the device's next attempt replaces it.
@@ -394,7 +408,7 @@ async fn a_device_that_failed_after_the_hook_said_yes_is_not_locked_out() {
     registry.put(&record).await.unwrap();
     let third = with_certificate(event("allowed.json"), "third-attempt");
     assert_eq!(
-        denial(third, &patient, &registry).await.code,
+        denial(third, &patient, &registry).await.code.code(),
         "already-provisioned"
     );
 }
@@ -439,7 +453,7 @@ async fn table_unavailable_denies_within_the_budget() {
     let started = Instant::now();
     let d = denial(event("allowed.json"), &c, &registry).await;
     assert!(
-        d.code == "registry-unavailable" || d.code == "deadline",
+        d.code.code() == "registry-unavailable" || d.code.code() == "deadline",
         "{d:?}"
     );
     assert!(
@@ -480,7 +494,7 @@ async fn table_faults_deny_with_their_reason_and_recover() {
         let started = Instant::now();
         let e = with_certificate(event("allowed.json"), &certificate);
         let d = denial(e.clone(), &c, &registry).await;
-        assert!(expected.contains(&d.code), "{mode:?}: {d:?}");
+        assert!(expected.contains(&d.code.code()), "{mode:?}: {d:?}");
         assert!(
             started.elapsed() < Duration::from_millis(4000),
             "{mode:?}: {:?}",
@@ -503,7 +517,7 @@ mod issuer {
     use ::claim_issuer::handler::{handle as issue, HttpResponse, Refused, State};
     use local_emulators::iot_control::{IotControlPlane, IotFault};
     use local_emulators::local_aws::local_sdk_config;
-    use shared::quota::Quota;
+    use shared::quota::DynamoQuota;
 
     const TEMPLATE: &str = "fleet-template";
     const NOW: u64 = 1_800_000_000;
@@ -554,7 +568,7 @@ mod issuer {
         State {
             iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
             registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
-            quota: Quota::new(
+            quota: DynamoQuota::new(
                 dynamodb,
                 TABLE,
                 config.claims_per_window,
@@ -622,7 +636,7 @@ mod issuer {
         let claim = s
             .state
             .registry
-            .get_claim(certificate_id)
+            .claim(certificate_id)
             .await
             .unwrap()
             .unwrap();
@@ -765,13 +779,7 @@ mod issuer {
         let r = issue(no_serial, NOW, &opted_in.state).await;
         assert_eq!(r.status_code, 200);
         let id = body(&r)["certificateId"].as_str().unwrap().to_owned();
-        let claim = opted_in
-            .state
-            .registry
-            .get_claim(&id)
-            .await
-            .unwrap()
-            .unwrap();
+        let claim = opted_in.state.registry.claim(&id).await.unwrap().unwrap();
         assert_eq!(claim.serial, None);
     }
 

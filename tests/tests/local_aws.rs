@@ -10,9 +10,9 @@ use aws_sdk_ssm::types::ParameterType;
 use local_emulators::local_aws::{random_key_base64, LocalAws};
 use shared::keys::{KeyError, SymmetricKey};
 use shared::registry::{
-    ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus,
+    ClaimLog, ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus,
     DynamoRegistry, Provisioning, ProvisioningState, ProvisioningWrite, Registration,
-    RegistryError, Replaces,
+    RegistryError, Replaces, SerialRegistry, SimRegistry,
 };
 use shared::secrets::{
     load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, SecretError, SecretStore,
@@ -335,7 +335,7 @@ async fn a_claim_is_spent_with_the_provisioning_in_one_transaction() {
             .unwrap();
     }
     registry
-        .put_claim(&ClaimRecord {
+        .record_claim(&ClaimRecord {
             certificate_id: "claim-1".into(),
             issued_to: "installer".into(),
             serial: None,
@@ -357,7 +357,7 @@ async fn a_claim_is_spent_with_the_provisioning_in_one_transaction() {
         .record_provisioning(&spending("SN-A", "c1", Replaces::Nothing))
         .await
         .unwrap();
-    let claim = registry.get_claim("claim-1").await.unwrap().unwrap();
+    let claim = registry.claim("claim-1").await.unwrap().unwrap();
     assert_eq!(
         claim.used,
         Some(ClaimUsed {

@@ -9,7 +9,7 @@ use lambda_runtime::Context;
 use serde_json::Value;
 use shared::keys::SymmetricKey;
 use shared::registry::{
-    DeviceId, DeviceRecord, DeviceRegistry, DeviceStatus, EntryRefusal, Registration, RegistryError,
+    DeviceId, DeviceRecord, DeviceStatus, EntryRefusal, Registration, RegistryError, SimRegistry,
 };
 use shared::secrets::{load_key, KeyLookupError, SecretError};
 use shared::soracom::SimIdentity;
@@ -236,20 +236,16 @@ fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal
 /// The device table's say on this SIM: its IMSI's entry and, when Funk names the SIM card, the
 /// card's entry, so that blocking a multi-IMSI SIM holds whichever subscription it uses.
 async fn check_sim(state: &State, sim: &SimIdentity) -> Result<(), Refusal> {
-    let imsi = DeviceId::Sim(sim.imsi.clone());
-    let by_imsi = state.registry.get(&imsi);
-    let by_card = async {
-        match &sim.sim_id {
-            Some(sim_id) => state.registry.get(&DeviceId::SimCard(sim_id.clone())).await,
-            None => Ok(None),
-        }
-    };
-    let (by_imsi, by_card) = tokio::join!(by_imsi, by_card);
-    let entries = [
-        by_imsi.map_err(registry_refusal)?,
-        by_card.map_err(registry_refusal)?,
-    ];
-    sim_verdict(&entries, unix_now(), state.config.require_allowlist)
+    let entries = state
+        .registry
+        .sim(&sim.imsi, sim.sim_id.as_deref())
+        .await
+        .map_err(registry_refusal)?;
+    sim_verdict(
+        &[entries.by_imsi, entries.by_card],
+        unix_now(),
+        state.config.require_allowlist,
+    )
 }
 
 /// Either entry blocked or expired refuses; with the allowlist required, one must allow. An

@@ -3,22 +3,22 @@
 
 use std::collections::BTreeMap;
 
-use aws_sdk_iot::operation::create_provisioning_claim::CreateProvisioningClaimError;
 use serde::Serialize;
 use serde_json::{json, Value};
-use shared::aws::{classify, Failure};
-use shared::quota::{Quota, Verdict};
-use shared::registry::{ClaimRecord, DeviceRegistry, DynamoRegistry};
+use shared::quota::{DynamoQuota, Quota, Verdict};
+use shared::registry::{ClaimLog, ClaimRecord, DynamoRegistry};
 
 use crate::config::Config;
+use crate::iot::{ClaimMinter, MintError};
 use crate::request::{ClaimRequest, HttpApiRequest};
 
-/// Cold-start state.
-pub struct State {
+/// Cold-start state: the configuration and what the handler calls, by the traits it needs
+/// (the deployed function's: AWS IoT and the device table; the unit tests': in memory).
+pub struct State<M = aws_sdk_iot::Client, L = DynamoRegistry, Q = DynamoQuota> {
     pub config: Config,
-    pub iot: aws_sdk_iot::Client,
-    pub registry: DynamoRegistry,
-    pub quota: Quota,
+    pub iot: M,
+    pub registry: L,
+    pub quota: Q,
 }
 
 impl State {
@@ -27,7 +27,7 @@ impl State {
         Self {
             iot: aws_sdk_iot::Client::new(sdk),
             registry: DynamoRegistry::new(dynamodb.clone(), &config.devices_table),
-            quota: Quota::new(
+            quota: DynamoQuota::new(
                 dynamodb,
                 &config.devices_table,
                 config.claims_per_window,
@@ -168,7 +168,11 @@ struct Summary {
 }
 
 /// Handles one request at `now` (Unix seconds). Never fails: every outcome is a response.
-pub async fn handle(event: Value, now: u64, state: &State) -> HttpResponse {
+pub async fn handle<M: ClaimMinter, L: ClaimLog, Q: Quota>(
+    event: Value,
+    now: u64,
+    state: &State<M, L, Q>,
+) -> HttpResponse {
     let mut summary = Summary::default();
     match issue(event, now, state, &mut summary).await {
         Ok(body) => {
@@ -198,10 +202,10 @@ pub async fn handle(event: Value, now: u64, state: &State) -> HttpResponse {
     }
 }
 
-async fn issue(
+async fn issue<M: ClaimMinter, L: ClaimLog, Q: Quota>(
     event: Value,
     now: u64,
-    state: &State,
+    state: &State<M, L, Q>,
     summary: &mut Summary,
 ) -> Result<Value, Refusal> {
     let config = &state.config;
@@ -237,7 +241,15 @@ async fn issue(
         Err(e) => return Err(refuse(Refused::Unavailable, e.to_string())),
     }
 
-    let issued = create_claim(&state.iot, &template).await?;
+    let issued = state.iot.mint(&template).await.map_err(|e| {
+        let refused = match e {
+            MintError::Throttled => Refused::Throttled,
+            MintError::NoSuchTemplate | MintError::Failed(_) | MintError::Incomplete => {
+                Refused::Upstream
+            }
+        };
+        refuse(refused, format!("template '{template}': {e}"))
+    })?;
     summary.certificate_id = issued.certificate_id.clone();
 
     // Fail closed: without the record, fleet-prehook cannot enforce the binding and single use.
@@ -252,7 +264,7 @@ async fn issue(
     };
     state
         .registry
-        .put_claim(&audit)
+        .record_claim(&audit)
         .await
         .map_err(|e| refuse(Refused::Unavailable, format!("claim not recorded: {e}")))?;
 
@@ -319,52 +331,193 @@ fn claim_request(
     Ok(claim)
 }
 
-/// A claim certificate as AWS IoT issued it.
-struct IssuedClaim {
-    certificate_id: String,
-    certificate_pem: String,
-    private_key: String,
-    expiration: u64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iot::IssuedClaim;
+    use shared::memory::{MemoryQuota, MemoryTable};
+    use shared::quota::QuotaError;
+    use shared::registry::RegistryError;
+    use std::sync::Mutex;
 
-async fn create_claim(iot: &aws_sdk_iot::Client, template: &str) -> Result<IssuedClaim, Refusal> {
-    let out = iot
-        .create_provisioning_claim()
-        .template_name(template)
-        .send()
-        .await
-        .map_err(|e| {
-            let not_found = matches!(
-                e.as_service_error(),
-                Some(CreateProvisioningClaimError::ResourceNotFoundException(_))
-            );
-            match classify(&e) {
-                _ if not_found => refuse(
-                    Refused::Upstream,
-                    format!("AWS IoT has no provisioning template '{template}'"),
-                ),
-                Failure::Throttled => refuse(Refused::Throttled, "AWS IoT is throttling"),
-                Failure::Service(code) | Failure::Unavailable(code) => {
-                    refuse(Refused::Upstream, format!("AWS IoT: {code}"))
-                }
+    /// AWS IoT as the handler sees it: issues, or fails as told.
+    #[derive(Default)]
+    struct Minter {
+        failure: Mutex<Option<MintError>>,
+        issued: Mutex<u32>,
+    }
+
+    impl ClaimMinter for Minter {
+        async fn mint(&self, _template: &str) -> Result<IssuedClaim, MintError> {
+            if let Some(e) = self.failure.lock().unwrap().clone() {
+                return Err(e);
             }
-        })?;
-    let missing = || {
-        refuse(
-            Refused::Upstream,
-            "AWS IoT answered without certificate, key or expiration",
+            let mut n = self.issued.lock().unwrap();
+            *n += 1;
+            Ok(IssuedClaim {
+                certificate_id: format!("cert-{n}"),
+                certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
+                private_key: "-----BEGIN PRIVATE KEY-----".into(),
+                expiration: NOW + 300,
+            })
+        }
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn state(extra: &[(&str, &str)]) -> State<Minter, MemoryTable, MemoryQuota> {
+        let env: std::collections::HashMap<String, String> = [
+            ("DEVICES_TABLE", "devices"),
+            ("PROVISIONING_TEMPLATE", "fleet"),
+            ("CLAIMS_PER_WINDOW", "2"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let config = Config::from_env(&env).unwrap();
+        State {
+            quota: MemoryQuota::new(config.claims_per_window, config.window_seconds),
+            config,
+            iot: Minter::default(),
+            registry: MemoryTable::new(),
+        }
+    }
+
+    fn event(claims: Value, body: &str) -> Value {
+        json!({
+            "requestContext": {"authorizer": {"jwt": {"claims": claims}}},
+            "body": body, "isBase64Encoded": false,
+        })
+    }
+
+    fn installer(body: &str) -> Value {
+        event(
+            json!({"sub": "u-1", "cognito:groups": "[installers]"}),
+            body,
         )
-    };
-    Ok(IssuedClaim {
-        certificate_id: out.certificate_id.ok_or_else(missing)?,
-        certificate_pem: out.certificate_pem.ok_or_else(missing)?,
-        private_key: out
-            .key_pair
-            .and_then(|k| k.private_key)
-            .ok_or_else(missing)?,
-        expiration: out
-            .expiration
-            .map(|t| t.secs().max(0) as u64)
-            .ok_or_else(missing)?,
-    })
+    }
+
+    fn answer(r: &HttpResponse) -> (u16, String) {
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        (
+            r.status_code,
+            body["error"].as_str().unwrap_or("").to_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_installer_gets_a_recorded_claim_bound_to_the_serial() {
+        let s = state(&[]);
+        let r = handle(installer(r#"{"serial":"SN-1"}"#), NOW, &s).await;
+        assert_eq!(r.status_code, 200);
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let claim = s.registry.get_claim("cert-1").unwrap();
+        assert_eq!(
+            (claim.issued_to.as_str(), claim.serial.as_deref()),
+            ("u-1", Some("SN-1"))
+        );
+        assert_eq!(claim.valid_until, NOW + 300);
+    }
+
+    #[tokio::test]
+    async fn who_may_ask_is_checked_before_anything_else() {
+        let s = state(&[]);
+        let outsider = event(
+            json!({"sub": "u-2", "cognito:groups": "[admins]"}),
+            r#"{"serial":"SN-1"}"#,
+        );
+        let cases = [
+            (json!({"body": "{}"}), 401, "unauthenticated"),
+            (event(json!({"sub": " "}), "{}"), 401, "unauthenticated"),
+            (outsider, 403, "not-an-installer"),
+            (json!("not an API event"), 400, "bad-request"),
+        ];
+        for (event, status, code) in cases {
+            assert_eq!(
+                answer(&handle(event, NOW, &s).await),
+                (status, code.to_owned())
+            );
+        }
+        assert_eq!(*s.iot.issued.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn what_they_ask_for_is_checked() {
+        let s = state(&[("ALLOWED_TEMPLATES", "other")]);
+        for (body, code) in [
+            (r#"{"serial": 7}"#, "bad-request"),
+            (r#"{"serial":"SN.1"}"#, "bad-request"),
+            (r#"{"serial":"SN-1","extra":1}"#, "bad-request"),
+            ("{}", "serial-required"),
+            (
+                r#"{"serial":"SN-1","templateName":"someone-elses"}"#,
+                "template-not-allowed",
+            ),
+        ] {
+            assert_eq!(
+                answer(&handle(installer(body), NOW, &s).await),
+                (400, code.to_owned()),
+                "{body}"
+            );
+        }
+        let other = r#"{"serial":"SN-1","templateName":"other"}"#;
+        assert_eq!(handle(installer(other), NOW, &s).await.status_code, 200);
+        let unbound = state(&[("ALLOW_UNBOUND_CLAIMS", "true")]);
+        assert_eq!(
+            handle(installer("{}"), NOW, &unbound).await.status_code,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn the_quota_limits_each_installer_and_says_when_to_return() {
+        let s = state(&[("CLAIM_WINDOW_SECONDS", "600")]);
+        for t in [NOW, NOW + 1] {
+            assert_eq!(
+                handle(installer(r#"{"serial":"SN-1"}"#), t, &s)
+                    .await
+                    .status_code,
+                200
+            );
+        }
+        let limited = handle(installer(r#"{"serial":"SN-1"}"#), NOW + 100, &s).await;
+        assert_eq!(answer(&limited), (429, "rate-limited".to_owned()));
+        assert_eq!(limited.header("retry-after"), Some("500"));
+        s.quota.fail_with(Some(QuotaError::Throttled));
+        let unavailable = handle(installer(r#"{"serial":"SN-1"}"#), NOW + 700, &s).await;
+        assert_eq!(answer(&unavailable), (503, "unavailable".to_owned()));
+        assert_eq!(unavailable.header("retry-after"), Some("2"));
+    }
+
+    #[tokio::test]
+    async fn aws_iot_and_table_failures_answer_with_fixed_sentences() {
+        let s = state(&[("CLAIMS_PER_WINDOW", "100")]);
+        for (failure, expected) in [
+            (MintError::NoSuchTemplate, (502, "upstream")),
+            (
+                MintError::Failed("InternalFailureException".into()),
+                (502, "upstream"),
+            ),
+            (MintError::Incomplete, (502, "upstream")),
+            (MintError::Throttled, (503, "throttled")),
+        ] {
+            *s.iot.failure.lock().unwrap() = Some(failure);
+            let r = handle(installer(r#"{"serial":"SN-1"}"#), NOW, &s).await;
+            assert_eq!(answer(&r), (expected.0, expected.1.to_owned()));
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            let refused = Refused::ALL
+                .into_iter()
+                .find(|x| x.code() == expected.1)
+                .unwrap();
+            assert_eq!(body["message"], refused.message());
+            assert!(!r.body.contains("InternalFailure") && !r.body.contains("fleet"));
+        }
+        // Not recorded, not handed out: the hook could not enforce the claim's binding.
+        *s.iot.failure.lock().unwrap() = None;
+        s.registry.fail_with(Some(RegistryError::Throttled));
+        let r = handle(installer(r#"{"serial":"SN-1"}"#), NOW, &s).await;
+        assert_eq!(answer(&r), (503, "unavailable".to_owned()));
+        assert!(!r.body.contains("PRIVATE KEY"));
+    }
 }

@@ -6,4 +6,5 @@
 
 pub mod config;
 pub mod handler;
+pub mod iot;
 pub mod request;

@@ -2,18 +2,17 @@
 //! `allowProvisioning: false` with a reason code in the log.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::time::Duration;
-
+use shared::clock::unix_now;
 use shared::registry::{
-    ClaimRecord, ClaimUse, DeviceId, DeviceRecord, DeviceRegistry, EntryRefusal, ProvisioningState,
-    ProvisioningWrite, RegistryError, Replaces,
+    ClaimLog, ClaimRecord, ClaimUse, DeviceRecord, EntryRefusal, ProvisioningState,
+    ProvisioningWrite, RegistryError, Replaces, SerialRegistry,
 };
 
 use crate::config::Config;
-use shared::clock::unix_now;
 
 /// What AWS IoT sends (payload version 2020-04-01). Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -36,23 +35,69 @@ pub struct HookResponse {
     pub parameter_overrides: BTreeMap<String, String>,
 }
 
-/// Why a device was denied; the code is stable for log queries and alarms.
+/// Why a device was denied. The code is stable, for log queries and alarms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    MalformedRequest,
+    MissingSerialParameter,
+    SerialFormat,
+    UnknownSerial,
+    SerialBlocked,
+    SerialExpired,
+    AlreadyProvisioned,
+    ClaimBoundElsewhere,
+    ClaimExpired,
+    ClaimAlreadyUsed,
+    ClaimUnknown,
+    RegistryUnavailable,
+    RegistryThrottled,
+    RegistryMalformed,
+    Deadline,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::MalformedRequest => "malformed-request",
+            Self::MissingSerialParameter => "missing-serial-parameter",
+            Self::SerialFormat => "serial-format",
+            Self::UnknownSerial => "unknown-serial",
+            Self::SerialBlocked => "serial-blocked",
+            Self::SerialExpired => "serial-expired",
+            Self::AlreadyProvisioned => "already-provisioned",
+            Self::ClaimBoundElsewhere => "claim-bound-elsewhere",
+            Self::ClaimExpired => "claim-expired",
+            Self::ClaimAlreadyUsed => "claim-already-used",
+            Self::ClaimUnknown => "claim-unknown",
+            Self::RegistryUnavailable => "registry-unavailable",
+            Self::RegistryThrottled => "registry-throttled",
+            Self::RegistryMalformed => "registry-malformed",
+            Self::Deadline => "deadline",
+        }
+    }
+}
+
+/// A denial: its reason, and what exactly was found (for the log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
-    pub code: &'static str,
+    pub code: Reason,
     pub detail: String,
 }
 
-fn deny(code: &'static str, detail: impl Into<String>) -> Denial {
+fn deny(code: Reason, detail: impl Into<String>) -> Denial {
     Denial {
         code,
         detail: detail.into(),
     }
 }
 
+/// What the hook reads and writes: the serials and the claims claim-issuer recorded.
+pub trait Registry: SerialRegistry + ClaimLog {}
+impl<T: SerialRegistry + ClaimLog> Registry for T {}
+
 /// Decides for one request and logs the decision. Never returns an error: AWS IoT would deny
 /// anyway, but without our reason.
-pub async fn handle(event: Value, config: &Config, registry: &impl DeviceRegistry) -> HookResponse {
+pub async fn handle(event: Value, config: &Config, registry: &impl Registry) -> HookResponse {
     let started = tokio::time::Instant::now();
     let (decision, ctx) = evaluate(event, config, registry).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -70,7 +115,7 @@ pub async fn handle(event: Value, config: &Config, registry: &impl DeviceRegistr
         }
         Err(denial) => {
             tracing::warn!(
-                allowed = false, reason = denial.code, detail = %denial.detail, serial = %ctx.serial,
+                allowed = false, reason = denial.code.code(), detail = %denial.detail, serial = %ctx.serial,
                 certificate_id = %ctx.certificate_id, claim_certificate_id = %ctx.claim_certificate_id,
                 template = %ctx.template, elapsed_ms,
                 "provisioning denied"
@@ -87,14 +132,18 @@ pub async fn handle(event: Value, config: &Config, registry: &impl DeviceRegistr
 pub async fn evaluate(
     event: Value,
     config: &Config,
-    registry: &impl DeviceRegistry,
+    registry: &impl Registry,
 ) -> (Result<BTreeMap<String, String>, Denial>, RequestSummary) {
     let mut ctx = RequestSummary::default();
-    let decision =
-        tokio::time::timeout(config.budget, decide(event, config, registry, &mut ctx)).await;
+    // Boxed: the decision's future nests deep enough to exceed the compiler's layout depth.
+    let decision = tokio::time::timeout(
+        config.budget,
+        Box::pin(decide(event, config, registry, &mut ctx)),
+    )
+    .await;
     let decision = decision.unwrap_or_else(|_| {
         Err(deny(
-            "deadline",
+            Reason::Deadline,
             format!("no decision within {} ms", config.budget.as_millis()),
         ))
     });
@@ -113,35 +162,35 @@ pub struct RequestSummary {
 async fn decide(
     event: Value,
     config: &Config,
-    registry: &impl DeviceRegistry,
+    registry: &impl Registry,
     ctx: &mut RequestSummary,
 ) -> Result<BTreeMap<String, String>, Denial> {
-    let request: HookRequest = serde_json::from_value(event)
-        .map_err(|e| deny("malformed-request", format!("payload does not parse: {e}")))?;
+    let request: HookRequest = serde_json::from_value(event).map_err(|e| {
+        deny(
+            Reason::MalformedRequest,
+            format!("payload does not parse: {e}"),
+        )
+    })?;
     ctx.template = request.template_arn.clone().unwrap_or_default();
     ctx.claim_certificate_id = request.claim_certificate_id.clone().unwrap_or_default();
-    check(&request, config, registry, ctx).await
-}
-
-async fn check(
-    request: &HookRequest,
-    config: &Config,
-    registry: &impl DeviceRegistry,
-    ctx: &mut RequestSummary,
-) -> Result<BTreeMap<String, String>, Denial> {
     let certificate_id = request
         .certificate_id
-        .as_deref()
+        .clone()
         .filter(|c| !c.is_empty())
-        .ok_or_else(|| deny("malformed-request", "certificateId missing"))?;
-    ctx.certificate_id = certificate_id.to_owned();
+        .ok_or_else(|| deny(Reason::MalformedRequest, "certificateId missing"))?;
+    ctx.certificate_id = certificate_id.clone();
+    let serial = serial(&request, config)?;
+    ctx.serial = serial.clone();
+    check(&request, &serial, &certificate_id, config, registry).await
+}
 
-    // 1. The serial parameter, under the configured name, in the configured form.
+/// The serial parameter, under the configured name, in the configured form.
+fn serial(request: &HookRequest, config: &Config) -> Result<String, Denial> {
     let serial = match request.parameters.get(&config.serial_parameter) {
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
             return Err(deny(
-                "serial-format",
+                Reason::SerialFormat,
                 format!("parameter '{}' is not a string", config.serial_parameter),
             ))
         }
@@ -149,7 +198,7 @@ async fn check(
             let mut present: Vec<&str> = request.parameters.keys().map(String::as_str).collect();
             present.sort_unstable();
             return Err(deny(
-                "missing-serial-parameter",
+                Reason::MissingSerialParameter,
                 format!(
                     "template parameter '{}' missing (SERIAL_PARAMETER); parameters present: [{}]",
                     config.serial_parameter,
@@ -160,47 +209,56 @@ async fn check(
     };
     if !config.serial_pattern.is_match(&serial) {
         return Err(deny(
-            "serial-format",
+            Reason::SerialFormat,
             "serial does not match SERIAL_PATTERN",
         ));
     }
-    ctx.serial = serial.clone();
+    Ok(serial)
+}
 
-    // 2. Known and allowed.
+async fn check(
+    request: &HookRequest,
+    serial: &str,
+    certificate_id: &str,
+    config: &Config,
+    registry: &impl Registry,
+) -> Result<BTreeMap<String, String>, Denial> {
+    // Known and allowed.
     let now = unix_now();
     let record = registry
-        .get(&DeviceId::Serial(serial.clone()))
+        .serial(serial)
         .await
         .map_err(registry_denial)?
-        .ok_or_else(|| deny("unknown-serial", "serial is not in the device table"))?;
+        .ok_or_else(|| deny(Reason::UnknownSerial, "serial is not in the device table"))?;
     if let Some(why) = record.refusal(now) {
         return Err(match why {
-            EntryRefusal::Expired => deny("serial-expired", "serial is expired"),
-            EntryRefusal::Unlisted => {
-                deny("unknown-serial", "serial is not listed in the device table")
-            }
-            EntryRefusal::Blocked => deny("serial-blocked", "serial is blocked"),
+            EntryRefusal::Expired => deny(Reason::SerialExpired, "serial is expired"),
+            EntryRefusal::Unlisted => deny(
+                Reason::UnknownSerial,
+                "serial is not listed in the device table",
+            ),
+            EntryRefusal::Blocked => deny(Reason::SerialBlocked, "serial is blocked"),
         });
     }
 
-    // 3. What the new certificate replaces, if it may replace anything.
+    // What the new certificate replaces, if it may replace anything.
     let replaces = replaces(&record, certificate_id, now, config.pending)?;
 
-    // 4. The claim: recorded claims are bound, short-lived and good for one device.
+    // The claim: recorded claims are bound, short-lived and good for one device.
     let claim_id = request
         .claim_certificate_id
         .as_deref()
         .filter(|c| !c.is_empty());
     let claim = match claim_id {
-        Some(id) => registry.get_claim(id).await.map_err(registry_denial)?,
+        Some(id) => registry.claim(id).await.map_err(registry_denial)?,
         None => None,
     };
-    let spend_claim = check_claim(claim.as_ref(), &serial, certificate_id, now, config)?;
+    let spend_claim = check_claim(claim.as_ref(), serial, certificate_id, now, config)?;
 
-    // 5. Record it; the conditions of one transaction let exactly one of two concurrent
-    //    requests through, for the serial and for the claim.
+    // Record it; the conditions of one transaction let exactly one of two concurrent requests
+    // through, for the serial and for the claim.
     let write = ProvisioningWrite {
-        serial: serial.clone(),
+        serial: serial.to_owned(),
         certificate_id: certificate_id.to_owned(),
         claim_certificate_id: claim_id.map(str::to_owned),
         spend_claim,
@@ -212,11 +270,11 @@ async fn check(
         .await
         .map_err(|e| match e {
             RegistryError::Conflict(_) => deny(
-                "already-provisioned",
+                Reason::AlreadyProvisioned,
                 "another certificate won the race for this serial",
             ),
             RegistryError::ClaimSpent(_) => deny(
-                "claim-already-used",
+                Reason::ClaimAlreadyUsed,
                 "the claim certificate was spent by a concurrent request",
             ),
             other => registry_denial(other),
@@ -256,7 +314,7 @@ fn replaces(
         });
     }
     Err(deny(
-        "already-provisioned",
+        Reason::AlreadyProvisioned,
         "serial was provisioned with another certificate",
     ))
 }
@@ -272,7 +330,7 @@ fn check_claim(
     let Some(claim) = claim else {
         return if config.require_claim_record {
             Err(deny(
-                "claim-unknown",
+                Reason::ClaimUnknown,
                 "claim certificate was not issued by claim-issuer",
             ))
         } else {
@@ -281,13 +339,13 @@ fn check_claim(
     };
     if claim.serial.as_deref().is_some_and(|bound| bound != serial) {
         return Err(deny(
-            "claim-bound-elsewhere",
+            Reason::ClaimBoundElsewhere,
             "claim certificate is bound to another serial",
         ));
     }
     // TLS checked the certificate when the connection opened; a connection may outlive it.
     if claim.valid_until <= now {
-        return Err(deny("claim-expired", "claim certificate has expired"));
+        return Err(deny(Reason::ClaimExpired, "claim certificate has expired"));
     }
     if claim
         .used
@@ -295,7 +353,7 @@ fn check_claim(
         .is_some_and(|used| used.certificate_id != certificate_id)
     {
         return Err(deny(
-            "claim-already-used",
+            Reason::ClaimAlreadyUsed,
             "claim certificate already provisioned a device",
         ));
     }
@@ -307,46 +365,240 @@ fn check_claim(
 
 fn registry_denial(e: RegistryError) -> Denial {
     match e {
-        RegistryError::Malformed { .. } => deny("registry-malformed", e.to_string()),
-        RegistryError::Throttled => deny("registry-throttled", e.to_string()),
-        _ => deny("registry-unavailable", e.to_string()),
+        RegistryError::Malformed { .. } => deny(Reason::RegistryMalformed, e.to_string()),
+        RegistryError::Throttled => deny(Reason::RegistryThrottled, e.to_string()),
+        _ => deny(Reason::RegistryUnavailable, e.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use shared::memory::MemoryTable;
+    use shared::registry::{ClaimUsed, DeviceId, DeviceStatus, Provisioning};
 
-    /// A device table that knows no serial and no claim, and answers at once or never.
-    struct Unhelpful {
-        hangs: bool,
+    fn config(extra: &[(&str, &str)]) -> Config {
+        let env: HashMap<String, String> = [("DEVICES_TABLE", "devices")]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_env(&env).unwrap()
     }
 
-    impl DeviceRegistry for Unhelpful {
-        async fn get(&self, _: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
-            if self.hangs {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            }
-            Ok(None)
+    fn request(serial: &str, certificate: &str, claim: &str) -> Value {
+        json!({
+            "claimCertificateId": claim, "certificateId": certificate,
+            "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/fleet",
+            "clientId": "claim.x", "parameters": {"SerialNumber": serial},
+        })
+    }
+
+    fn allowed(serial: &str) -> DeviceRecord {
+        DeviceRecord::allowed(DeviceId::Serial(serial.into()))
+    }
+
+    fn claim(id: &str, serial: Option<&str>, valid_until: u64) -> ClaimRecord {
+        ClaimRecord {
+            certificate_id: id.into(),
+            issued_to: "installer".into(),
+            serial: serial.map(str::to_owned),
+            issued_at: valid_until.saturating_sub(300),
+            valid_until,
+            retain_until: valid_until + 86_400,
+            used: None,
         }
-        async fn put(&self, _: &DeviceRecord) -> Result<(), RegistryError> {
-            Ok(())
+    }
+
+    /// A table with SN-1 allowed (override Location=tokyo-1) and a claim for it.
+    fn table() -> MemoryTable {
+        let table = MemoryTable::new();
+        let mut sn1 = allowed("SN-1");
+        sn1.overrides.insert("Location".into(), "tokyo-1".into());
+        table.put(sn1);
+        table.put_claim(claim("claim-1", Some("SN-1"), unix_now() + 300));
+        table
+    }
+
+    async fn reason(event: Value, config: &Config, table: &MemoryTable) -> Reason {
+        match evaluate(event, config, table).await.0 {
+            Err(denial) => denial.code,
+            Ok(overrides) => panic!("allowed with {overrides:?}"),
         }
-        async fn record_registration(
-            &self,
-            _: &str,
-            _: &shared::registry::Registration,
-        ) -> Result<(), RegistryError> {
-            Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_allowed_serial_gets_the_tables_overrides_and_spends_its_claim() {
+        let table = table();
+        let mut event = request("SN-1", "cert-1", "claim-1");
+        event["parameters"]["Location"] = json!("attacker-chosen");
+        let response = handle(event, &config(&[]), &table).await;
+        assert!(response.allow_provisioning);
+        assert_eq!(response.parameter_overrides["Location"], "tokyo-1");
+        let used = table.get_claim("claim-1").unwrap().used.unwrap();
+        assert_eq!(
+            (used.certificate_id.as_str(), used.serial.as_str()),
+            ("cert-1", "SN-1")
+        );
+        let record = table.get(&DeviceId::Serial("SN-1".into())).unwrap();
+        assert_eq!(
+            record.provisioning.unwrap().state,
+            ProvisioningState::Pending
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_that_name_no_certificate_or_serial_are_denied() {
+        let (table, c) = (table(), config(&[]));
+        assert_eq!(
+            reason(json!("x"), &c, &table).await,
+            Reason::MalformedRequest
+        );
+        let no_certificate = json!({"parameters": {"SerialNumber": "SN-1"}});
+        assert_eq!(
+            reason(no_certificate, &c, &table).await,
+            Reason::MalformedRequest
+        );
+        let misnamed = json!({"certificateId": "c", "parameters": {"device_serial": "SN-1"}});
+        assert_eq!(
+            reason(misnamed, &c, &table).await,
+            Reason::MissingSerialParameter
+        );
+        for bad in [json!("SN.1"), json!(7), json!("SN 1; DROP")] {
+            let mut event = request("SN-1", "c", "claim-1");
+            event["parameters"]["SerialNumber"] = bad;
+            assert_eq!(reason(event, &c, &table).await, Reason::SerialFormat);
         }
-        async fn record_provisioning(&self, _: &ProvisioningWrite) -> Result<(), RegistryError> {
-            Ok(())
+        assert_eq!(table.calls(), 0, "nothing reached the table");
+    }
+
+    #[tokio::test]
+    async fn unknown_unlisted_blocked_and_expired_serials_are_denied() {
+        let (table, c) = (table(), config(&[]));
+        let mut unlisted = allowed("SN-U");
+        unlisted.status = DeviceStatus::Unlisted;
+        let mut blocked = allowed("SN-B");
+        blocked.status = DeviceStatus::Blocked;
+        let mut expired = allowed("SN-E");
+        expired.valid_until = Some(unix_now());
+        for record in [unlisted, blocked, expired] {
+            table.put(record);
         }
-        async fn put_claim(&self, _: &ClaimRecord) -> Result<(), RegistryError> {
-            Ok(())
+        for (serial, expected) in [
+            ("SN-404", Reason::UnknownSerial),
+            ("SN-U", Reason::UnknownSerial),
+            ("SN-B", Reason::SerialBlocked),
+            ("SN-E", Reason::SerialExpired),
+        ] {
+            assert_eq!(
+                reason(request(serial, "c", "none"), &c, &table).await,
+                expected,
+                "{serial}"
+            );
         }
-        async fn get_claim(&self, _: &str) -> Result<Option<ClaimRecord>, RegistryError> {
-            Ok(None)
+    }
+
+    #[tokio::test]
+    async fn a_provisioned_serial_takes_no_other_certificate_unless_allowed_once_or_stale() {
+        let (table, c) = (table(), config(&[]));
+        assert!(evaluate(request("SN-1", "c1", "none"), &c, &table)
+            .await
+            .0
+            .is_ok());
+        // AWS IoT retrying the same certificate.
+        assert!(evaluate(request("SN-1", "c1", "none"), &c, &table)
+            .await
+            .0
+            .is_ok());
+        assert_eq!(
+            reason(request("SN-1", "c2", "none"), &c, &table).await,
+            Reason::AlreadyProvisioned
+        );
+        // Pending longer than PENDING_SECONDS: replaceable.
+        let patient = config(&[("PENDING_SECONDS", "0")]);
+        assert!(evaluate(request("SN-1", "c2", "none"), &patient, &table)
+            .await
+            .0
+            .is_ok());
+        // Confirmed: only allow_reprovision, once.
+        let mut record = table.get(&DeviceId::Serial("SN-1".into())).unwrap();
+        record.provisioning = Some(Provisioning {
+            state: ProvisioningState::Confirmed,
+            ..record.provisioning.clone().unwrap()
+        });
+        record.allow_reprovision = true;
+        table.put(record);
+        assert!(evaluate(request("SN-1", "c3", "none"), &patient, &table)
+            .await
+            .0
+            .is_ok());
+        assert_eq!(
+            reason(request("SN-1", "c4", "none"), &c, &table).await,
+            Reason::AlreadyProvisioned
+        );
+    }
+
+    #[tokio::test]
+    async fn claims_are_bound_valid_recorded_and_good_for_one_device() {
+        let table = table();
+        let strict = config(&[("REQUIRE_CLAIM_RECORD", "true")]);
+        table.put(allowed("SN-2"));
+        assert_eq!(
+            reason(request("SN-2", "c", "claim-1"), &strict, &table).await,
+            Reason::ClaimBoundElsewhere
+        );
+        assert_eq!(
+            reason(request("SN-1", "c", "not-recorded"), &strict, &table).await,
+            Reason::ClaimUnknown
+        );
+        table.put_claim(claim("old", None, unix_now()));
+        assert_eq!(
+            reason(request("SN-2", "c", "old"), &strict, &table).await,
+            Reason::ClaimExpired
+        );
+        let mut spent = claim("spent", None, unix_now() + 300);
+        spent.used = Some(ClaimUsed {
+            certificate_id: "other".into(),
+            serial: "SN-9".into(),
+            at: unix_now(),
+        });
+        table.put_claim(spent);
+        assert_eq!(
+            reason(request("SN-2", "c", "spent"), &strict, &table).await,
+            Reason::ClaimAlreadyUsed
+        );
+        assert_eq!(
+            table
+                .get(&DeviceId::Serial("SN-2".into()))
+                .unwrap()
+                .provisioning,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn table_failures_deny_with_their_reason() {
+        let (table, c) = (table(), config(&[]));
+        for (failure, expected) in [
+            (RegistryError::Throttled, Reason::RegistryThrottled),
+            (
+                RegistryError::Unavailable("timed out".into()),
+                Reason::RegistryUnavailable,
+            ),
+            (
+                RegistryError::Malformed {
+                    key: "serial#SN-1".into(),
+                    field: "status",
+                },
+                Reason::RegistryMalformed,
+            ),
+        ] {
+            table.fail_with(Some(failure));
+            assert_eq!(
+                reason(request("SN-1", "c", "claim-1"), &c, &table).await,
+                expected
+            );
         }
     }
 
@@ -354,15 +606,39 @@ mod tests {
     /// comes at the budget, not after it.
     #[tokio::test(start_paused = true)]
     async fn a_hanging_table_is_denied_at_the_budget() {
-        let config =
-            Config::from_env(&[("DEVICES_TABLE", "d"), ("DECISION_BUDGET_MS", "100")]).unwrap();
-        let event =
-            serde_json::json!({"certificateId": "c", "parameters": {"SerialNumber": "SN-1"}});
+        let table = table();
+        table.delay(Some(Duration::from_secs(3600)));
+        let c = config(&[("DECISION_BUDGET_MS", "100")]);
         let started = tokio::time::Instant::now();
-        let (decision, summary) = evaluate(event, &config, &Unhelpful { hangs: true }).await;
-        assert_eq!(decision.unwrap_err().code, "deadline");
+        let (decision, summary) = evaluate(request("SN-1", "c", "claim-1"), &c, &table).await;
+        assert_eq!(decision.unwrap_err().code, Reason::Deadline);
         assert_eq!(summary.serial, "SN-1");
         assert_eq!(started.elapsed(), Duration::from_millis(100));
+    }
+
+    /// Two requests that both read the serial as unprovisioned before either writes: the
+    /// write's condition lets exactly one through (what concurrency looks like to the table).
+    #[tokio::test]
+    async fn two_requests_that_read_before_either_writes_let_one_through() {
+        let (table, c) = (table(), config(&[]));
+        let record = table.get(&DeviceId::Serial("SN-1".into())).unwrap();
+        let now = unix_now();
+        let write = |cert: &str| ProvisioningWrite {
+            serial: "SN-1".into(),
+            certificate_id: cert.into(),
+            claim_certificate_id: None,
+            spend_claim: None,
+            at: now,
+            replaces: replaces(&record, cert, now, c.pending).unwrap(),
+        };
+        let (first, second) = (write("c1"), write("c2"));
+        assert_eq!(first.replaces, Replaces::Nothing);
+        assert_eq!(second.replaces, Replaces::Nothing);
+        assert!(table.record_provisioning(&first).await.is_ok());
+        assert_eq!(
+            table.record_provisioning(&second).await,
+            Err(RegistryError::Conflict("serial#SN-1".into()))
+        );
     }
 
     const KEYS: &[&str] = &[
@@ -377,21 +653,21 @@ mod tests {
     ];
 
     proptest::proptest! {
-        /// Any payload: denied (no serial is known here) with a reason code from the documented
+        /// Any payload: denied (no serial is known here) with a reason from the documented
         /// set, never a panic and never an allow.
         #[test]
         fn any_hook_payload_is_denied_with_a_reason(event in shared::strategies::json_with_keys(KEYS)) {
-            let config = Config::from_env(&[("DEVICES_TABLE", "d")]).unwrap();
+            let config = config(&[]);
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let (decision, _) = runtime.block_on(evaluate(event, &config, &Unhelpful { hangs: false }));
+            let (decision, _) = runtime.block_on(evaluate(event, &config, &MemoryTable::new()));
             let denial = decision.expect_err("nothing may be allowed by an empty table");
             proptest::prop_assert!(
-                ["malformed-request", "missing-serial-parameter", "serial-format", "unknown-serial"]
+                [Reason::MalformedRequest, Reason::MissingSerialParameter, Reason::SerialFormat, Reason::UnknownSerial]
                     .contains(&denial.code),
                 "{denial:?}"
             );
             // The misnamed-parameter denial names the parameter the template should have.
-            if denial.code == "missing-serial-parameter" {
+            if denial.code == Reason::MissingSerialParameter {
                 proptest::prop_assert!(denial.detail.contains("'SerialNumber'"), "{}", denial.detail);
             }
         }

@@ -19,7 +19,7 @@ use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator, Fault};
 use local_emulators::stack::{LocalStack, ID_SCOPE};
 use serde_json::{json, Value};
 use shared::config::HostPort;
-use shared::registry::{DeviceId, DeviceRecord, DeviceRegistry};
+use shared::registry::{DeviceId, DeviceRecord};
 
 struct Settings {
     runs: usize,

@@ -439,7 +439,7 @@ async fn one_claim_cannot_provision_two_devices_over_one_connection() {
         .unwrap();
     let claim_id = issued["certificateId"].as_str().unwrap().to_owned();
     f.registry
-        .put_claim(&ClaimRecord {
+        .record_claim(&ClaimRecord {
             certificate_id: claim_id,
             issued_to: "installer-sub".into(),
             serial: None,

@@ -1,0 +1,264 @@
+//! In-memory stand-ins for the stores (feature `memory`), shared by the functions' unit tests:
+//! the same traits, the same conditions as the DynamoDB adapters (a write that would fail its
+//! condition there fails here with the same error), and switches for the failures a real table
+//! has. The DynamoDB adapters themselves are proved against the local AWS endpoint in
+//! `tests/`; these let every rule of a handler be tested with no server at all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::quota::{decide, Quota, QuotaError, Verdict};
+use crate::registry::{
+    ClaimLog, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, Provisioning,
+    ProvisioningState, ProvisioningWrite, Registration, RegistryError, Replaces, SerialRegistry,
+    SimEntries, SimRegistry,
+};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The device table, in memory.
+#[derive(Default)]
+pub struct MemoryTable {
+    devices: Mutex<HashMap<DeviceId, DeviceRecord>>,
+    claims: Mutex<HashMap<String, ClaimRecord>>,
+    /// Every call fails with this while set.
+    failure: Mutex<Option<RegistryError>>,
+    /// Every call waits this long first (a slow or hanging table).
+    delay: Mutex<Option<Duration>>,
+    calls: AtomicUsize,
+}
+
+impl MemoryTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates or replaces an entry.
+    pub fn put(&self, record: DeviceRecord) {
+        lock(&self.devices).insert(record.id.clone(), record);
+    }
+
+    pub fn get(&self, id: &DeviceId) -> Option<DeviceRecord> {
+        lock(&self.devices).get(id).cloned()
+    }
+
+    pub fn put_claim(&self, claim: ClaimRecord) {
+        lock(&self.claims).insert(claim.certificate_id.clone(), claim);
+    }
+
+    pub fn get_claim(&self, certificate_id: &str) -> Option<ClaimRecord> {
+        lock(&self.claims).get(certificate_id).cloned()
+    }
+
+    /// From now on every call fails with `failure` (`None`: works again).
+    pub fn fail_with(&self, failure: Option<RegistryError>) {
+        *lock(&self.failure) = failure;
+    }
+
+    /// From now on every call waits `delay` first.
+    pub fn delay(&self, delay: Option<Duration>) {
+        *lock(&self.delay) = delay;
+    }
+
+    /// Calls made so far (reads and writes).
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    async fn enter(&self) -> Result<(), RegistryError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let delay = *lock(&self.delay);
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        match lock(&self.failure).clone() {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Allowed and within its validity at `now`: what every provisioning condition starts with.
+fn qualifies(record: &DeviceRecord, now: u64) -> bool {
+    record.status == DeviceStatus::Allowed && record.valid_until.is_none_or(|until| until > now)
+}
+
+/// The serial's condition of `write`, as the DynamoDB adapter words it.
+fn serial_condition_holds(record: &DeviceRecord, write: &ProvisioningWrite) -> bool {
+    let current = record.provisioning.as_ref();
+    qualifies(record, write.at)
+        && match &write.replaces {
+            Replaces::Nothing => current.is_none(),
+            Replaces::Itself => current.is_some_and(|p| p.certificate_id == write.certificate_id),
+            Replaces::Reprovisioning { old } => {
+                record.allow_reprovision && current.is_some_and(|p| &p.certificate_id == old)
+            }
+            Replaces::StalePending {
+                old,
+                pending_since_before,
+            } => current.is_some_and(|p| {
+                &p.certificate_id == old
+                    && p.state == ProvisioningState::Pending
+                    && p.provisioned_at <= *pending_since_before
+            }),
+        }
+}
+
+/// The claim's condition: still valid, unused or used by this certificate, bound to this
+/// serial or none.
+fn claim_condition_holds(claim: &ClaimRecord, write: &ProvisioningWrite, at: u64) -> bool {
+    claim.valid_until > at
+        && claim
+            .used
+            .as_ref()
+            .is_none_or(|u| u.certificate_id == write.certificate_id)
+        && claim.serial.as_ref().is_none_or(|s| *s == write.serial)
+}
+
+impl SimRegistry for MemoryTable {
+    async fn sim(&self, imsi: &str, sim_id: Option<&str>) -> Result<SimEntries, RegistryError> {
+        self.enter().await?;
+        let devices = lock(&self.devices);
+        Ok(SimEntries {
+            by_imsi: devices.get(&DeviceId::Sim(imsi.to_owned())).cloned(),
+            by_card: sim_id.and_then(|id| devices.get(&DeviceId::SimCard(id.to_owned())).cloned()),
+        })
+    }
+
+    async fn record_registration(
+        &self,
+        imsi: &str,
+        registration: &Registration,
+    ) -> Result<(), RegistryError> {
+        self.enter().await?;
+        let id = DeviceId::Sim(imsi.to_owned());
+        let mut devices = lock(&self.devices);
+        let entry = devices.entry(id.clone()).or_insert_with(|| DeviceRecord {
+            status: DeviceStatus::Unlisted,
+            ..DeviceRecord::allowed(id.clone())
+        });
+        if entry.status == DeviceStatus::Blocked {
+            return Err(RegistryError::Conflict(id.key()));
+        }
+        entry.registration = Some(registration.clone());
+        Ok(())
+    }
+}
+
+impl SerialRegistry for MemoryTable {
+    async fn serial(&self, serial: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        self.enter().await?;
+        Ok(self.get(&DeviceId::Serial(serial.to_owned())))
+    }
+
+    async fn record_provisioning(&self, write: &ProvisioningWrite) -> Result<(), RegistryError> {
+        self.enter().await?;
+        let id = DeviceId::Serial(write.serial.clone());
+        // One lock over both items: the transaction is atomic.
+        let mut devices = lock(&self.devices);
+        let mut claims = lock(&self.claims);
+        let record = devices
+            .get_mut(&id)
+            .filter(|r| serial_condition_holds(r, write))
+            .ok_or_else(|| RegistryError::Conflict(id.key()))?;
+        if let Some(spend) = &write.spend_claim {
+            let spent = || RegistryError::ClaimSpent(spend.claim_certificate_id.clone());
+            let claim = claims
+                .get_mut(&spend.claim_certificate_id)
+                .filter(|c| claim_condition_holds(c, write, spend.at))
+                .ok_or_else(spent)?;
+            let at = claim.used.as_ref().map_or(spend.at, |u| u.at);
+            claim.used = Some(ClaimUsed {
+                certificate_id: write.certificate_id.clone(),
+                serial: write.serial.clone(),
+                at,
+            });
+        }
+        if write.replaces == Replaces::Itself {
+            return Ok(());
+        }
+        let replaced = match &write.replaces {
+            Replaces::Reprovisioning { old } | Replaces::StalePending { old, .. } => {
+                Some(old.clone())
+            }
+            _ => None,
+        };
+        if matches!(write.replaces, Replaces::Reprovisioning { .. }) {
+            record.allow_reprovision = false;
+        }
+        record.provisioning = Some(Provisioning {
+            certificate_id: write.certificate_id.clone(),
+            claim_certificate_id: write.claim_certificate_id.clone(),
+            provisioned_at: write.at,
+            state: ProvisioningState::Pending,
+            replaced_certificate_id: replaced,
+        });
+        Ok(())
+    }
+}
+
+impl ClaimLog for MemoryTable {
+    async fn record_claim(&self, claim: &ClaimRecord) -> Result<(), RegistryError> {
+        self.enter().await?;
+        let mut claims = lock(&self.claims);
+        if claims.contains_key(&claim.certificate_id) {
+            return Err(RegistryError::Conflict(format!(
+                "claim#{}",
+                claim.certificate_id
+            )));
+        }
+        claims.insert(claim.certificate_id.clone(), claim.clone());
+        Ok(())
+    }
+
+    async fn claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
+        self.enter().await?;
+        Ok(self.get_claim(certificate_id))
+    }
+}
+
+/// A per-subject sliding window, in memory, with the DynamoDB adapter's decision.
+pub struct MemoryQuota {
+    limit: u32,
+    window_secs: u64,
+    uses: Mutex<HashMap<String, Vec<u64>>>,
+    failure: Mutex<Option<QuotaError>>,
+}
+
+impl MemoryQuota {
+    pub fn new(limit: u32, window_secs: u64) -> Self {
+        Self {
+            limit,
+            window_secs,
+            uses: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
+        }
+    }
+
+    pub fn fail_with(&self, failure: Option<QuotaError>) {
+        *lock(&self.failure) = failure;
+    }
+}
+
+impl Quota for MemoryQuota {
+    async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
+        if let Some(failure) = lock(&self.failure).clone() {
+            return Err(failure);
+        }
+        let mut uses = lock(&self.uses);
+        let used = uses.entry(subject.to_owned()).or_default();
+        match decide(used, now, self.limit, self.window_secs) {
+            Ok(recent) => {
+                *used = recent;
+                Ok(Verdict::Allowed {
+                    remaining: self.limit.saturating_sub(used.len() as u32),
+                })
+            }
+            Err(retry_after) => Ok(Verdict::Exceeded { retry_after }),
+        }
+    }
+}
