@@ -517,7 +517,6 @@ mod issuer {
     use ::claim_issuer::handler::{handle as issue, HttpResponse, Refused, State};
     use local_emulators::iot_control::{IotControlPlane, IotFault};
     use local_emulators::local_aws::local_sdk_config;
-    use shared::quota::DynamoQuota;
 
     const TEMPLATE: &str = "fleet-template";
     const NOW: u64 = 1_800_000_000;
@@ -564,18 +563,8 @@ mod issuer {
         iot: &IotControlPlane,
         config: IssuerConfig,
     ) -> State {
-        let dynamodb = aws.dynamodb().await;
-        State {
-            iot: aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await),
-            registry: DynamoRegistry::new(dynamodb.clone(), TABLE),
-            quota: DynamoQuota::new(
-                dynamodb,
-                TABLE,
-                config.claims_per_window,
-                config.window_seconds,
-            ),
-            config,
-        }
+        let iot = aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await);
+        State::from_clients(config, iot, aws.dynamodb().await)
     }
 
     fn body(r: &HttpResponse) -> Value {

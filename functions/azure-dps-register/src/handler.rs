@@ -4,19 +4,19 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use dps_client::{Assignment, DpsError, RegistrationRequest};
+use dps_client::{Assignment, DpsError};
 use lambda_runtime::Context;
 use serde_json::Value;
 use shared::keys::SymmetricKey;
 use shared::registry::{
-    DeviceId, DeviceRecord, DeviceStatus, EntryRefusal, Registration, RegistryError, SimRegistry,
+    DeviceRecord, DeviceStatus, EntryRefusal, Registration, RegistryError, SimRegistry,
 };
-use shared::secrets::{load_key, KeyLookupError, SecretError};
 use shared::soracom::SimIdentity;
 use tokio::time::{timeout_at, Instant};
 
 pub use crate::answer::{Refused, Response};
-use crate::config::{Config, KeySource};
+use crate::config::Config;
+use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
 use crate::state::State;
 use shared::clock::unix_now;
 
@@ -65,7 +65,11 @@ struct Registered {
 }
 
 /// Handles one Funk invocation. Never fails: every outcome is a `Response`.
-pub async fn handle(event: Value, context: &Context, state: &State) -> Response {
+pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps>(
+    event: Value,
+    context: &Context,
+    state: &State<R, K, D>,
+) -> Response {
     let started = Instant::now();
     let imsi = context
         .client_context
@@ -137,7 +141,11 @@ fn deadlines(context: &Context, budget: Duration) -> Deadlines {
     }
 }
 
-async fn register(event: Value, context: &Context, state: &State) -> Result<Registered, Refusal> {
+async fn register<R: SimRegistry, K: DeviceKeys, D: Dps>(
+    event: Value,
+    context: &Context,
+    state: &State<R, K, D>,
+) -> Result<Registered, Refusal> {
     let config = &state.config;
     let deadlines = deadlines(context, config.dps_budget);
     if deadlines.answer_by <= Instant::now() {
@@ -156,7 +164,7 @@ async fn register(event: Value, context: &Context, state: &State) -> Result<Regi
     let (cleared, key) = timeout_at(deadlines.answer_by, async {
         tokio::join!(
             check_sim(state, &sim),
-            device_key(state, &sim.imsi, &registration_id)
+            state.keys.device_key(&sim.imsi, &registration_id)
         )
     })
     .await
@@ -168,18 +176,16 @@ async fn register(event: Value, context: &Context, state: &State) -> Result<Regi
         .retry_in(RETRY_SOON)
     })?;
     cleared?;
-    let key = key?;
+    let key = key.map_err(key_refusal)?;
 
-    let tls = state.tls.get().await.map_err(dps_refusal)?;
-    let request = RegistrationRequest {
-        endpoint: &config.endpoint,
-        id_scope: &config.id_scope,
+    let enrollment = Enrollment {
         registration_id: &registration_id,
         device_key: &key,
         payload: payload.as_ref(),
-        tls,
     };
-    let assignment = dps_client::register(&request, deadlines.dps_until)
+    let assignment = state
+        .dps
+        .register(&enrollment, deadlines.dps_until)
         .await
         .map_err(dps_refusal)?;
     record(state, &sim.imsi, &registration_id, &assignment, deadlines).await;
@@ -235,7 +241,10 @@ fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal
 
 /// The device table's say on this SIM: its IMSI's entry and, when Funk names the SIM card, the
 /// card's entry, so that blocking a multi-IMSI SIM holds whichever subscription it uses.
-async fn check_sim(state: &State, sim: &SimIdentity) -> Result<(), Refusal> {
+async fn check_sim<R: SimRegistry, K, D>(
+    state: &State<R, K, D>,
+    sim: &SimIdentity,
+) -> Result<(), Refusal> {
     let entries = state
         .registry
         .sim(&sim.imsi, sim.sim_id.as_deref())
@@ -280,8 +289,8 @@ fn sim_verdict(
 /// Records the registration for operators. DPS has registered the device; failing the device
 /// now would only make it retry, so a failed or late write is logged loudly instead, and it
 /// never holds the answer past the deadline.
-async fn record(
-    state: &State,
+async fn record<R: SimRegistry, K, D>(
+    state: &State<R, K, D>,
     imsi: &str,
     registration_id: &str,
     assignment: &Assignment,
@@ -313,42 +322,14 @@ fn is_registration_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
 }
 
-/// The device key: derived from the (cached) group key, or the SIM's individual key, which is
-/// never cached: a refused SIM's key must not stay in memory.
-async fn device_key(
-    state: &State,
-    imsi: &str,
-    registration_id: &str,
-) -> Result<SymmetricKey, Refusal> {
-    let lookup = match &state.config.key_source {
-        KeySource::Group { parameter } => load_key(&state.keys, parameter)
-            .await
-            .map(|group| group.derive_device_key(registration_id))
-            .map_err(|e| (e, false)),
-        KeySource::IndividualSsm { prefix } => {
-            load_key(state.keys.uncached(), &format!("{prefix}{registration_id}"))
-                .await
-                .map_err(|e| (e, true))
+fn key_refusal(failure: KeyFailure) -> Refusal {
+    let detail = failure.to_string();
+    match failure {
+        KeyFailure::NoEnrollment => refuse(Refused::NoEnrollment, detail),
+        KeyFailure::Unavailable(_) => {
+            refuse(Refused::KeyStoreUnavailable, detail).retry_in(RETRY_SOON)
         }
-        KeySource::IndividualDynamoDb => {
-            load_key(state.keys.uncached(), &DeviceId::Sim(imsi.to_owned()).key())
-                .await
-                .map_err(|e| (e, true))
-        }
-    };
-    lookup.map_err(|(error, per_device)| key_refusal(error, per_device))
-}
-
-fn key_refusal(error: KeyLookupError, per_device: bool) -> Refusal {
-    match error {
-        // No individual key: this SIM has no enrollment. No group key: the function is broken.
-        KeyLookupError::Secret(SecretError::NotFound(_)) if per_device => {
-            refuse(Refused::NoEnrollment, "no individual key for this SIM")
-        }
-        KeyLookupError::Secret(e) if e.is_transient() => {
-            refuse(Refused::KeyStoreUnavailable, e.to_string()).retry_in(RETRY_SOON)
-        }
-        other => refuse(Refused::Misconfigured, other.to_string()),
+        KeyFailure::Misconfigured(_) => refuse(Refused::Misconfigured, detail),
     }
 }
 
@@ -430,6 +411,7 @@ fn decode_wrapped(s: &str) -> Result<Value, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use shared::registry::DeviceId;
 
     #[test]
     fn bodies_become_payloads() {
@@ -578,7 +560,6 @@ mod tests {
     mod failures {
         use super::*;
         use proptest::prelude::*;
-        use shared::keys::KeyError;
         use shared::strategies::text;
 
         /// Internal text with a marker no sentence contains, so a leak is unmistakable.
@@ -617,23 +598,12 @@ mod tests {
             ]
         }
 
-        fn key_error() -> impl Strategy<Value = (KeyLookupError, bool)> {
-            let secret = prop_oneof![
-                internal().prop_map(SecretError::NotFound),
-                internal().prop_map(SecretError::NotEncrypted),
-                internal().prop_map(SecretError::Empty),
-                internal().prop_map(SecretError::Throttled),
-                (internal(), internal())
-                    .prop_map(|(name, reason)| SecretError::Unavailable { name, reason }),
-            ];
-            let lookup = prop_oneof![
-                secret.prop_map(KeyLookupError::Secret),
-                internal().prop_map(|name| KeyLookupError::Key {
-                    name,
-                    source: KeyError::NotBase64
-                }),
-            ];
-            (lookup, any::<bool>())
+        fn key_error() -> impl Strategy<Value = KeyFailure> {
+            prop_oneof![
+                Just(KeyFailure::NoEnrollment),
+                internal().prop_map(KeyFailure::Unavailable),
+                internal().prop_map(KeyFailure::Misconfigured),
+            ]
         }
 
         /// A context as the runtime builds it from the Runtime API's raw-JSON header.
@@ -676,7 +646,7 @@ mod tests {
             fn every_failure_answers_a_fixed_sentence(
                 dps in dps_error(),
                 registry in registry_error(),
-                (key, per_device) in key_error(),
+                key in key_error(),
                 custom in proptest::collection::vec(
                     (prop_oneof![Just("imsi".to_owned()), Just("operatorId".to_owned()), Just("srn".to_owned()), internal()], internal()),
                     0..4,
@@ -685,7 +655,7 @@ mod tests {
             ) {
                 checked(dps_refusal(dps))?;
                 checked(registry_refusal(registry))?;
-                checked(key_refusal(key, per_device))?;
+                checked(key_refusal(key))?;
                 let config = crate::config::Config::from_env(&[
                     ("DPS_ID_SCOPE", "0ne00000001"),
                     ("GROUP_KEY_PARAMETER", "/k"),

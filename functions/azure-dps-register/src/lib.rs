@@ -7,4 +7,7 @@
 pub mod answer;
 pub mod config;
 pub mod handler;
+#[cfg(test)]
+mod handler_tests;
+pub mod ports;
 pub mod state;

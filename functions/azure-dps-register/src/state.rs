@@ -1,16 +1,22 @@
-//! What the function builds once, at cold start, and reuses while warm: configuration, SDK
-//! clients, the key cache and the TLS configuration. Nothing here is per-device.
+//! What the function builds once, at cold start, and reuses while warm: configuration, the
+//! device table, the key store with its cache, and DPS with its TLS configuration. Nothing here
+//! is per-device.
 
 use std::sync::Arc;
 
-use dps_client::DpsError;
+use dps_client::{Assignment, DpsError, RegistrationRequest};
 use rustls::ClientConfig;
-use shared::registry::DynamoRegistry;
+use shared::config::HostPort;
+use shared::keys::SymmetricKey;
+use shared::registry::{DeviceId, DynamoRegistry};
 use shared::secrets::{
-    CachedSecretStore, DynamoSecretStore, Secret, SecretError, SecretStore, SsmSecretStore,
+    load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, Secret, SecretError,
+    SecretStore, SsmSecretStore,
 };
+use tokio::time::Instant;
 
 use crate::config::{Config, KeySource};
+use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
 
 /// The configured key store.
 pub enum KeyStore {
@@ -27,11 +33,84 @@ impl SecretStore for KeyStore {
     }
 }
 
-pub struct State {
+/// Cold-start state, by the traits the handler needs (in the unit tests: in memory).
+pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps> {
     pub config: Config,
-    pub keys: CachedSecretStore<KeyStore>,
-    pub registry: DynamoRegistry,
-    pub tls: DpsTls,
+    pub registry: R,
+    pub keys: K,
+    pub dps: D,
+}
+
+/// Device keys where the configuration says: derived from the (cached) group key, or the SIM's
+/// individual key, which is never cached: a refused SIM's key must not stay in memory.
+pub struct ConfiguredKeys {
+    source: KeySource,
+    store: CachedSecretStore<KeyStore>,
+}
+
+impl ConfiguredKeys {
+    /// How many secrets the cache holds now.
+    pub fn cached(&self) -> usize {
+        self.store.len()
+    }
+}
+
+impl DeviceKeys for ConfiguredKeys {
+    async fn device_key(
+        &self,
+        imsi: &str,
+        registration_id: &str,
+    ) -> Result<SymmetricKey, KeyFailure> {
+        let (lookup, per_device) = match &self.source {
+            KeySource::Group { parameter } => (
+                load_key(&self.store, parameter)
+                    .await
+                    .map(|group| group.derive_device_key(registration_id)),
+                false,
+            ),
+            KeySource::IndividualSsm { prefix } => (
+                load_key(self.store.uncached(), &format!("{prefix}{registration_id}")).await,
+                true,
+            ),
+            KeySource::IndividualDynamoDb => (
+                load_key(self.store.uncached(), &DeviceId::Sim(imsi.to_owned()).key()).await,
+                true,
+            ),
+        };
+        lookup.map_err(|error| match error {
+            // No individual key: no enrollment. No group key: the function is broken.
+            KeyLookupError::Secret(SecretError::NotFound(_)) if per_device => {
+                KeyFailure::NoEnrollment
+            }
+            KeyLookupError::Secret(e) if e.is_transient() => KeyFailure::Unavailable(e.to_string()),
+            other => KeyFailure::Misconfigured(other.to_string()),
+        })
+    }
+}
+
+/// Azure DPS over MQTT/TLS at the configured endpoint and id scope.
+pub struct MqttDps {
+    endpoint: HostPort,
+    id_scope: String,
+    tls: DpsTls,
+}
+
+impl Dps for MqttDps {
+    async fn register(
+        &self,
+        enrollment: &Enrollment<'_>,
+        deadline: Instant,
+    ) -> Result<Assignment, DpsError> {
+        let request = RegistrationRequest {
+            endpoint: &self.endpoint,
+            id_scope: &self.id_scope,
+            registration_id: enrollment.registration_id,
+            device_key: enrollment.device_key,
+            payload: enrollment.payload,
+            tls: self.tls.get().await?,
+        };
+        dps_client::register(&request, deadline).await
+    }
 }
 
 type Building = tokio::task::JoinHandle<Result<Arc<ClientConfig>, DpsError>>;
@@ -117,9 +196,16 @@ impl State {
             )),
         };
         Ok(Self {
-            keys: CachedSecretStore::new(store, config.secret_cache),
+            keys: ConfiguredKeys {
+                source: config.key_source.clone(),
+                store: CachedSecretStore::new(store, config.secret_cache),
+            },
             registry: DynamoRegistry::new(dynamodb, &config.devices_table),
-            tls,
+            dps: MqttDps {
+                endpoint: config.endpoint.clone(),
+                id_scope: config.id_scope.clone(),
+                tls,
+            },
             config,
         })
     }

@@ -23,9 +23,22 @@ pub struct State<M = aws_sdk_iot::Client, L = DynamoRegistry, Q = DynamoQuota> {
 
 impl State {
     pub fn new(config: Config, sdk: &aws_config::SdkConfig) -> Self {
-        let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+        Self::from_clients(
+            config,
+            aws_sdk_iot::Client::new(sdk),
+            aws_sdk_dynamodb::Client::new(sdk),
+        )
+    }
+
+    /// The cold-start state from clients built elsewhere (tests point AWS IoT and DynamoDB at
+    /// different local endpoints).
+    pub fn from_clients(
+        config: Config,
+        iot: aws_sdk_iot::Client,
+        dynamodb: aws_sdk_dynamodb::Client,
+    ) -> Self {
         Self {
-            iot: aws_sdk_iot::Client::new(sdk),
+            iot,
             registry: DynamoRegistry::new(dynamodb.clone(), &config.devices_table),
             quota: DynamoQuota::new(
                 dynamodb,

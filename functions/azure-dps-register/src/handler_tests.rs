@@ -1,0 +1,412 @@
+//! Every answer in the function's table, from the handler with the device table, the key store
+//! and DPS in memory: no server. (`tests/` proves the same wiring against moto and the DPS
+//! simulator.)
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use dps_client::{Assignment, DpsError};
+use lambda_runtime::Context;
+use serde_json::{json, Value};
+use shared::keys::SymmetricKey;
+use shared::memory::MemoryTable;
+use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, RegistryError};
+use tokio::time::Instant;
+
+use crate::answer::Response;
+use crate::config::Config;
+use crate::handler::handle;
+use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
+use crate::state::State;
+
+const IMSI: &str = "440103123456789";
+const SIM_ID: &str = "8981100012345678901";
+const GROUP_KEY: &str = "VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=";
+
+/// Keys derived from one group key, or failing as told.
+#[derive(Default)]
+struct Keys {
+    failure: Mutex<Option<KeyFailure>>,
+}
+
+impl DeviceKeys for Keys {
+    async fn device_key(
+        &self,
+        _imsi: &str,
+        registration_id: &str,
+    ) -> Result<SymmetricKey, KeyFailure> {
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        Ok(SymmetricKey::from_base64(GROUP_KEY)
+            .unwrap()
+            .derive_device_key(registration_id))
+    }
+}
+
+/// DPS: assigns every device to one hub, or answers as told; counts registrations.
+#[derive(Default)]
+struct FakeDps {
+    answer: Mutex<Option<DpsError>>,
+    registered: Mutex<Vec<(String, Option<Value>)>>,
+}
+
+impl Dps for FakeDps {
+    async fn register(
+        &self,
+        e: &Enrollment<'_>,
+        _deadline: Instant,
+    ) -> Result<Assignment, DpsError> {
+        self.registered
+            .lock()
+            .unwrap()
+            .push((e.registration_id.to_owned(), e.payload.cloned()));
+        if let Some(error) = self.answer.lock().unwrap().clone() {
+            return Err(error);
+        }
+        Ok(Assignment {
+            registration_id: e.registration_id.to_owned(),
+            assigned_hub: "hub-1.azure-devices.net".into(),
+            device_id: e.registration_id.to_owned(),
+            status: "assigned".into(),
+            substatus: None,
+            payload: None,
+        })
+    }
+}
+
+fn state(extra: &[(&str, &str)]) -> State<MemoryTable, Keys, FakeDps> {
+    let env: HashMap<String, String> = [
+        ("DPS_ID_SCOPE", "0ne00000001"),
+        ("GROUP_KEY_PARAMETER", "/dps/group-key"),
+        ("DEVICES_TABLE", "devices"),
+        ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    State {
+        config: Config::from_env(&env).unwrap(),
+        registry: MemoryTable::new(),
+        keys: Keys::default(),
+        dps: FakeDps::default(),
+    }
+}
+
+/// A Funk invocation's context, built as the runtime builds it from raw-JSON headers.
+fn funk(custom: Value, deadline_in: Option<Duration>) -> Context {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "lambda-runtime-client-context",
+        json!({ "custom": custom }).to_string().parse().unwrap(),
+    );
+    let deadline = deadline_in.map_or(0, |d| {
+        (SystemTime::now() + d)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    });
+    headers.insert(
+        "lambda-runtime-deadline-ms",
+        deadline.to_string().parse().unwrap(),
+    );
+    Context::new("test", Default::default(), &headers).unwrap()
+}
+
+fn sim(imsi: &str) -> Value {
+    json!({
+        "imsi": imsi, "operatorId": "OP0012345678", "simId": SIM_ID,
+        "srn": format!("srn:soracom:OP0012345678:jp:Subscriber:{imsi}"),
+    })
+}
+
+fn entry(id: DeviceId, status: DeviceStatus, valid_until: Option<u64>) -> DeviceRecord {
+    let mut record = DeviceRecord::allowed(id);
+    record.status = status;
+    record.valid_until = valid_until;
+    record
+}
+
+async fn answer(
+    state: &State<MemoryTable, Keys, FakeDps>,
+    body: Value,
+    context: &Context,
+) -> (u16, &'static str) {
+    let r: Response = handle(body, context, state).await;
+    (r.status_code, r.error.unwrap_or("-"))
+}
+
+#[tokio::test]
+async fn a_listed_sim_gets_its_connection_string_and_is_recorded() {
+    let s = state(&[]);
+    let r = handle(json!({"modelId": "dtmi:x;1"}), &funk(sim(IMSI), None), &s).await;
+    assert_eq!(r.status_code, 200, "{}", r.outline());
+    let key = SymmetricKey::from_base64(GROUP_KEY)
+        .unwrap()
+        .derive_device_key(IMSI);
+    assert_eq!(
+        r.body,
+        format!(
+            "HostName=hub-1.azure-devices.net;DeviceId={IMSI};SharedAccessKey={}",
+            key.to_base64()
+        )
+    );
+    let registered = s.dps.registered.lock().unwrap().clone();
+    assert_eq!(
+        registered,
+        vec![(IMSI.to_owned(), Some(json!({"modelId": "dtmi:x;1"})))]
+    );
+    let record = s.registry.get(&DeviceId::Sim(IMSI.into())).unwrap();
+    assert_eq!(
+        record.registration.unwrap().assigned_hub,
+        "hub-1.azure-devices.net"
+    );
+    assert_eq!(
+        record.status,
+        DeviceStatus::Unlisted,
+        "recording does not list it"
+    );
+}
+
+#[tokio::test]
+async fn identity_operator_and_body_are_checked_before_anything_else() {
+    let s = state(&[]);
+    let other_operator = json!({
+        "imsi": IMSI, "operatorId": "OP0099999999",
+        "srn": format!("srn:soracom:OP0099999999:jp:Subscriber:{IMSI}"),
+    });
+    let cases = [
+        (json!({}), Context::default(), (403, "no-identity")),
+        (
+            json!({}),
+            funk(json!({"imsi": "12"}), None),
+            (403, "bad-identity"),
+        ),
+        (
+            json!({}),
+            funk(other_operator, None),
+            (403, "operator-not-allowed"),
+        ),
+        (json!([1]), funk(sim(IMSI), None), (400, "bad-request")),
+        (
+            json!({"blob": "x".repeat(5000)}),
+            funk(sim(IMSI), None),
+            (400, "bad-request"),
+        ),
+    ];
+    for (body, context, expected) in cases {
+        assert_eq!(answer(&s, body, &context).await, expected);
+    }
+    assert_eq!(s.registry.calls(), 0);
+    assert!(s.dps.registered.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_device_table_decides_before_dps_is_asked() {
+    let s = state(&[("REQUIRE_SIM_ALLOWLIST", "true")]);
+    let blocked = "440103000000001";
+    let expired = "440103000000002";
+    s.registry.put(entry(
+        DeviceId::Sim(blocked.into()),
+        DeviceStatus::Blocked,
+        None,
+    ));
+    s.registry.put(entry(
+        DeviceId::Sim(expired.into()),
+        DeviceStatus::Allowed,
+        Some(1),
+    ));
+    for (imsi, expected) in [
+        (blocked, (403, "sim-blocked")),
+        (expired, (403, "sim-expired")),
+        (IMSI, (403, "sim-unknown")),
+    ] {
+        assert_eq!(
+            answer(&s, json!({}), &funk(sim(imsi), None)).await,
+            expected,
+            "{imsi}"
+        );
+    }
+    assert!(s.dps.registered.lock().unwrap().is_empty());
+    // The SIM card's entry speaks for all its IMSIs.
+    s.registry.put(entry(
+        DeviceId::SimCard(SIM_ID.into()),
+        DeviceStatus::Allowed,
+        None,
+    ));
+    assert_eq!(
+        answer(&s, json!({}), &funk(sim(IMSI), None)).await,
+        (200, "-")
+    );
+}
+
+#[tokio::test]
+async fn key_store_failures_answer_by_cause() {
+    let s = state(&[]);
+    for (failure, expected) in [
+        (KeyFailure::NoEnrollment, (403, "no-enrollment")),
+        (
+            KeyFailure::Unavailable("throttled".into()),
+            (503, "key-store-unavailable"),
+        ),
+        (
+            KeyFailure::Misconfigured("not base64".into()),
+            (500, "misconfigured"),
+        ),
+    ] {
+        *s.keys.failure.lock().unwrap() = Some(failure);
+        assert_eq!(
+            answer(&s, json!({}), &funk(sim(IMSI), None)).await,
+            expected
+        );
+    }
+    assert!(s.dps.registered.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn table_failures_answer_503_with_retry_after() {
+    let s = state(&[]);
+    s.registry
+        .fail_with(Some(RegistryError::Unavailable("timed out".into())));
+    let r = handle(json!({}), &funk(sim(IMSI), None), &s).await;
+    assert_eq!(
+        (r.status_code, r.error),
+        (503, Some("registry-unavailable"))
+    );
+    assert!(r.retry_after.is_some());
+    s.registry.fail_with(Some(RegistryError::Malformed {
+        key: "sim#x".into(),
+        field: "status",
+    }));
+    assert_eq!(
+        answer(&s, json!({}), &funk(sim(IMSI), None)).await,
+        (500, "misconfigured")
+    );
+}
+
+#[tokio::test]
+async fn dps_outcomes_map_to_final_or_retryable_answers() {
+    let s = state(&[]);
+    let secs = Duration::from_secs;
+    for (error, expected, retryable) in [
+        (
+            DpsError::Unauthorized("NotAuthorized".into()),
+            (403, "enrollment-refused"),
+            false,
+        ),
+        (
+            DpsError::Rejected {
+                status: 401,
+                error_code: 401002,
+            },
+            (403, "enrollment-refused"),
+            false,
+        ),
+        (
+            DpsError::NotAssigned {
+                status: "disabled".into(),
+                error_code: 401010,
+            },
+            (403, "enrollment-not-assigned"),
+            false,
+        ),
+        (
+            DpsError::Throttled {
+                retry_after: secs(5),
+            },
+            (503, "dps-throttled"),
+            true,
+        ),
+        (
+            DpsError::Deadline {
+                retry_after: secs(2),
+            },
+            (503, "dps-timeout"),
+            true,
+        ),
+        (
+            DpsError::Upstream { status: 500 },
+            (502, "dps-failed"),
+            true,
+        ),
+        (
+            DpsError::Connection("reset".into()),
+            (502, "dps-failed"),
+            true,
+        ),
+        (
+            DpsError::Tls("invalid peer certificate".into()),
+            (502, "dps-failed"),
+            false,
+        ),
+    ] {
+        *s.dps.answer.lock().unwrap() = Some(error.clone());
+        let r = handle(json!({}), &funk(sim(IMSI), None), &s).await;
+        assert_eq!(
+            (r.status_code, r.error.unwrap_or("-")),
+            expected,
+            "{error:?}"
+        );
+        assert_eq!(r.retry_after.is_some(), retryable, "{error:?}");
+        assert!(
+            !r.body.contains("reset") && !r.body.contains("certificate"),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_misconfigured_registration_id_is_refused_as_such() {
+    // A template that yields an id DPS cannot take (longer than 128 characters).
+    let long = format!("{}-{{imsi}}", "x".repeat(120));
+    let s = state(&[("REGISTRATION_ID_TEMPLATE", long.as_str())]);
+    assert_eq!(
+        answer(&s, json!({}), &funk(sim(IMSI), None)).await,
+        (500, "misconfigured")
+    );
+    let needs_sim_id = state(&[("REGISTRATION_ID_TEMPLATE", "{simId}")]);
+    let no_sim_id = json!({
+        "imsi": IMSI, "operatorId": "OP0012345678",
+        "srn": format!("srn:soracom:OP0012345678:jp:Subscriber:{IMSI}"),
+    });
+    assert_eq!(
+        answer(&needs_sim_id, json!({}), &funk(no_sim_id, None)).await,
+        (403, "bad-identity")
+    );
+}
+
+#[tokio::test]
+async fn a_passed_deadline_attempts_nothing() {
+    let s = state(&[]);
+    let mut context = funk(sim(IMSI), None);
+    let two_seconds_ago = SystemTime::now() - Duration::from_secs(2);
+    context.deadline = two_seconds_ago
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert_eq!(answer(&s, json!({}), &context).await, (503, "dps-timeout"));
+    assert_eq!(s.registry.calls(), 0);
+    assert!(s.dps.registered.lock().unwrap().is_empty());
+}
+
+/// On tokio's paused clock: the table hangs, and the answer comes before the Lambda deadline.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_table_is_answered_before_the_deadline() {
+    let s = state(&[]);
+    s.registry.delay(Some(Duration::from_secs(3600)));
+    let started = Instant::now();
+    let r = handle(
+        json!({}),
+        &funk(sim(IMSI), Some(Duration::from_secs(5))),
+        &s,
+    )
+    .await;
+    assert_eq!(
+        (r.status_code, r.error),
+        (503, Some("registry-unavailable"))
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

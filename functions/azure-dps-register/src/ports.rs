@@ -1,0 +1,51 @@
+//! What the handler needs from outside, by what it needs it for: the device key of a SIM, and a
+//! DPS registration. The deployed function's implementations are in `state`; the unit tests
+//! use in-memory ones. (The device table is `shared::registry::SimRegistry`.)
+
+use std::future::Future;
+
+use dps_client::{Assignment, DpsError};
+use serde_json::Value;
+use shared::keys::SymmetricKey;
+use tokio::time::Instant;
+
+/// Why a SIM's device key could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFailure {
+    /// Individual enrollment: this SIM has no key, so no enrollment.
+    #[error("no individual key for this SIM")]
+    NoEnrollment,
+    /// The store may answer later (throttled, unreachable).
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    /// The key is missing or unusable where the configuration says it is.
+    #[error("key unusable: {0}")]
+    Misconfigured(String),
+}
+
+/// The device key of a SIM: derived from the enrollment group's key, or its individual key.
+pub trait DeviceKeys: Send + Sync {
+    fn device_key(
+        &self,
+        imsi: &str,
+        registration_id: &str,
+    ) -> impl Future<Output = Result<SymmetricKey, KeyFailure>> + Send;
+}
+
+/// One device's registration, as DPS receives it.
+pub struct Enrollment<'a> {
+    pub registration_id: &'a str,
+    pub device_key: &'a SymmetricKey,
+    /// Custom allocation data (the device's body).
+    pub payload: Option<&'a Value>,
+}
+
+/// Azure DPS's device registration API.
+pub trait Dps: Send + Sync {
+    /// Registers the device, answering by `deadline`.
+    fn register(
+        &self,
+        enrollment: &Enrollment<'_>,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Assignment, DpsError>> + Send;
+}
