@@ -1,11 +1,13 @@
 //! Symmetric keys as Azure DPS uses them, and the enrollment-group key derivation.
 //!
 //! A [`SymmetricKey`] holds decoded key bytes. Its `Debug` output is redacted and its memory is
-//! wiped on drop, so a key that ends up in a log line or an error by mistake shows nothing.
+//! wiped on drop (`zeroize`), so a key that ends up in a log line or an error by mistake shows
+//! nothing, and a dropped one does not linger in freed memory.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ring::hmac;
+use zeroize::Zeroizing;
 
 /// Why a key was refused. Carries no part of the key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,7 +20,7 @@ pub enum KeyError {
 
 /// A symmetric key (group key or device key), as decoded bytes.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SymmetricKey(Vec<u8>);
+pub struct SymmetricKey(Zeroizing<Vec<u8>>);
 
 impl SymmetricKey {
     /// Decodes a key as the Azure portal and CLI show it: standard base64 with padding.
@@ -29,7 +31,7 @@ impl SymmetricKey {
         if trimmed.is_empty() {
             return Err(KeyError::Empty);
         }
-        let bytes = STANDARD.decode(trimmed).map_err(|_| KeyError::NotBase64)?;
+        let bytes = Zeroizing::new(STANDARD.decode(trimmed).map_err(|_| KeyError::NotBase64)?);
         if bytes.is_empty() {
             return Err(KeyError::Empty);
         }
@@ -40,12 +42,12 @@ impl SymmetricKey {
         if bytes.is_empty() {
             return Err(KeyError::Empty);
         }
-        Ok(Self(bytes))
+        Ok(Self(Zeroizing::new(bytes)))
     }
 
     /// The key in the form devices and connection strings carry it.
     pub fn to_base64(&self) -> String {
-        STANDARD.encode(&self.0)
+        STANDARD.encode(self.0.as_slice())
     }
 
     /// HMAC-SHA256 of `message` under this key.
@@ -66,7 +68,9 @@ impl SymmetricKey {
     /// The device key of `registration_id` in the enrollment group whose key this is:
     /// `HMAC-SHA256(key = group key, msg = registration id)`, as every Azure device SDK derives it.
     pub fn derive_device_key(&self, registration_id: &str) -> SymmetricKey {
-        SymmetricKey(self.sign(registration_id.as_bytes()).to_vec())
+        SymmetricKey(Zeroizing::new(
+            self.sign(registration_id.as_bytes()).to_vec(),
+        ))
     }
 }
 
@@ -76,29 +80,11 @@ impl std::fmt::Debug for SymmetricKey {
     }
 }
 
-impl Drop for SymmetricKey {
-    fn drop(&mut self) {
-        wipe(&mut self.0);
-    }
-}
-
-/// Overwrites a buffer so that a dropped secret does not linger in freed memory.
-pub(crate) fn wipe(bytes: &mut [u8]) {
-    for b in bytes.iter_mut() {
-        // SAFETY: `b` is a valid, aligned, exclusive reference; volatile keeps the store.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-}
-
 /// Compares two byte strings in time that depends only on their lengths, for comparing
 /// signatures or tokens that an attacker may probe byte by byte.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

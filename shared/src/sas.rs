@@ -31,10 +31,7 @@ impl std::fmt::Debug for SasToken {
 /// The `sr` value for a registration: `{idScope}/registrations/{registrationId}`, percent-encoded
 /// with upper-case hex as RFC 3986 recommends (`/` becomes `%2F`).
 pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
-    percent_encode(
-        &format!("{id_scope}/registrations/{registration_id}"),
-        false,
-    )
+    percent_encode(&format!("{id_scope}/registrations/{registration_id}"))
 }
 
 /// base64 of the HMAC over `resource + "\n" + expiry`, not yet URL-encoded.
@@ -52,7 +49,7 @@ pub fn registration_token(
 ) -> SasToken {
     let resource = registration_resource(id_scope, registration_id);
     let expiry = expiry.to_string();
-    let sig = percent_encode(&signature(key, &resource, &expiry), false);
+    let sig = percent_encode(&signature(key, &resource, &expiry));
     SasToken(format!(
         "SharedAccessSignature sr={resource}&sig={sig}&se={expiry}&skn=registration"
     ))
@@ -154,46 +151,43 @@ impl ParsedSas {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub fn percent_encode(input: &str, lowercase_hex: bool) -> String {
-    const UPPER: &[u8; 16] = b"0123456789ABCDEF";
-    const LOWER: &[u8; 16] = b"0123456789abcdef";
-    let hex = if lowercase_hex { LOWER } else { UPPER };
-    let mut out = String::with_capacity(input.len() * 3);
-    for &b in input.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(hex[usize::from(b >> 4)] as char);
-            out.push(hex[usize::from(b & 0x0f)] as char);
-        }
-    }
-    out
+/// Everything but RFC 3986 unreserved characters is escaped (`/` becomes `%2F`).
+const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes with upper-case hex, as RFC 3986 recommends.
+pub fn percent_encode(input: &str) -> String {
+    percent_encoding::utf8_percent_encode(input, ESCAPED).to_string()
 }
 
-/// Decodes `%XX` escapes (either case). `None` on a broken escape or invalid UTF-8.
+/// Decodes `%XX` escapes (either case). `None` on invalid UTF-8, or on a `%` that starts no
+/// escape: in a token that is a broken token, not a literal.
 pub fn percent_decode(input: &str) -> Option<String> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = (*bytes.get(i + 1)? as char).to_digit(16)?;
-            let lo = (*bytes.get(i + 2)? as char).to_digit(16)?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = input.match_indices('%').all(|(at, _)| {
+        input
+            .get(at + 1..at + 3)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(input)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lower-case escapes some SDKs and Microsoft's documented vector use.
+    fn lowercase_escapes(encoded: &str) -> String {
+        encoded.replace("%2F", "%2f")
+    }
 
     fn key(b64: &str) -> SymmetricKey {
         SymmetricKey::from_base64(b64).unwrap()
@@ -202,9 +196,9 @@ mod tests {
     #[test]
     fn documented_vector_lowercase_escape() {
         let k = key("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=");
-        let sr = percent_encode("0ne000EEBBD/registrations/FirstDevice", true);
+        let sr = lowercase_escapes(&percent_encode("0ne000EEBBD/registrations/FirstDevice"));
         assert_eq!(sr, "0ne000EEBBD%2fregistrations%2fFirstDevice");
-        let sig = percent_encode(&signature(&k, &sr, "1591921306"), false);
+        let sig = percent_encode(&signature(&k, &sr, "1591921306"));
         assert_eq!(sig, "hwgBlMB6G2Zg5ZcYtwmtLVKRbifiSCPfUMyscbVWa8o%3D");
     }
 
@@ -217,7 +211,9 @@ mod tests {
             signature(&k, &upper, "1596897539"),
             "oWi3PIRBfMqk0q0x6RlxP9uGTZlPAe32w8qe/D/zgfA="
         );
-        let lower = percent_encode("eight675309/registrations/1-1-2-3-5-8-13-21", true);
+        let lower = lowercase_escapes(&percent_encode(
+            "eight675309/registrations/1-1-2-3-5-8-13-21",
+        ));
         assert_eq!(
             signature(&k, &lower, "1596897539"),
             "npj3I09+Jtl6VYHZM/H5mKMG8jn4Y3zty3dMjMkMMDs="
@@ -251,7 +247,7 @@ mod tests {
             "0ne000EEBBD%2Fregistrations%2FFirstDevice",
             "0ne000EEBBD/registrations/FirstDevice",
         ] {
-            let sig = percent_encode(&signature(&k, sr, "1591921306"), false);
+            let sig = percent_encode(&signature(&k, sr, "1591921306"));
             // Field order varies between SDKs, and the Python SDK sends no skn.
             let token = format!("SharedAccessSignature se=1591921306&sig={sig}&sr={sr}");
             let parsed = ParsedSas::parse(&token).unwrap();
@@ -296,7 +292,7 @@ mod tests {
     #[test]
     fn percent_round_trip() {
         let s = "a/b:c d%";
-        assert_eq!(percent_decode(&percent_encode(s, false)).unwrap(), s);
+        assert_eq!(percent_decode(&percent_encode(s)).unwrap(), s);
         assert_eq!(percent_decode("%2f%2F").unwrap(), "//");
         assert_eq!(percent_decode("%2"), None);
     }

@@ -16,15 +16,15 @@ use tokio::time::Instant;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::aws::{classify, Failure};
-use crate::keys::{wipe, KeyError, SymmetricKey};
+use crate::keys::{KeyError, SymmetricKey};
 
 /// A secret value. `Debug` is redacted and memory is wiped on drop.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(zeroize::Zeroizing<String>);
 
 impl Secret {
     pub fn new(value: String) -> Self {
-        Self(value)
+        Self(zeroize::Zeroizing::new(value))
     }
 
     pub fn expose(&self) -> &str {
@@ -35,13 +35,6 @@ impl Secret {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret([redacted])")
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        // SAFETY: zero bytes are valid UTF-8, so the String stays well-formed.
-        wipe(unsafe { self.0.as_bytes_mut() });
     }
 }
 
@@ -148,7 +141,7 @@ impl SecretStore for SsmSecretStore {
             return Err(SecretError::NotEncrypted(name.to_owned()));
         }
         match parameter.value {
-            Some(v) if !v.trim().is_empty() => Ok(Secret(v)),
+            Some(v) if !v.trim().is_empty() => Ok(Secret::new(v)),
             _ => Err(SecretError::Empty(name.to_owned())),
         }
     }
@@ -191,7 +184,7 @@ impl SecretStore for DynamoSecretStore {
             .map_err(|e| SecretError::from_failure(name, classify(&e)))?;
         match out.item.as_ref().and_then(|item| item.get(&self.attribute)) {
             None => Err(SecretError::NotFound(name.to_owned())),
-            Some(AttributeValue::S(v)) if !v.trim().is_empty() => Ok(Secret(v.clone())),
+            Some(AttributeValue::S(v)) if !v.trim().is_empty() => Ok(Secret::new(v.clone())),
             Some(_) => Err(SecretError::Empty(name.to_owned())),
         }
     }

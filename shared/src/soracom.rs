@@ -183,7 +183,7 @@ pub fn beam_signature(psk: &[u8], headers: &BeamHeaders) -> String {
             ctx.update(value.as_bytes());
         }
     }
-    hex(ctx.finish().as_ref())
+    hex::encode(ctx.finish().as_ref())
 }
 
 /// Verifies Beam headers: version, signature (constant time) and that the timestamp lies within
@@ -217,16 +217,6 @@ pub fn verify_beam(
         return Err(BeamError::Stale);
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! story's data: the local AWS endpoint (device table, group key), the DPS simulator and the IoT
 //! control-plane double. [`LocalStack::env`] is the functions' environment pointing at them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aws_sdk_ssm::types::ParameterType;
 use shared::keys::SymmetricKey;
@@ -31,33 +31,14 @@ fn err(e: impl std::fmt::Display) -> StackError {
     StackError(e.to_string())
 }
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
+/// A fresh directory under the system's temporary one, removed when dropped.
+pub type TempDir = tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(label: &str) -> std::io::Result<Self> {
-        let unique = format!(
-            "{label}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        );
-        let dir = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A [`TempDir`] whose name starts with `label` (to tell runs apart when one is kept).
+pub fn temp_dir(label: &str) -> std::io::Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("{label}-"))
+        .tempdir()
 }
 
 pub struct LocalStack {
@@ -103,7 +84,7 @@ impl LocalStack {
             registry.put(&record).await.map_err(err)?;
         }
 
-        let dir = TempDir::new("local-stack").map_err(err)?;
+        let dir = temp_dir("local-stack").map_err(err)?;
         std::fs::write(dir.path().join("dps-ca.pem"), dps.ca_pem()).map_err(err)?;
         Ok(Self {
             aws,

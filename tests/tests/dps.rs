@@ -420,9 +420,8 @@ mod official_python_sdk {
             .unwrap_or_else(|e| {
                 panic!("port {SDK_PORT} must be free for the Python SDK test: {e}")
             });
-        let dir = std::env::temp_dir().join(format!("dps-sdk-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = dir.join("ca.pem");
+        let dir = local_emulators::stack::temp_dir("dps-sdk").unwrap();
+        let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, sim.ca_pem()).unwrap();
 
         let output = run_sdk(
@@ -448,7 +447,6 @@ mod official_python_sdk {
         assert!(!refused.status.success());
         assert!(sim.stats().refused.load(Ordering::Relaxed) >= 1);
         assert_eq!(sim.assigned().len(), 1);
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -488,13 +486,8 @@ mod official_node_sdk {
     #[tokio::test]
     async fn node_sdk_registers_and_is_refused_with_a_wrong_key() {
         let f = simulator(|c| c.retry_after = 1).await;
-        let dir = std::env::temp_dir().join(format!(
-            "dps-node-{}-{}",
-            std::process::id(),
-            f.sim.addr().port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = dir.join("ca.pem");
+        let dir = local_emulators::stack::temp_dir("dps-node").unwrap();
+        let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, f.sim.ca_pem()).unwrap();
 
         let output = run_sdk(&f.sim, &ca, &f.group_key.derive_device_key(IMSI)).await;
@@ -514,7 +507,6 @@ mod official_node_sdk {
         assert!(!refused.status.success());
         assert_eq!(f.sim.stats().refused.load(Ordering::Relaxed), 1);
         assert_eq!(f.sim.assigned().len(), 1);
-        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -540,16 +532,7 @@ mod function {
         _aws: LocalAws,
         state: State,
         config: Config,
-        _ca_dir: TempDir,
-    }
-
-    /// A directory removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+        _ca_dir: local_emulators::stack::TempDir,
     }
 
     fn event_file(name: &str) -> String {
@@ -597,13 +580,8 @@ mod function {
             .await
             .unwrap();
 
-        let dir = std::env::temp_dir().join(format!(
-            "dps-e2e-{}-{}",
-            std::process::id(),
-            dps.sim.addr().port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_file = dir.join("ca.pem");
+        let dir = local_emulators::stack::temp_dir("dps-e2e").unwrap();
+        let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, dps.sim.ca_pem()).unwrap();
 
         let env: HashMap<String, String> = [
@@ -628,7 +606,7 @@ mod function {
             _aws: aws,
             state,
             config,
-            _ca_dir: TempDir(dir),
+            _ca_dir: dir,
         }
     }
 

@@ -176,8 +176,7 @@ fn local_replay_is_enabled_by_no_workspace_member() {
 #[test]
 fn a_release_build_with_local_replay_does_not_compile() {
     let guard = workspace().join("shared/lambda-support/src/replay/release_guard.rs");
-    let out_dir = std::env::temp_dir().join(format!("release-guard-{}", std::process::id()));
-    std::fs::create_dir_all(&out_dir).unwrap();
+    let out_dir = local_emulators::stack::temp_dir("release-guard").unwrap();
     let compile = |feature: bool, debug_assertions: bool| {
         let mut rustc =
             std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()));
@@ -191,7 +190,7 @@ fn a_release_build_with_local_replay_does_not_compile() {
                 "metadata",
             ])
             .arg("--out-dir")
-            .arg(&out_dir)
+            .arg(out_dir.path())
             .args(["--crate-name", "release_guard"])
             .args([
                 "-C",
@@ -220,7 +219,6 @@ fn a_release_build_with_local_replay_does_not_compile() {
         compile(false, false).status.success(),
         "release build without it"
     );
-    let _ = std::fs::remove_dir_all(out_dir);
 }
 
 /// Each function links only the layers it uses: the hook and claim-issuer talk neither MQTT nor

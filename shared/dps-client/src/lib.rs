@@ -159,7 +159,7 @@ pub fn register_topic(rid: u64) -> String {
 pub fn poll_topic(rid: u64, operation_id: &str) -> String {
     format!(
         "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={}",
-        sas::percent_encode(operation_id, false)
+        sas::percent_encode(operation_id)
     )
 }
 

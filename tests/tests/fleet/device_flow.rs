@@ -15,7 +15,7 @@ use local_emulators::iot_control::IotControlPlane;
 use local_emulators::iot_mqtt::{
     CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
 };
-use local_emulators::stack::TempDir;
+use local_emulators::stack::{temp_dir, TempDir};
 use serde_json::json;
 use shared::clock::unix_now;
 
@@ -75,7 +75,7 @@ async fn flow_with(hook: Option<Hook>, configure: impl FnOnce(&mut IotMqttConfig
     let sim = IotMqttSimulator::start(config, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let dir = TempDir::new("device-flow").unwrap();
+    let dir = temp_dir("device-flow").unwrap();
     std::fs::write(dir.path().join("server-ca.pem"), sim.ca_pem()).unwrap();
     Flow {
         _aws: aws,
