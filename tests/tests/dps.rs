@@ -610,6 +610,15 @@ mod function {
         }
     }
 
+    /// The function's state for this setup with REQUIRE_SIM_ALLOWLIST=true.
+    async fn strict_state(s: &Setup) -> State {
+        let config = Config {
+            require_allowlist: true,
+            ..s.config.clone()
+        };
+        State::new(config, &s._aws.sdk_config().await).unwrap()
+    }
+
     async fn invoke(setup: &Setup, body: serde_json::Value, context: &Context) -> Response {
         handle(body, context, &setup.state).await
     }
@@ -725,14 +734,7 @@ mod function {
                 response.outline()
             );
         }
-        let strict = State::new(
-            Config {
-                require_allowlist: true,
-                ..s.config.clone()
-            },
-            &s._aws.sdk_config().await,
-        )
-        .unwrap();
+        let strict = strict_state(&s).await;
         let context = funk_context("client-context.json", Some(Duration::from_secs(10)));
         let response = handle(body, &context, &strict).await;
         assert_eq!(
@@ -1006,14 +1008,7 @@ mod function {
         assert_eq!(s.dps.sim.stats().accepted.load(Ordering::Relaxed), 0);
 
         // With the allowlist required, an allowed SIM card admits each of its IMSIs.
-        let strict = State::new(
-            Config {
-                require_allowlist: true,
-                ..s.config.clone()
-            },
-            &s._aws.sdk_config().await,
-        )
-        .unwrap();
+        let strict = strict_state(&s).await;
         card.status = DeviceStatus::Allowed;
         s.state.registry.put(&card).await.unwrap();
         let response = handle(json!({}), &context, &strict).await;

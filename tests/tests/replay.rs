@@ -112,6 +112,21 @@ fn workspace() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// What `cargo ARGS` prints in the workspace; it must succeed.
+fn cargo_stdout(cargo: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The hole: `tests/Cargo.toml` enabled `local-replay` (then on `shared`), and features unify across
 /// the workspace, so `cargo build --workspace --release` put the local Runtime API proxy into
 /// the deployed functions. No member may enable it; the functions' own feature stays opt-in.
@@ -129,18 +144,19 @@ fn local_replay_is_enabled_by_no_workspace_member() {
         .expect("rustc -vV names the host");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // This machine's platform only: the others' dependencies need not be downloaded.
-    let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
-        .args(["--filter-platform", host])
-        .current_dir(workspace())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cargo_stdout(
+        &cargo,
+        &[
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--locked",
+            "--filter-platform",
+            host,
+        ],
     );
-    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let metadata: serde_json::Value = serde_json::from_str(&out).unwrap();
     let nodes = metadata["resolve"]["nodes"].as_array().unwrap();
     let mut checked = 0;
     for node in nodes {
@@ -227,26 +243,18 @@ fn a_release_build_with_local_replay_does_not_compile() {
 fn functions_link_only_the_layers_they_use() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let tree = |package: &str| {
-        let out = std::process::Command::new(&cargo)
-            .args([
-                "tree",
-                "--offline",
-                "--locked",
-                "-e",
-                "normal",
-                "--prefix",
-                "none",
-            ])
-            .args(["-p", package])
-            .current_dir(workspace())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
+        let args = [
+            "tree",
+            "--offline",
+            "--locked",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "-p",
+            package,
+        ];
+        cargo_stdout(&cargo, &args)
             .lines()
             .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
             .collect::<std::collections::BTreeSet<String>>()

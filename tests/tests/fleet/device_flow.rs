@@ -136,6 +136,39 @@ impl Flow {
     }
 }
 
+impl Flow {
+    /// A claim connection with `claim` as `client_id`, as a device opens it.
+    async fn claim_session(
+        &self,
+        claim: &(PathBuf, PathBuf),
+        client_id: &str,
+    ) -> Result<Session, DeviceError> {
+        let port = self.sim.addr().port();
+        let ca = self.dir.path().join("server-ca.pem");
+        let config = tls::client_config(
+            Some(&ca),
+            tls::read_certificates(&claim.0).unwrap(),
+            tls::read_private_key(&claim.1).unwrap(),
+            port,
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        Session::connect("localhost", port, client_id, config, deadline).await
+    }
+}
+
+/// CreateKeysAndCertificate over `session`: the new certificate, key and ownership token.
+async fn create_keys(session: &mut Session) -> Value {
+    session
+        .request(
+            "CreateKeysAndCertificate",
+            "$aws/certificates/create/json",
+            &json!({}),
+        )
+        .await
+        .unwrap()
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -294,26 +327,8 @@ async fn an_ownership_token_is_single_use_and_a_pending_certificate_cannot_conne
         tls::client_config(options.ca_file.as_deref(), cert, key, options.port).unwrap()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut session = Session::connect(
-        "localhost",
-        options.port,
-        "claim.SN-0001",
-        tls_config(
-            tls::read_certificates(&claim.0).unwrap(),
-            tls::read_private_key(&claim.1).unwrap(),
-        ),
-        deadline,
-    )
-    .await
-    .unwrap();
-    let created = session
-        .request(
-            "CreateKeysAndCertificate",
-            "$aws/certificates/create/json",
-            &json!({}),
-        )
-        .await
-        .unwrap();
+    let mut session = f.claim_session(&claim, "claim.SN-0001").await.unwrap();
+    let created = create_keys(&mut session).await;
     let pem = created["certificatePem"].as_str().unwrap();
     let key = created["privateKey"].as_str().unwrap();
 
@@ -455,33 +470,11 @@ async fn one_claim_cannot_provision_two_devices_over_one_connection() {
         issued["certificatePem"].as_str().unwrap(),
         issued["keyPair"]["PrivateKey"].as_str().unwrap(),
     );
-    let options = f.options("SN-0001", &claim, false);
-    let mut session = Session::connect(
-        "localhost",
-        options.port,
-        "claim.loop",
-        tls::client_config(
-            options.ca_file.as_deref(),
-            tls::read_certificates(&claim.0).unwrap(),
-            tls::read_private_key(&claim.1).unwrap(),
-            options.port,
-        )
-        .unwrap(),
-        tokio::time::Instant::now() + Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    let mut session = f.claim_session(&claim, "claim.loop").await.unwrap();
     let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision/json");
     let mut outcomes = Vec::new();
     for serial in ["SN-0001", "SN-0002"] {
-        let created = session
-            .request(
-                "CreateKeysAndCertificate",
-                "$aws/certificates/create/json",
-                &json!({}),
-            )
-            .await
-            .unwrap();
+        let created = create_keys(&mut session).await;
         let register = json!({
             "certificateOwnershipToken": created["certificateOwnershipToken"],
             "parameters": {"SerialNumber": serial},
@@ -505,23 +498,7 @@ async fn one_claim_cannot_provision_two_devices_over_one_connection() {
 async fn a_claim_connection_cannot_take_a_devices_client_id() {
     let f = flow(None).await;
     let claim = f.claim("SN-0001").await;
-    let options = f.options("SN-0001", &claim, false);
-    let connect = |client_id: &'static str| {
-        let config = tls::client_config(
-            options.ca_file.as_deref(),
-            tls::read_certificates(&claim.0).unwrap(),
-            tls::read_private_key(&claim.1).unwrap(),
-            options.port,
-        )
-        .unwrap();
-        Session::connect(
-            "localhost",
-            options.port,
-            client_id,
-            config,
-            tokio::time::Instant::now() + Duration::from_secs(10),
-        )
-    };
+    let connect = |client_id: &'static str| f.claim_session(&claim, client_id);
     let refused = connect("fleet-SN-0001").await;
     assert!(
         matches!(refused, Err(DeviceError::NotAuthorized(_))),
