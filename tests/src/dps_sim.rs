@@ -340,12 +340,11 @@ fn authenticate(
     }
 }
 
-fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// A value of a topic's query (`?$rid=1&operationId=...`), decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -430,7 +429,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .topic
                     .split_once('?')
                     .and_then(|(_, q)| query_value(q, "$rid"))
-                    .unwrap_or("");
+                    .unwrap_or_default();
                 let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
                 if let Some(seconds) = retry_after {
                     topic.push_str(&format!("&retry-after={seconds}"));
@@ -543,8 +542,7 @@ fn respond(
             if injected_throttle(state, first_n, percent, n) {
                 return Some(throttle());
             }
-            let operation_id =
-                query_value(query, "operationId").and_then(shared::sas::percent_decode)?;
+            let operation_id = query_value(query, "operationId")?;
             if state.fires(|f| match f {
                 Fault::ExpireOperation(n) => Some(*n),
                 _ => None,

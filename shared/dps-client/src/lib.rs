@@ -177,12 +177,12 @@ impl ResponseTopic {
         let (status, query) = rest.split_once("/?")?;
         let status = status.parse().ok()?;
         let (mut rid, mut retry_after) = (None, None);
-        for pair in query.split('&') {
-            match pair.split_once('=') {
-                Some(("$rid", v)) => rid = Some(v.to_owned()),
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            match name.as_ref() {
+                "$rid" => rid = Some(value.into_owned()),
                 // Capped: a hostile or broken peer must not park us for hours.
-                Some(("retry-after", v)) => {
-                    retry_after = v
+                "retry-after" => {
+                    retry_after = value
                         .parse::<u64>()
                         .ok()
                         .map(|s| Duration::from_secs(s.min(60)))

@@ -21,12 +21,34 @@ use serde_json::{json, Value};
 use shared::config::HostPort;
 use shared::registry::{DeviceId, DeviceRecord};
 
+/// Benchmarks the functions against the original write-up's Node.js Lambda under one DPS
+/// simulator and writes the results as Markdown.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench")]
 struct Settings {
+    /// Cold-start runs per function
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = positive)]
     runs: usize,
+    /// Warm invocations per run
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = positive)]
     warm: usize,
+    /// Warm invocations through the delaying proxy
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = positive)]
     delayed_warm: usize,
+    /// Throughput runs
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = positive)]
     throughput_runs: usize,
+    /// Where to write the results (default bench/results.md)
+    #[arg(long, value_name = "FILE", default_value_os_t = root().join("bench/results.md"))]
     out: PathBuf,
+}
+
+fn positive(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| "takes a positive number".to_owned())
 }
 
 fn root() -> PathBuf {
@@ -830,46 +852,9 @@ const NOTES: &str = "
   long (p99: 29 times). Against DynamoDB in the same region these calls take a few ms each.
 ";
 
-fn parse(args: &[String]) -> Result<Settings, String> {
-    let mut s = Settings {
-        runs: 5,
-        warm: 20,
-        delayed_warm: 5,
-        throughput_runs: 3,
-        out: root().join("bench/results.md"),
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(format!("{flag} takes a positive number"))
-        };
-        match flag.as_str() {
-            "--runs" => s.runs = number()?,
-            "--warm" => s.warm = number()?,
-            "--delayed-warm" => s.delayed_warm = number()?,
-            "--throughput-runs" => s.throughput_runs = number()?,
-            "--out" => s.out = PathBuf::from(value),
-            other => return Err(format!("unknown flag {other}")),
-        }
-    }
-    Ok(s)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let settings = match parse(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bench: {e}\nusage: bench [--runs N] [--warm N] [--delayed-warm N] [--throughput-runs N] [--out FILE]");
-            return ExitCode::from(2);
-        }
-    };
+    let settings = <Settings as clap::Parser>::parse();
     match bench(&settings).await {
         Ok(markdown) => {
             if let Err(e) = std::fs::write(&settings.out, &markdown) {

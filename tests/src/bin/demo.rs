@@ -104,14 +104,24 @@ async fn serve(env_file: PathBuf) -> Result<bool, String> {
     Ok(true)
 }
 
+/// Builds, starts the local stand-ins and replays the sample story through `cargo lambda
+/// invoke`, showing each step; with --serve, starts and seeds the stand-ins only.
+#[derive(Debug, clap::Parser)]
+#[command(name = "demo")]
+struct Args {
+    /// Start and seed the stand-ins, write the functions' environment to this file for
+    /// `make watch`, and keep running until Ctrl-C
+    #[arg(long, value_name = "ENV_FILE")]
+    serve: Option<PathBuf>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args = <Args as clap::Parser>::parse();
     let work = async {
-        match args.as_slice() {
-            [flag, path] if flag == "--serve" => serve(PathBuf::from(path)).await,
-            [] => demo().await,
-            _ => Err("usage: demo [--serve ENV_FILE]".to_owned()),
+        match args.serve {
+            Some(path) => serve(path).await,
+            None => demo().await,
         }
     };
     // Ctrl-C drops everything started so far; each part stops its processes when dropped.
