@@ -470,149 +470,147 @@ fn injected_throttle(
     throttled
 }
 
+/// A DPS answer: status, body, `retry-after`.
+type Answer = (u16, Value, Option<u64>);
+
+fn error_body(code: u64, message: &str) -> Value {
+    json!({"errorCode": code, "trackingId": "sim", "message": message})
+}
+
 /// The status, body and `retry-after` for a request, or `None` for a topic DPS does not serve.
-fn respond(
-    state: &Shared,
-    registration_id: &str,
-    publish: &Publish,
-) -> Option<(u16, Value, Option<u64>)> {
-    let config = &state.config;
+fn respond(state: &Shared, registration_id: &str, publish: &Publish) -> Option<Answer> {
     let (path, query) = publish.topic.split_once("/?")?;
     query_value(query, "$rid").filter(|r| !r.is_empty())?;
-    let throttle = || {
-        (
-            429,
-            json!({"errorCode": 429001, "trackingId": "sim", "message": "Operations are being throttled for this tenant."}),
-            Some(config.retry_after),
-        )
-    };
     let n = state.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-    let percent = config.faults.iter().find_map(|f| match f {
+    let percent = state.config.faults.iter().find_map(|f| match f {
         Fault::ThrottlePercent(p) => Some(*p),
         _ => None,
     });
-
+    let throttle = || {
+        let body = error_body(429001, "Operations are being throttled for this tenant.");
+        Some((429, body, Some(state.config.retry_after)))
+    };
     match path {
         "$dps/registrations/PUT/iotdps-register" => {
             let count = state.stats.registers.fetch_add(1, Ordering::Relaxed) + 1;
             let first_n =
                 |f: &Fault| matches!(f, Fault::ThrottleRegister(k) if count <= u64::from(*k));
             if injected_throttle(state, first_n, percent, n) {
-                return Some(throttle());
+                return throttle();
             }
-            if let Some(status) = config.faults.iter().find_map(|f| match f {
-                Fault::RegisterStatus(s) => Some(*s),
-                _ => None,
-            }) {
-                let code = u64::from(status) * 1000 + 1;
-                return Some((
-                    status,
-                    json!({"errorCode": code, "trackingId": "sim", "message": "injected"}),
-                    None,
-                ));
-            }
-            let body: Value = serde_json::from_slice(&publish.payload).unwrap_or(Value::Null);
-            let named = body.get("registrationId").and_then(Value::as_str);
-            if !named.is_some_and(|id| id.eq_ignore_ascii_case(registration_id)) {
-                return Some((
-                    400,
-                    json!({"errorCode": 400004, "trackingId": "sim", "message": "registrationId does not match the connection"}),
-                    None,
-                ));
-            }
-            let payload = body.get("payload").filter(|p| !p.is_null()).cloned();
-            let operation_id = format!("4.sim{:016x}.{n}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            lock(&state.operations).insert(
-                operation_id.clone(),
-                Operation {
-                    registration_id: registration_id.to_owned(),
-                    payload,
-                    polls: 0,
-                },
-            );
-            Some((
-                202,
-                json!({"operationId": operation_id, "status": "assigning"}),
-                Some(config.retry_after),
-            ))
+            Some(register(state, registration_id, &publish.payload, n))
         }
         "$dps/registrations/GET/iotdps-get-operationstatus" => {
             let count = state.stats.polls.fetch_add(1, Ordering::Relaxed) + 1;
             let first_n = |f: &Fault| matches!(f, Fault::ThrottlePoll(k) if count <= u64::from(*k));
             if injected_throttle(state, first_n, percent, n) {
-                return Some(throttle());
+                return throttle();
             }
-            let operation_id = query_value(query, "operationId")?;
-            if state.fires(|f| match f {
-                Fault::ExpireOperation(n) => Some(*n),
-                _ => None,
-            }) {
-                lock(&state.operations).remove(&operation_id);
-            }
-            let mut operations = lock(&state.operations);
-            let Some(op) = operations
-                .get_mut(&operation_id)
-                .filter(|op| op.registration_id.eq_ignore_ascii_case(registration_id))
-            else {
-                return Some((
-                    404,
-                    json!({"errorCode": 404201, "trackingId": "sim", "message": "Operation not found"}),
-                    None,
-                ));
-            };
-            op.polls += 1;
-            if config.faults.contains(&Fault::NeverAssign) || op.polls <= config.polls_before_assign
-            {
-                return Some((
-                    202,
-                    json!({"operationId": operation_id, "status": "assigning"}),
-                    Some(config.retry_after),
-                ));
-            }
-            let now = "2026-01-01T00:00:00.000Z";
-            if state.fires(|f| match f {
-                Fault::FailServerError(n) => Some(*n),
-                _ => None,
-            }) {
-                return Some((
-                    200,
-                    json!({"operationId": operation_id, "status": "failed", "registrationState": {
-                    "registrationId": op.registration_id, "status": "failed", "errorCode": 500_000,
-                    "errorMessage": "Internal server error", "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now}}),
-                    Some(config.retry_after),
-                ));
-            }
-            if config.faults.contains(&Fault::Disabled) {
-                return Some((
-                    200,
-                    json!({"operationId": operation_id, "status": "disabled", "registrationState": {
-                    "registrationId": op.registration_id, "status": "disabled", "errorCode": 401010,
-                    "errorMessage": "Enrollment disabled", "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now}}),
-                    None,
-                ));
-            }
-            let hub_index = op.registration_id.bytes().map(usize::from).sum::<usize>()
-                % config.hubs.len().max(1);
-            let hub = config.hubs.get(hub_index).cloned().unwrap_or_default();
-            lock(&state.assigned).push(Assigned {
-                registration_id: op.registration_id.clone(),
-                assigned_hub: hub.clone(),
-                payload: op.payload.clone(),
-            });
-            let mut registration_state = json!({
-                "registrationId": op.registration_id, "assignedHub": hub, "deviceId": op.registration_id,
-                "status": "assigned", "substatus": "initialAssignment", "etag": "\"sim\"",
-                "createdDateTimeUtc": now, "lastUpdatedDateTimeUtc": now,
-            });
-            if let Some(payload) = &op.payload {
-                registration_state["payload"] = payload.clone();
-            }
-            Some((
-                200,
-                json!({"operationId": operation_id, "status": "assigned", "registrationState": registration_state}),
-                None,
+            Some(poll(
+                state,
+                registration_id,
+                &query_value(query, "operationId")?,
             ))
         }
         _ => None,
     }
+}
+
+/// Register: the body must name the connected registration id; answers 202 with an operation.
+fn register(state: &Shared, registration_id: &str, payload: &[u8], n: u64) -> Answer {
+    let config = &state.config;
+    if let Some(status) = config.faults.iter().find_map(|f| match f {
+        Fault::RegisterStatus(s) => Some(*s),
+        _ => None,
+    }) {
+        return (
+            status,
+            error_body(u64::from(status) * 1000 + 1, "injected"),
+            None,
+        );
+    }
+    let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    let named = body.get("registrationId").and_then(Value::as_str);
+    if !named.is_some_and(|id| id.eq_ignore_ascii_case(registration_id)) {
+        let message = "registrationId does not match the connection";
+        return (400, error_body(400004, message), None);
+    }
+    let payload = body.get("payload").filter(|p| !p.is_null()).cloned();
+    let operation_id = format!("4.sim{:016x}.{n}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let operation = Operation {
+        registration_id: registration_id.to_owned(),
+        payload,
+        polls: 0,
+    };
+    lock(&state.operations).insert(operation_id.clone(), operation);
+    let body = json!({"operationId": operation_id, "status": "assigning"});
+    (202, body, Some(config.retry_after))
+}
+
+/// Poll: `assigning` for a while, then the operation's outcome (or an injected one).
+fn poll(state: &Shared, registration_id: &str, operation_id: &str) -> Answer {
+    let config = &state.config;
+    if state.fires(|f| match f {
+        Fault::ExpireOperation(n) => Some(*n),
+        _ => None,
+    }) {
+        lock(&state.operations).remove(operation_id);
+    }
+    let mut operations = lock(&state.operations);
+    let Some(op) = operations
+        .get_mut(operation_id)
+        .filter(|op| op.registration_id.eq_ignore_ascii_case(registration_id))
+    else {
+        return (404, error_body(404201, "Operation not found"), None);
+    };
+    op.polls += 1;
+    if config.faults.contains(&Fault::NeverAssign) || op.polls <= config.polls_before_assign {
+        let body = json!({"operationId": operation_id, "status": "assigning"});
+        return (202, body, Some(config.retry_after));
+    }
+    let not_assigned = |status: &str, code: u64, message: &str| {
+        json!({"operationId": operation_id, "status": status, "registrationState": {
+            "registrationId": op.registration_id, "status": status, "errorCode": code,
+            "errorMessage": message, "createdDateTimeUtc": NOW, "lastUpdatedDateTimeUtc": NOW}})
+    };
+    if state.fires(|f| match f {
+        Fault::FailServerError(n) => Some(*n),
+        _ => None,
+    }) {
+        let body = not_assigned("failed", 500_000, "Internal server error");
+        return (200, body, Some(config.retry_after));
+    }
+    if config.faults.contains(&Fault::Disabled) {
+        return (
+            200,
+            not_assigned("disabled", 401010, "Enrollment disabled"),
+            None,
+        );
+    }
+    (200, assign(state, op, operation_id), None)
+}
+
+/// The time the simulator reports in registration states.
+const NOW: &str = "2026-01-01T00:00:00.000Z";
+
+/// Assigns the operation's device to one of the hubs (the same one for the same id), records it,
+/// and returns the `assigned` body with the custom payload echoed.
+fn assign(state: &Shared, op: &Operation, operation_id: &str) -> Value {
+    let hubs = &state.config.hubs;
+    let hub_index = op.registration_id.bytes().map(usize::from).sum::<usize>() % hubs.len().max(1);
+    let hub = hubs.get(hub_index).cloned().unwrap_or_default();
+    lock(&state.assigned).push(Assigned {
+        registration_id: op.registration_id.clone(),
+        assigned_hub: hub.clone(),
+        payload: op.payload.clone(),
+    });
+    let mut registration_state = json!({
+        "registrationId": op.registration_id, "assignedHub": hub, "deviceId": op.registration_id,
+        "status": "assigned", "substatus": "initialAssignment", "etag": "\"sim\"",
+        "createdDateTimeUtc": NOW, "lastUpdatedDateTimeUtc": NOW,
+    });
+    if let Some(payload) = &op.payload {
+        registration_state["payload"] = payload.clone();
+    }
+    json!({"operationId": operation_id, "status": "assigned", "registrationState": registration_state})
 }

@@ -637,6 +637,9 @@ fn ownership_token() -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A rejection as the device receives it: `(false, {statusCode, errorCode, errorMessage})`.
+type Rejected = (bool, Value);
+
 async fn register_thing(
     state: &State,
     template_name: &str,
@@ -644,57 +647,42 @@ async fn register_thing(
     client_id: &str,
     request: &Map<String, Value>,
 ) -> (bool, Value) {
-    let Some(template) = state
+    match provision(state, template_name, claim_id, client_id, request).await {
+        Ok(thing_name) => (
+            true,
+            json!({"deviceConfiguration": {}, "thingName": thing_name}),
+        ),
+        Err(rejected) => rejected,
+    }
+}
+
+/// RegisterThing's steps, in AWS IoT's order: template, parameters, ownership token, hook,
+/// thing name; then the token is spent, the certificate activated and the thing recorded.
+async fn provision(
+    state: &State,
+    template_name: &str,
+    claim_id: &str,
+    client_id: &str,
+    request: &Map<String, Value>,
+) -> Result<String, Rejected> {
+    let template = state
         .config
         .templates
         .iter()
         .find(|t| t.name == template_name)
-    else {
-        return rejected(
-            404,
-            "ResourceNotFound",
-            &format!("provisioning template {template_name} does not exist"),
-        );
-    };
-    let mut parameters = BTreeMap::new();
-    match request.get("parameters") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(map)) => {
-            for (name, value) in map {
-                let Some(value) = value.as_str() else {
-                    return rejected(
-                        400,
-                        "InvalidPayload",
-                        &format!("parameter {name} is not a string"),
-                    );
-                };
-                parameters.insert(name.clone(), value.to_owned());
-            }
-        }
-        Some(_) => return rejected(400, "InvalidPayload", "parameters is not an object"),
-    }
+        .ok_or_else(|| {
+            rejected(
+                404,
+                "ResourceNotFound",
+                &format!("provisioning template {template_name} does not exist"),
+            )
+        })?;
+    let mut parameters = request_parameters(request)?;
     let token_value = request
         .get("certificateOwnershipToken")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let invalid_token = |m: &str| rejected(400, "InvalidCertificateOwnershipToken", m);
-    if token_value.is_empty() {
-        return invalid_token("Certificate ownership token cannot be empty.");
-    }
-    let (certificate_id, certificate_pem) = {
-        let tokens = lock(&state.tokens);
-        match tokens.get(token_value) {
-            None => return invalid_token("Certificate ownership token is invalid."),
-            Some(t) if t.used => {
-                return invalid_token("Certificate ownership token has already been used.")
-            }
-            Some(t) if t.expires_at <= unix_now() => {
-                return invalid_token("Certificate ownership token has expired.")
-            }
-            Some(t) => (t.certificate_id.clone(), t.certificate_pem.clone()),
-        }
-    };
-
+    let (certificate_id, certificate_pem) = valid_token(state, token_value)?;
     let hook_request = json!({
         "claimCertificateId": claim_id,
         "certificateId": certificate_id,
@@ -706,96 +694,171 @@ async fn register_thing(
         "clientId": client_id,
         "parameters": parameters,
     });
-    let mut overrides = BTreeMap::new();
-    if !matches!(template.hook, Hook::None) {
-        state.stats.hook_calls.fetch_add(1, Ordering::Relaxed);
-        let answer =
-            tokio::time::timeout(state.config.hook_timeout, template.hook.call(hook_request)).await;
-        let answer = match answer {
-            Err(_) => {
-                return rejected(
-                    403,
-                    "AccessDenied",
-                    &format!(
-                        "the pre-provisioning hook did not answer within {} ms",
-                        state.config.hook_timeout.as_millis()
-                    ),
-                )
-            }
-            Ok(Err(e)) => {
-                return rejected(
-                    403,
-                    "AccessDenied",
-                    &format!("the pre-provisioning hook failed: {e}"),
-                )
-            }
-            Ok(Ok(answer)) => answer.unwrap_or(Value::Null),
-        };
-        if answer.get("allowProvisioning") != Some(&Value::Bool(true)) {
-            return rejected(
-                403,
-                "AccessDenied",
-                "the pre-provisioning hook denied the request",
-            );
-        }
-        if let Some(map) = answer.get("parameterOverrides").and_then(Value::as_object) {
+    parameters.extend(call_hook(state, template, hook_request).await?);
+    let thing_name = thing_name(template, &parameters)?;
+    spend_token(state, token_value)?;
+    record_thing(
+        state,
+        template,
+        &certificate_id,
+        claim_id,
+        &thing_name,
+        parameters,
+    );
+    Ok(thing_name)
+}
+
+fn invalid_token(message: &str) -> Rejected {
+    rejected(400, "InvalidCertificateOwnershipToken", message)
+}
+
+/// The request's `parameters`: an object of strings, or nothing.
+fn request_parameters(request: &Map<String, Value>) -> Result<BTreeMap<String, String>, Rejected> {
+    let mut parameters = BTreeMap::new();
+    match request.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
             for (name, value) in map {
-                if let Some(value) = value.as_str() {
-                    overrides.insert(name.clone(), value.to_owned());
-                }
+                let value = value.as_str().ok_or_else(|| {
+                    rejected(
+                        400,
+                        "InvalidPayload",
+                        &format!("parameter {name} is not a string"),
+                    )
+                })?;
+                parameters.insert(name.clone(), value.to_owned());
             }
+        }
+        Some(_) => {
+            return Err(rejected(
+                400,
+                "InvalidPayload",
+                "parameters is not an object",
+            ))
         }
     }
-    parameters.extend(overrides);
+    Ok(parameters)
+}
 
-    let Some(serial) = parameters.get(&template.serial_parameter) else {
-        return rejected(
+/// The certificate an unused, unexpired ownership token names: its id and PEM.
+fn valid_token(state: &State, token_value: &str) -> Result<(String, String), Rejected> {
+    if token_value.is_empty() {
+        return Err(invalid_token(
+            "Certificate ownership token cannot be empty.",
+        ));
+    }
+    let tokens = lock(&state.tokens);
+    match tokens.get(token_value) {
+        None => Err(invalid_token("Certificate ownership token is invalid.")),
+        Some(t) if t.used => Err(invalid_token(
+            "Certificate ownership token has already been used.",
+        )),
+        Some(t) if t.expires_at <= unix_now() => {
+            Err(invalid_token("Certificate ownership token has expired."))
+        }
+        Some(t) => Ok((t.certificate_id.clone(), t.certificate_pem.clone())),
+    }
+}
+
+/// The template's hook, within the hook timeout: its overrides if it allows the device.
+async fn call_hook(
+    state: &State,
+    template: &Template,
+    hook_request: Value,
+) -> Result<BTreeMap<String, String>, Rejected> {
+    if matches!(template.hook, Hook::None) {
+        return Ok(BTreeMap::new());
+    }
+    state.stats.hook_calls.fetch_add(1, Ordering::Relaxed);
+    let denied = |message: &str| rejected(403, "AccessDenied", message);
+    let answer = tokio::time::timeout(state.config.hook_timeout, template.hook.call(hook_request))
+        .await
+        .map_err(|_| {
+            denied(&format!(
+                "the pre-provisioning hook did not answer within {} ms",
+                state.config.hook_timeout.as_millis()
+            ))
+        })?
+        .map_err(|e| denied(&format!("the pre-provisioning hook failed: {e}")))?
+        .unwrap_or(Value::Null);
+    if answer.get("allowProvisioning") != Some(&Value::Bool(true)) {
+        return Err(denied("the pre-provisioning hook denied the request"));
+    }
+    let overrides = answer
+        .get("parameterOverrides")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
+        .collect();
+    Ok(overrides)
+}
+
+/// The thing name the template builds (prefix + serial parameter), if AWS IoT would take it.
+fn thing_name(
+    template: &Template,
+    parameters: &BTreeMap<String, String>,
+) -> Result<String, Rejected> {
+    let serial = parameters.get(&template.serial_parameter).ok_or_else(|| {
+        rejected(
             400,
             "InvalidParameters",
             &format!("the template needs parameter {}", template.serial_parameter),
-        );
-    };
+        )
+    })?;
     let thing_name = format!("{}{serial}", template.thing_name_prefix);
-    let valid_name = !thing_name.is_empty()
+    let valid = !thing_name.is_empty()
         && thing_name.len() <= 128
         && thing_name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
-    if !valid_name {
-        return rejected(
+    if !valid {
+        return Err(rejected(
             400,
             "InvalidParameters",
             "the thing name the template builds is not a valid thing name",
-        );
+        ));
     }
+    Ok(thing_name)
+}
 
-    // Single use: the token is consumed only here, after every check passed; a second
-    // RegisterThing racing this one finds it used.
-    {
-        let mut tokens = lock(&state.tokens);
-        match tokens.get_mut(token_value) {
-            Some(t) if !t.used => t.used = true,
-            _ => return invalid_token("Certificate ownership token has already been used."),
+/// Single use: the token is spent only after every check passed; a second RegisterThing
+/// racing this one finds it used.
+fn spend_token(state: &State, token_value: &str) -> Result<(), Rejected> {
+    let mut tokens = lock(&state.tokens);
+    match tokens.get_mut(token_value) {
+        Some(t) if !t.used => {
+            t.used = true;
+            Ok(())
         }
+        _ => Err(invalid_token(
+            "Certificate ownership token has already been used.",
+        )),
     }
-    if let Some(certificate) = lock(&state.certificates).get_mut(&certificate_id) {
+}
+
+fn record_thing(
+    state: &State,
+    template: &Template,
+    certificate_id: &str,
+    claim_id: &str,
+    thing_name: &str,
+    parameters: BTreeMap<String, String>,
+) {
+    if let Some(certificate) = lock(&state.certificates).get_mut(certificate_id) {
         certificate.status = CertificateStatus::Active;
-        certificate.thing = Some(thing_name.clone());
+        certificate.thing = Some(thing_name.to_owned());
     }
     let mut things = lock(&state.things);
     things.retain(|t| t.thing_name != thing_name || t.certificate_id == certificate_id);
     things.push(Thing {
-        thing_name: thing_name.clone(),
+        thing_name: thing_name.to_owned(),
         template: template.name.clone(),
-        certificate_id,
+        certificate_id: certificate_id.to_owned(),
         claim_certificate_id: claim_id.to_owned(),
         parameters,
     });
     state.stats.provisioned.fetch_add(1, Ordering::Relaxed);
-    (
-        true,
-        json!({"deviceConfiguration": {}, "thingName": thing_name}),
-    )
 }
 
 /// Calls a Lambda Invoke API (`POST .../invocations`), as AWS IoT invokes the hook. A function
