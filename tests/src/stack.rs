@@ -22,6 +22,8 @@ pub const HUBS: [&str; 2] = [
 ];
 /// The SIM that `events/azure-dps-register/client-context-blocked.json` names.
 pub const BLOCKED_IMSI: &str = "440103999999999";
+/// The SIM that `events/azure-dps-register/client-context-expired.json` names.
+pub const EXPIRED_IMSI: &str = "440103888888888";
 
 #[derive(Debug, thiserror::Error)]
 #[error("local stack: {0}")]
@@ -76,11 +78,13 @@ impl LocalStack {
         let registry = DynamoRegistry::new(aws.dynamodb().await, TABLE);
         let mut blocked_sim = DeviceRecord::allowed(DeviceId::Sim(BLOCKED_IMSI.into()));
         blocked_sim.status = DeviceStatus::Blocked;
+        let mut expired_sim = DeviceRecord::allowed(DeviceId::Sim(EXPIRED_IMSI.into()));
+        expired_sim.valid_until = Some(1);
         let mut serial = DeviceRecord::allowed(DeviceId::Serial("SN-0001".into()));
         serial.overrides.insert("Location".into(), "tokyo-1".into());
         let mut blocked_serial = DeviceRecord::allowed(DeviceId::Serial("SN-0666".into()));
         blocked_serial.status = DeviceStatus::Blocked;
-        for record in [blocked_sim, serial, blocked_serial] {
+        for record in [blocked_sim, expired_sim, serial, blocked_serial] {
             registry.put(&record).await.map_err(err)?;
         }
 

@@ -410,3 +410,75 @@ async fn a_hanging_table_is_answered_before_the_deadline() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The samples in `events/azure-dps-register/` answer as the function's README says: each
+/// body and client-context file, against a table holding the SIMs the local stack seeds.
+#[tokio::test]
+async fn every_sample_event_gets_the_answer_its_table_row_promises() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../events/azure-dps-register");
+    let read = |name: &str| -> Value {
+        let text =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    };
+    let context = |name: &str| funk(read(name)["custom"].clone(), None);
+    let s = state(&[("REQUIRE_SIM_ALLOWLIST", "true")]);
+    s.registry.put(entry(
+        DeviceId::Sim(IMSI.into()),
+        DeviceStatus::Allowed,
+        None,
+    ));
+    s.registry.put(entry(
+        DeviceId::Sim("440103999999999".into()),
+        DeviceStatus::Blocked,
+        None,
+    ));
+    s.registry.put(entry(
+        DeviceId::Sim("440103888888888".into()),
+        DeviceStatus::Allowed,
+        Some(1),
+    ));
+    let cases = [
+        ("register.json", Some("client-context.json"), (200, "-")),
+        (
+            "bad-body.json",
+            Some("client-context.json"),
+            (400, "bad-request"),
+        ),
+        ("register.json", None, (403, "no-identity")),
+        (
+            "register.json",
+            Some("client-context-bad-identity.json"),
+            (403, "bad-identity"),
+        ),
+        (
+            "register.json",
+            Some("client-context-other-operator.json"),
+            (403, "operator-not-allowed"),
+        ),
+        (
+            "register.json",
+            Some("client-context-blocked.json"),
+            (403, "sim-blocked"),
+        ),
+        (
+            "register.json",
+            Some("client-context-expired.json"),
+            (403, "sim-expired"),
+        ),
+        (
+            "register.json",
+            Some("client-context-unknown.json"),
+            (403, "sim-unknown"),
+        ),
+    ];
+    for (body, ctx, expected) in cases {
+        let context = ctx.map_or_else(Context::default, context);
+        assert_eq!(
+            answer(&s, read(body), &context).await,
+            expected,
+            "{body} {ctx:?}"
+        );
+    }
+}

@@ -533,4 +533,26 @@ mod tests {
         assert_eq!(answer(&r), (503, "unavailable".to_owned()));
         assert!(!r.body.contains("PRIVATE KEY"));
     }
+
+    /// The samples in `events/claim-issuer/` answer as their names say.
+    #[tokio::test]
+    async fn every_sample_event_gets_the_answer_its_name_promises() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/claim-issuer");
+        let read = |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+        };
+        let s = state(&[("PROVISIONING_TEMPLATE", "fleet-template")]);
+        for (name, expected) in [
+            ("issue.json", (200, "")),
+            ("bad-body.json", (400, "bad-request")),
+            ("no-claims.json", (401, "unauthenticated")),
+            ("not-in-group.json", (403, "not-an-installer")),
+            ("template-not-allowed.json", (400, "template-not-allowed")),
+            ("serial-required.json", (400, "serial-required")),
+        ] {
+            let r = handle(read(name), NOW, &s).await;
+            assert_eq!(answer(&r), (expected.0, expected.1.to_owned()), "{name}");
+        }
+    }
 }

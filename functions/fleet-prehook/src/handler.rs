@@ -641,6 +641,33 @@ mod tests {
         );
     }
 
+    /// The samples in `events/fleet-prehook/` are decided as their names say, against a table
+    /// holding the serials the local stack seeds (SN-0001 allowed, SN-0666 blocked).
+    #[tokio::test]
+    async fn every_sample_event_gets_the_decision_its_name_promises() {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../events/fleet-prehook");
+        let read = |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+        };
+        let table = MemoryTable::new();
+        table.put(allowed("SN-0001"));
+        let mut blocked = allowed("SN-0666");
+        blocked.status = DeviceStatus::Blocked;
+        table.put(blocked);
+        let c = config(&[]);
+        for (name, expected) in [
+            ("blocked-serial.json", Reason::SerialBlocked),
+            ("unknown-serial.json", Reason::UnknownSerial),
+            ("malformed.json", Reason::MalformedRequest),
+            ("misnamed-parameter.json", Reason::MissingSerialParameter),
+            ("serial-format.json", Reason::SerialFormat),
+        ] {
+            assert_eq!(reason(read(name), &c, &table).await, expected, "{name}");
+        }
+        assert!(evaluate(read("allowed.json"), &c, &table).await.0.is_ok());
+    }
+
     const KEYS: &[&str] = &[
         "claimCertificateId",
         "certificateId",
