@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod dps_sim;
 pub mod fault_proxy;
+pub mod fixtures;
 pub mod iot_control;
 pub mod iot_mqtt;
 pub mod lambda_watch;

@@ -523,7 +523,6 @@ mod function {
     use local_emulators::local_aws::{local_sdk_config, LocalAws};
     use shared::registry::{DeviceId, DeviceRecord, DeviceStatus};
     use std::collections::HashMap;
-    use std::path::PathBuf;
 
     const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
 
@@ -536,10 +535,7 @@ mod function {
     }
 
     fn event_file(name: &str) -> String {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../events/azure-dps-register")
-            .join(name);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        local_emulators::fixtures::event_text("azure-dps-register", name)
     }
 
     /// A Context built the way the runtime builds it from the Runtime API's headers, where the

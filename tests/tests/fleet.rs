@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use fleet_prehook::config::Config;
 use fleet_prehook::handler::{evaluate, handle, Denial};
+use local_emulators::fixtures;
 use local_emulators::local_aws::LocalAws;
 use serde_json::Value;
 use shared::clock::unix_now;
@@ -17,11 +18,7 @@ use shared::registry::{
 const TABLE: &str = "devices";
 
 fn event(name: &str) -> Value {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../events/fleet-prehook")
-        .join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
+    fixtures::event("fleet-prehook", name)
 }
 
 fn with_certificate(mut e: Value, certificate_id: &str) -> Value {
@@ -30,12 +27,7 @@ fn with_certificate(mut e: Value, certificate_id: &str) -> Value {
 }
 
 fn config(extra: &[(&str, &str)]) -> Config {
-    let env: std::collections::HashMap<String, String> = [("DEVICES_TABLE", TABLE)]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    Config::from_env(&env).unwrap()
+    Config::from_env(&fixtures::env(&[("DEVICES_TABLE", TABLE)], extra)).unwrap()
 }
 
 /// The local endpoint with SN-0001 allowed (with overrides) and SN-0666 blocked.
@@ -522,10 +514,7 @@ mod issuer {
     const NOW: u64 = 1_800_000_000;
 
     fn claim_event(name: &str) -> Value {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../events/claim-issuer")
-            .join(name);
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+        fixtures::event("claim-issuer", name)
     }
 
     struct Setup {
@@ -540,15 +529,14 @@ mod issuer {
         let iot = IotControlPlane::start(&[TEMPLATE, "other-template"])
             .await
             .unwrap();
-        let env: std::collections::HashMap<String, String> = [
-            ("DEVICES_TABLE", TABLE),
-            ("PROVISIONING_TEMPLATE", TEMPLATE),
-            ("IOT_DATA_ENDPOINT", "example-ats.iot.local"),
-        ]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let env = fixtures::env(
+            &[
+                ("DEVICES_TABLE", TABLE),
+                ("PROVISIONING_TEMPLATE", TEMPLATE),
+                ("IOT_DATA_ENDPOINT", "example-ats.iot.local"),
+            ],
+            extra,
+        );
         let state = state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
         Setup {
             _aws: aws,

@@ -11,11 +11,11 @@ use ::claim_issuer::config::Config as IssuerConfig;
 use ::claim_issuer::handler::{handle as issue, State as IssuerState};
 use fleet_device::session::Session;
 use fleet_device::{files, provision, tls, DeviceError, Options};
+use local_emulators::fixtures::{self, temp_dir, TempDir};
 use local_emulators::iot_control::IotControlPlane;
 use local_emulators::iot_mqtt::{
     CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
 };
-use local_emulators::stack::{temp_dir, TempDir};
 use serde_json::json;
 use shared::clock::unix_now;
 
@@ -60,14 +60,14 @@ async fn flow_with(hook: Option<Hook>, configure: impl FnOnce(&mut IotMqttConfig
         .await
         .unwrap();
     let iot = IotControlPlane::start(&[TEMPLATE]).await.unwrap();
-    let env: std::collections::HashMap<String, String> = [
-        ("DEVICES_TABLE", TABLE),
-        ("PROVISIONING_TEMPLATE", TEMPLATE),
-        ("IOT_DATA_ENDPOINT", "localhost"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
+    let env = fixtures::env(
+        &[
+            ("DEVICES_TABLE", TABLE),
+            ("PROVISIONING_TEMPLATE", TEMPLATE),
+            ("IOT_DATA_ENDPOINT", "localhost"),
+        ],
+        &[],
+    );
     let issuer = super::issuer::state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
     let hook = hook.unwrap_or_else(|| prehook(&registry, &[("REQUIRE_CLAIM_RECORD", "true")]));
     let mut config = IotMqttConfig::new(iot.ca_pem(), vec![Template::new(TEMPLATE, PREFIX, hook)]);
@@ -91,13 +91,7 @@ impl Flow {
     /// An installer asks claim-issuer for a claim bound to `serial`; its certificate and key go
     /// to `claim.pem.crt` / `claim.pem.key`, as an installer app would hand them to the device.
     async fn claim(&self, serial: &str) -> (PathBuf, PathBuf) {
-        let mut event = serde_json::from_str::<Value>(
-            &std::fs::read_to_string(
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events/claim-issuer/issue.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let mut event = fixtures::event("claim-issuer", "issue.json");
         event["body"] = Value::String(json!({ "serial": serial }).to_string());
         let response = issue(event, unix_now(), &self.issuer).await;
         assert_eq!(response.status_code, 200, "{}", response.body);
@@ -531,13 +525,7 @@ async fn serials_at_the_default_patterns_edges_become_things() {
         assert_eq!(done.thing_name, format!("{PREFIX}{serial}"));
         assert!(done.verified);
     }
-    let mut event = serde_json::from_str::<Value>(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events/claim-issuer/issue.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let mut event = fixtures::event("claim-issuer", "issue.json");
     event["body"] = Value::String(json!({ "serial": "SN.0001" }).to_string());
     assert_eq!(issue(event, unix_now(), &f.issuer).await.status_code, 400);
 }
