@@ -53,15 +53,33 @@ pub async fn run(
     watch: &LambdaWatch,
     mut report: impl FnMut(&Step),
 ) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut record = |step: Step| {
+        report(&step);
+        steps.push(step);
+    };
+    for invocation in function_invocations(stack) {
+        record(invoke(watch, invocation).await);
+    }
+    for step in device_steps(stack, watch).await {
+        record(step);
+    }
+    for invocation in hook_invocations(stack) {
+        record(invoke(watch, invocation).await);
+    }
+    record(dps_statistics(stack));
+    steps
+}
+
+/// The SIM and the installer, through azure-dps-register and claim-issuer.
+fn function_invocations(stack: &LocalStack) -> Vec<Invocation> {
     let dps_events = events().join("azure-dps-register");
     let expected_key = stack
         .group_key
         .derive_device_key("440103123456789")
         .to_base64();
-    let mut steps = Vec::new();
     let claim_dir = stack.dir().to_owned();
-
-    let mut invocations = vec![
+    vec![
         Invocation {
             title: "a SIM calls through SORACOM Funk and gets its IoT Hub connection string",
             function: "azure-dps-register",
@@ -146,39 +164,28 @@ pub async fn run(
                 _ => Err(format!("expected 403, got {}", v["statusCode"])),
             }),
         },
-    ];
+    ]
+}
 
-    for invocation in invocations.drain(..) {
-        let step = invoke(watch, invocation).await;
-        report(&step);
-        steps.push(step);
-    }
-
-    // The device uses that claim against the AWS IoT simulator, whose pre-provisioning hook is
-    // the fleet-prehook function running in the same cargo lambda watch.
+/// The device uses that claim against the AWS IoT simulator, whose pre-provisioning hook is
+/// the fleet-prehook function running in the same cargo lambda watch.
+async fn device_steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
     match device::Device::start(stack, watch).await {
-        Ok(device) => {
-            for step in [
-                device.provisions_sn_0001(watch).await,
-                device.unknown_serial_is_rejected(watch).await,
-            ] {
-                report(&step);
-                steps.push(step);
-            }
-        }
-        Err(e) => {
-            let step = Step {
-                title: "the AWS IoT simulator starts",
-                command: "iot-simulator".into(),
-                ok: false,
-                detail: e,
-            };
-            report(&step);
-            steps.push(step);
-        }
+        Ok(device) => vec![
+            device.provisions_sn_0001(watch).await,
+            device.unknown_serial_is_rejected(watch).await,
+        ],
+        Err(e) => vec![Step {
+            title: "the AWS IoT simulator starts",
+            command: "iot-simulator".into(),
+            ok: false,
+            detail: e,
+        }],
     }
+}
 
-    // The hook invoked directly, with the claim certificate just issued (bound to SN-0001).
+/// The hook invoked directly, with the claim certificate just issued (bound to SN-0001).
+fn hook_invocations(stack: &LocalStack) -> Vec<Invocation> {
     let claim_id = stack
         .iot
         .issued()
@@ -197,7 +204,7 @@ pub async fn run(
         Some(false) => Ok("allowProvisioning: false".to_owned()),
         _ => Err(format!("expected a denial, got {v}")),
     };
-    let hook = vec![
+    vec![
         Invocation {
             title: "replaying SN-0001's hook event with another certificate is denied",
             function: "fleet-prehook",
@@ -222,15 +229,12 @@ pub async fn run(
             logged_reason: Some("missing-serial-parameter"),
             check: Box::new(denied),
         },
-    ];
-    for invocation in hook {
-        let step = invoke(watch, invocation).await;
-        report(&step);
-        steps.push(step);
-    }
+    ]
+}
 
+fn dps_statistics(stack: &LocalStack) -> Step {
     let dps_connections = stack.dps.stats().connections.load(Ordering::Relaxed);
-    let step = Step {
+    Step {
         title: "DPS saw exactly one device connect (the blocked SIM never got there)",
         command: "dps-simulator statistics".into(),
         ok: dps_connections == 1,
@@ -238,10 +242,7 @@ pub async fn run(
             "{dps_connections} connection(s), {} assigned",
             stack.dps.assigned().len()
         ),
-    };
-    report(&step);
-    steps.push(step);
-    steps
+    }
 }
 
 /// The reason code and detail of the hook's last logged decision (its JSON log line).
