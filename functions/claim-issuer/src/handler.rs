@@ -369,8 +369,9 @@ mod tests {
             *n += 1;
             Ok(IssuedClaim {
                 certificate_id: format!("cert-{n}"),
-                certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
-                private_key: "-----BEGIN PRIVATE KEY-----".into(),
+                certificate_pem: format!("certificate-{n}"),
+                // A stand-in made here, not key material: the tests check where it goes.
+                private_key: format!("private-key-of-cert-{n}"),
                 expiration: NOW + 300,
             })
         }
@@ -425,6 +426,8 @@ mod tests {
         let r = handle(installer(r#"{"serial":"SN-1"}"#), NOW, &s).await;
         assert_eq!(r.status_code, 200);
         assert_eq!(r.header("cache-control"), Some("no-store"));
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["privateKey"], "private-key-of-cert-1");
         let claim = s.registry.get_claim("cert-1").unwrap();
         assert_eq!(
             (claim.issued_to.as_str(), claim.serial.as_deref()),
@@ -531,7 +534,7 @@ mod tests {
         s.registry.fail_with(Some(RegistryError::Throttled));
         let r = handle(installer(r#"{"serial":"SN-1"}"#), NOW, &s).await;
         assert_eq!(answer(&r), (503, "unavailable".to_owned()));
-        assert!(!r.body.contains("PRIVATE KEY"));
+        assert!(!r.body.contains("private-key-of"));
     }
 
     /// The samples in `events/claim-issuer/` answer as their names say.
