@@ -93,9 +93,11 @@ impl DynamoQuota {
             window_secs: window_secs.max(1),
         }
     }
+}
 
+impl Quota for DynamoQuota {
     /// Counts one use by `subject` at `now` (Unix seconds), if the last window has room.
-    async fn count_use(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
+    async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
         let key = AttributeValue::S(format!("rate#{subject}"));
         for _ in 0..ATTEMPTS {
             let (used_at, version) = self.read(&key).await?;
@@ -111,12 +113,6 @@ impl DynamoQuota {
         Err(QuotaError::Unavailable(
             "rate-limit item contended; retry".into(),
         ))
-    }
-}
-
-impl Quota for DynamoQuota {
-    async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
-        self.count_use(subject, now).await
     }
 }
 

@@ -401,7 +401,11 @@ impl DynamoRegistry {
 
     /// The serial's part of a provisioning: a condition that the item is still what the hook
     /// read, and the new pending certificate.
-    fn serial_write(&self, key: &str, w: &ProvisioningWrite) -> TransactWriteItem {
+    fn serial_write(
+        &self,
+        key: &str,
+        w: &ProvisioningWrite,
+    ) -> Result<TransactWriteItem, RegistryError> {
         // Allowed and within its validity, whatever the case.
         let qualifies =
             "#status = :allowed AND (attribute_not_exists(valid_until) OR valid_until > :now)";
@@ -420,8 +424,8 @@ impl DynamoRegistry {
                     .set_expression_attribute_names(Some(names))
                     .set_expression_attribute_values(Some(values))
                     .build()
-                    .expect("table, key and condition are set");
-                return TransactWriteItem::builder().condition_check(check).build();
+                    .map_err(not_built)?;
+                return Ok(TransactWriteItem::builder().condition_check(check).build());
             }
             Replaces::Nothing => (
                 format!(
@@ -486,13 +490,17 @@ impl DynamoRegistry {
             .set_expression_attribute_names(Some(names))
             .set_expression_attribute_values(Some(values))
             .build()
-            .expect("table, key and expressions are set");
-        TransactWriteItem::builder().update(update).build()
+            .map_err(not_built)?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
 
     /// The claim's part: spent on this certificate and serial, if it is still unused (or used
     /// by this same certificate: AWS IoT retrying), valid and not bound to another serial.
-    fn claim_spend(&self, w: &ProvisioningWrite, claim: &ClaimUse) -> TransactWriteItem {
+    fn claim_spend(
+        &self,
+        w: &ProvisioningWrite,
+        claim: &ClaimUse,
+    ) -> Result<TransactWriteItem, RegistryError> {
         let update = Update::builder()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&claim_key(&claim.claim_certificate_id)))
@@ -510,9 +518,15 @@ impl DynamoRegistry {
             .expression_attribute_values(":serial", s(&w.serial))
             .expression_attribute_values(":now", n(claim.at))
             .build()
-            .expect("table, key and expressions are set");
-        TransactWriteItem::builder().update(update).build()
+            .map_err(not_built)?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
+}
+
+/// A transaction item the SDK's builder refused (a required field unset): a bug, answered as
+/// an unavailable table rather than a panic that would end the Lambda sandbox.
+fn not_built(e: aws_sdk_dynamodb::error::BuildError) -> RegistryError {
+    RegistryError::Unavailable(format!("request not built: {e}"))
 }
 
 fn s(v: &str) -> AttributeValue {
@@ -662,9 +676,9 @@ impl SerialRegistry for DynamoRegistry {
 
     async fn record_provisioning(&self, write: &ProvisioningWrite) -> Result<(), RegistryError> {
         let serial_key = DeviceId::Serial(write.serial.clone()).key();
-        let mut items = vec![self.serial_write(&serial_key, write)];
+        let mut items = vec![self.serial_write(&serial_key, write)?];
         if let Some(claim) = &write.spend_claim {
-            items.push(self.claim_spend(write, claim));
+            items.push(self.claim_spend(write, claim)?);
         }
         let result = self
             .client
