@@ -27,10 +27,6 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(700);
 /// Without a Lambda deadline (tests, local tools): time for the table and the record besides
 /// the DPS budget.
 const UNBOUNDED_EXTRA: Duration = Duration::from_secs(4);
-/// Lambda's longest timeout. A deadline further in the past than this is no real invocation's
-/// deadline: `cargo lambda watch` (1.9.2, `functions_router.rs`) sends the constant
-/// `lambda-runtime-deadline-ms: 600000` (1970), and is treated as having none.
-const LONGEST_INVOCATION: Duration = Duration::from_secs(15 * 60);
 /// Retry hint when the cause says nothing better.
 const RETRY_SOON: Duration = Duration::from_secs(2);
 
@@ -132,8 +128,7 @@ fn deadlines(context: &Context, budget: Duration) -> Deadlines {
     let answer_by = match context.deadline().duration_since(SystemTime::now()) {
         _ if context.deadline == 0 => unbounded,
         Ok(left) => now + left.saturating_sub(DEADLINE_MARGIN),
-        Err(past) if past.duration() <= LONGEST_INVOCATION => now,
-        Err(_) => unbounded,
+        Err(_) => now,
     };
     Deadlines {
         answer_by,
@@ -491,15 +486,6 @@ mod tests {
         let dps = soon.dps_until - Instant::now();
         assert!(dps <= Duration::from_millis(1300), "{dps:?}");
         assert_eq!(soon.dps_until, soon.answer_by);
-    }
-
-    #[test]
-    fn the_emulators_constant_deadline_is_no_deadline() {
-        // cargo lambda watch sends 600000 ms after the epoch for every invocation.
-        let mut context = Context::default();
-        context.deadline = 600_000;
-        let d = deadlines(&context, Duration::from_secs(8));
-        assert!(d.dps_until - Instant::now() > Duration::from_secs(7));
     }
 
     #[test]

@@ -9,9 +9,14 @@
 //! `--client-context-file` fails in lambda_runtime with `Error("expected value", line: 1,
 //! column: 1)` and the process exits: a crash loop.
 //!
+//! The emulator also sends `lambda-runtime-deadline-ms: 600000` (1970) with every invocation,
+//! where the real service sends when the invocation ends; a function that honours its deadline
+//! would give up on every local invocation at once.
+//!
 //! `proxy::install` puts a small Runtime API proxy on loopback between the function and the
-//! emulator: it forwards every request unchanged, and in `/next` answers replaces a base64
-//! client context with the JSON it encodes, which is exactly what the real service sends.
+//! emulator: it forwards every request unchanged, except that in `/next` answers it replaces a
+//! base64 client context with the JSON it encodes and the placeholder deadline with a real one,
+//! which is what the real service sends.
 //! Deployed builds do not compile this module, so the production path stays the runtime's own.
 
 use base64::Engine;
@@ -25,6 +30,18 @@ pub use proxy::{install, ReplayError};
 
 /// The header that carries the client context on the Runtime API.
 pub const CLIENT_CONTEXT: &str = "lambda-runtime-client-context";
+/// The header that carries the invocation's deadline (Unix milliseconds).
+pub const DEADLINE: &str = "lambda-runtime-deadline-ms";
+/// What a placeholder deadline becomes: Lambda's longest timeout from now.
+pub const LOCAL_INVOCATION_TIME_MS: u64 = 15 * 60 * 1000;
+
+/// The real service hands out invocations whose deadline lies ahead; one already past when it
+/// is handed out is the emulator's placeholder. Returns the deadline to use instead (Lambda's
+/// longest timeout from `now_ms`), or `None` to leave the header as it is.
+pub fn real_deadline(value: &[u8], now_ms: u64) -> Option<u64> {
+    let deadline: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    (deadline <= now_ms).then_some(now_ms + LOCAL_INVOCATION_TIME_MS)
+}
 
 /// The emulator sends base64; the real service sends JSON. Returns the JSON, or `None` if the
 /// value is already JSON (a fixed emulator) or not base64 of JSON (left as it is).
@@ -64,6 +81,17 @@ mod tests {
         assert_eq!(decode_client_context(json), None);
         assert_eq!(decode_client_context(b"bm90IGpzb24="), None); // base64 of "not json"
         assert_eq!(decode_client_context(b""), None);
+    }
+
+    #[test]
+    fn only_the_emulators_placeholder_deadline_is_replaced() {
+        let now = 1_800_000_000_000;
+        assert_eq!(
+            real_deadline(b"600000", now),
+            Some(now + LOCAL_INVOCATION_TIME_MS)
+        );
+        assert_eq!(real_deadline(b"1800000003000", now), None);
+        assert_eq!(real_deadline(b"soon", now), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use hyper::{Request, Response};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::{decode_client_context, split_api, CLIENT_CONTEXT};
+use super::{decode_client_context, real_deadline, split_api, CLIENT_CONTEXT, DEADLINE};
 
 const RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
 
@@ -127,6 +127,19 @@ async fn forward(
         if let Ok(value) = http::HeaderValue::from_bytes(&json) {
             parts.headers.insert(CLIENT_CONTEXT, value);
         }
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    if let Some(deadline) = parts
+        .headers
+        .get(DEADLINE)
+        .and_then(|v| real_deadline(v.as_bytes(), now_ms))
+    {
+        parts
+            .headers
+            .insert(DEADLINE, http::HeaderValue::from(deadline));
     }
     Ok(Response::from_parts(parts, Full::new(body)))
 }
