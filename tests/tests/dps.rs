@@ -319,17 +319,24 @@ async fn sas_expiry_tolerates_clock_skew_within_the_token_lifetime() {
     assert_eq!(ahead_6.sim.stats().refused.load(Ordering::Relaxed), 1);
 }
 
+/// The failures that may pass on their own, each for the first `n` times: CONNACK "server
+/// unavailable", a reset during the TLS handshake, a registration failed on DPS's side, an
+/// expired operation.
+fn transient_faults(n: u32) -> [Fault; 4] {
+    [
+        Fault::ConnackUnavailable(n),
+        Fault::ResetHandshake(n),
+        Fault::FailServerError(n),
+        Fault::ExpireOperation(n),
+    ]
+}
+
 /// Each transient failure the client used to report as final (a CONNACK "server unavailable"
 /// read as a refused device, a reset during the TLS handshake, a registration failed on DPS's
 /// side, an expired operation): ridden out on the next try when it passes.
 #[tokio::test]
 async fn transient_dps_failures_are_ridden_out_within_the_deadline() {
-    for fault in [
-        Fault::ConnackUnavailable(1),
-        Fault::ResetHandshake(1),
-        Fault::FailServerError(1),
-        Fault::ExpireOperation(1),
-    ] {
+    for fault in transient_faults(1) {
         let f = simulator(|c| c.faults = vec![fault.clone()]).await;
         let (result, _) = f.register(Duration::from_secs(8)).await;
         assert_eq!(
@@ -345,12 +352,7 @@ async fn transient_dps_failures_are_ridden_out_within_the_deadline() {
 /// deadline.
 #[tokio::test]
 async fn lasting_transient_failures_are_reported_as_retryable() {
-    for fault in [
-        Fault::ConnackUnavailable(100),
-        Fault::ResetHandshake(100),
-        Fault::FailServerError(100),
-        Fault::ExpireOperation(100),
-    ] {
+    for fault in transient_faults(100) {
         let f = simulator(|c| {
             c.faults = vec![fault.clone()];
             c.retry_after = 1;
@@ -900,13 +902,10 @@ mod function {
     /// never 403, and the fixed sentence of its code, never the client's error text.
     #[tokio::test]
     async fn transient_dps_failures_answer_retryable_with_a_fixed_sentence() {
-        for fault in [
-            Fault::ConnackUnavailable(100),
-            Fault::ResetHandshake(100),
-            Fault::FailServerError(100),
-            Fault::ExpireOperation(100),
-            Fault::RegisterStatus(503),
-        ] {
+        let faults = super::transient_faults(100)
+            .into_iter()
+            .chain([Fault::RegisterStatus(503)]);
+        for fault in faults {
             let s = setup(
                 |c| {
                     c.faults = vec![fault.clone()];
