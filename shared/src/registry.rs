@@ -45,7 +45,7 @@ pub const KEY_ATTRIBUTE: &str = "pk";
 
 /// The attributes of a SIM's item (`sim#`, `simid#`) that azure-dps-register reads and writes.
 /// The IAM policies list exactly these per function (`dynamodb:Attributes`), so a function can
-/// touch nothing else: `tests/tests/infra.rs` checks the template against these lists.
+/// touch nothing else: `tests/tests/e2e/infra.rs` checks the template against these lists.
 pub const SIM_ATTRIBUTES: &[&str] = &[
     KEY_ATTRIBUTE,
     "status",

@@ -3,23 +3,28 @@
 //! library) → AWS IoT MQTT simulator over TLS with client certificates → fleet-prehook (real
 //! handler, real DynamoDB client on the local AWS endpoint) → thing.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use ::claim_issuer::config::Config as IssuerConfig;
 use ::claim_issuer::handler::{handle as issue, State as IssuerState};
 use fleet_device::session::Session;
 use fleet_device::{files, provision, tls, DeviceError, Options};
+use fleet_prehook::handler::handle;
 use local_emulators::fixtures::{self, temp_dir, TempDir};
 use local_emulators::iot_control::IotControlPlane;
 use local_emulators::iot_mqtt::{
     CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
 };
-use serde_json::json;
+use local_emulators::local_aws::LocalAws;
+use serde_json::{json, Value};
 use shared::clock::unix_now;
+use shared::registry::{ClaimLog, ClaimRecord, DeviceId, DeviceRecord, DynamoRegistry};
 
-use super::*;
+use crate::fleet_fixture::*;
 
 const TEMPLATE: &str = "fleet-template";
 const PREFIX: &str = "fleet-";
@@ -68,7 +73,8 @@ async fn flow_with(hook: Option<Hook>, configure: impl FnOnce(&mut IotMqttConfig
         ],
         &[],
     );
-    let issuer = super::issuer::state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
+    let issuer =
+        crate::claim_issuer::state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
     let hook = hook.unwrap_or_else(|| prehook(&registry, &[("REQUIRE_CLAIM_RECORD", "true")]));
     let mut config = IotMqttConfig::new(iot.ca_pem(), vec![Template::new(TEMPLATE, PREFIX, hook)]);
     configure(&mut config);

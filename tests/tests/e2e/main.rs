@@ -1,0 +1,25 @@
+//! The end-to-end tests: one test binary (the heavy dependencies link once), one module per
+//! topic, each running the real code against the local emulators (moto server, the DPS and AWS
+//! IoT simulators); `tests/README.md` says what each emulator checks. What runs cargo itself
+//! (`cargo lambda watch`, release builds) is the other binary, `tests/replay.rs`, so that it
+//! never competes for the two cores with the tests that measure deadlines.
+
+/// azure-dps-register's handler against moto and the DPS simulator.
+mod azure_dps_register;
+/// claim-issuer's handler against the IoT control-plane double and the device table.
+mod claim_issuer;
+/// The DPS client in a TLS MQTT conversation with the DPS simulator.
+mod dps_client;
+/// Installer → claim → fleet-device → AWS IoT MQTT simulator → hook → thing.
+mod fleet_flow;
+/// fleet-prehook's handler against the device table.
+mod hook;
+/// The SAM template and deploy script.
+mod infra;
+/// The official Azure IoT device SDKs against the DPS simulator.
+mod interop;
+/// The AWS stores (SSM, DynamoDB) against moto.
+mod stores;
+
+mod dps_fixture;
+mod fleet_fixture;
