@@ -9,8 +9,8 @@ use shared::quota::{DynamoQuota, Quota, Verdict};
 use shared::registry::{ClaimLog, ClaimRecord, DynamoRegistry};
 
 use crate::config::Config;
-use crate::iot::{ClaimMinter, MintError};
-use crate::request::{ClaimRequest, HttpApiRequest};
+use crate::iot::{ClaimMinter, IssuedClaim, MintError};
+use crate::request::{ClaimRequest, HttpApiRequest, Installer};
 
 /// Cold-start state: the configuration and what the handler calls, by the traits it needs
 /// (the deployed function's: AWS IoT and the device table; the unit tests': in memory).
@@ -224,36 +224,10 @@ async fn issue<M: ClaimMinter, L: ClaimLog, Q: Quota>(
     let config = &state.config;
     let request: HttpApiRequest = serde_json::from_value(event)
         .map_err(|e| refuse(Refused::BadRequest, format!("not an HTTP API request: {e}")))?;
-    let installer = request.installer().ok_or_else(|| {
-        refuse(
-            Refused::Unauthenticated,
-            "no verified sub: not called through the JWT authorizer",
-        )
-    })?;
-    summary.sub = installer.sub.clone();
-    if !installer.groups.contains(&config.installer_group) {
-        return Err(refuse(
-            Refused::NotAnInstaller,
-            format!("not in group '{}'", config.installer_group),
-        ));
-    }
+    let installer = verified_installer(&request, config, summary)?;
     let claim = claim_request(&request, config, summary)?;
     let template = summary.template.clone();
-
-    match state.quota.consume(&installer.sub, now).await {
-        Ok(Verdict::Allowed { .. }) => {}
-        Ok(Verdict::Exceeded { retry_after }) => {
-            return Err(refuse(
-                Refused::RateLimited { retry_after },
-                format!(
-                    "at most {} claims per {} s",
-                    config.claims_per_window, config.window_seconds
-                ),
-            ));
-        }
-        Err(e) => return Err(refuse(Refused::Unavailable, e.to_string())),
-    }
-
+    spend_quota(&state.quota, config, &installer.sub, now).await?;
     let issued = state.iot.mint(&template).await.map_err(|e| {
         let refused = match e {
             MintError::Throttled => Refused::Throttled,
@@ -280,7 +254,58 @@ async fn issue<M: ClaimMinter, L: ClaimLog, Q: Quota>(
         .record_claim(&audit)
         .await
         .map_err(|e| refuse(Refused::Unavailable, format!("claim not recorded: {e}")))?;
+    Ok(claim_body(issued, template, claim.serial, config))
+}
 
+/// The caller as the JWT authorizer verified it, if it is an installer.
+fn verified_installer(
+    request: &HttpApiRequest,
+    config: &Config,
+    summary: &mut Summary,
+) -> Result<Installer, Refusal> {
+    let installer = request.installer().ok_or_else(|| {
+        refuse(
+            Refused::Unauthenticated,
+            "no verified sub: not called through the JWT authorizer",
+        )
+    })?;
+    summary.sub = installer.sub.clone();
+    if !installer.groups.contains(&config.installer_group) {
+        return Err(refuse(
+            Refused::NotAnInstaller,
+            format!("not in group '{}'", config.installer_group),
+        ));
+    }
+    Ok(installer)
+}
+
+/// Takes one claim from the installer's window, before anything is minted.
+async fn spend_quota(
+    quota: &impl Quota,
+    config: &Config,
+    sub: &str,
+    now: u64,
+) -> Result<(), Refusal> {
+    match quota.consume(sub, now).await {
+        Ok(Verdict::Allowed { .. }) => Ok(()),
+        Ok(Verdict::Exceeded { retry_after }) => Err(refuse(
+            Refused::RateLimited { retry_after },
+            format!(
+                "at most {} claims per {} s",
+                config.claims_per_window, config.window_seconds
+            ),
+        )),
+        Err(e) => Err(refuse(Refused::Unavailable, e.to_string())),
+    }
+}
+
+/// The installer's answer: the claim certificate, its key, and where to use them.
+fn claim_body(
+    issued: IssuedClaim,
+    template: String,
+    serial: Option<String>,
+    config: &Config,
+) -> Value {
     let mut body = json!({
         "certificateId": issued.certificate_id,
         "certificatePem": issued.certificate_pem,
@@ -288,13 +313,13 @@ async fn issue<M: ClaimMinter, L: ClaimLog, Q: Quota>(
         "expiration": issued.expiration,
         "templateName": template,
     });
-    if let Some(serial) = claim.serial {
+    if let Some(serial) = serial {
         body["serial"] = Value::String(serial);
     }
     if let Some(endpoint) = &config.iot_data_endpoint {
         body["iotEndpoint"] = Value::String(endpoint.clone());
     }
-    Ok(body)
+    body
 }
 
 /// What the installer asked for, checked: a serial in the configured form (required unless
