@@ -354,49 +354,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let config = &state.config;
     let mut buf = BytesMut::with_capacity(4096);
     state.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let Some(Packet::Connect(connect)) = read_packet(&mut stream, &mut buf).await else {
+    let Some(registration_id) = accept(&mut stream, &mut buf, state).await? else {
         return Ok(());
     };
-    if state.fires(|f| match f {
-        Fault::ConnackUnavailable(n) => Some(*n),
-        _ => None,
-    }) {
-        state.stats.refused.fetch_add(1, Ordering::Relaxed);
-        let code = ConnectReturnCode::ServiceUnavailable;
-        write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
-        return Ok(());
-    }
-    let registration_id = match authenticate(config, &connect) {
-        Ok(id) => {
-            if let Some(login) = &connect.login {
-                let sig = login
-                    .password
-                    .split('&')
-                    .find_map(|p| p.strip_prefix("sig="))
-                    .unwrap_or_default();
-                lock(&state.signatures).push(sig.to_owned());
-            }
-            id
-        }
-        Err(code) => {
-            state.stats.refused.fetch_add(1, Ordering::Relaxed);
-            write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
-            return Ok(());
-        }
-    };
-    write_packet(
-        &mut stream,
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-    )
-    .await?;
     if config.faults.contains(&Fault::DropAfterConnack) {
         return Ok(());
     }
-    let slow = config.faults.iter().find_map(|f| match f {
-        Fault::Slow(d) => Some(*d),
-        _ => None,
-    });
-
     while let Some(packet) = read_packet(&mut stream, &mut buf).await {
         match packet {
             Packet::Subscribe(sub) => {
@@ -417,24 +380,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if publish.qos == QoS::AtLeastOnce {
                     write_packet(&mut stream, Packet::PubAck(PubAck::new(publish.pkid))).await?;
                 }
-                let Some((status, body, retry_after)) = respond(state, &registration_id, &publish)
-                else {
+                let Some(reply) = reply(state, &registration_id, &publish).await else {
                     // Not a DPS request topic: DPS closes the connection.
                     return Ok(());
                 };
-                if let Some(delay) = slow {
-                    tokio::time::sleep(delay).await;
-                }
-                let rid = publish
-                    .topic
-                    .split_once('?')
-                    .and_then(|(_, q)| query_value(q, "$rid"))
-                    .unwrap_or_default();
-                let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
-                if let Some(seconds) = retry_after {
-                    topic.push_str(&format!("&retry-after={seconds}"));
-                }
-                let reply = Publish::new(topic, QoS::AtMostOnce, body.to_string());
                 write_packet(&mut stream, Packet::Publish(reply)).await?;
             }
             // The Node SDK unsubscribes before disconnecting and waits for the UNSUBACK.
@@ -447,6 +396,69 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// The CONNECT and its CONNACK: the registration id the device authenticated as, or `None`
+/// when the connection was refused (or never sent a CONNECT).
+async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    state: &Shared,
+) -> std::io::Result<Option<String>> {
+    let Some(Packet::Connect(connect)) = read_packet(stream, buf).await else {
+        return Ok(None);
+    };
+    let unavailable = state.fires(|f| match f {
+        Fault::ConnackUnavailable(n) => Some(*n),
+        _ => None,
+    });
+    let verdict = if unavailable {
+        Err(ConnectReturnCode::ServiceUnavailable)
+    } else {
+        authenticate(&state.config, &connect)
+    };
+    let registration_id = match verdict {
+        Ok(id) => id,
+        Err(code) => {
+            state.stats.refused.fetch_add(1, Ordering::Relaxed);
+            write_packet(stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
+            return Ok(None);
+        }
+    };
+    if let Some(login) = &connect.login {
+        let sig = login
+            .password
+            .split('&')
+            .find_map(|p| p.strip_prefix("sig="))
+            .unwrap_or_default();
+        lock(&state.signatures).push(sig.to_owned());
+    }
+    let success = ConnAck::new(ConnectReturnCode::Success, false);
+    write_packet(stream, Packet::ConnAck(success)).await?;
+    Ok(Some(registration_id))
+}
+
+/// DPS's answer to a request, on the response topic with the request's `$rid` (and
+/// `retry-after` if it says when to come back); `None` for a topic DPS does not serve.
+async fn reply(state: &Shared, registration_id: &str, publish: &Publish) -> Option<Publish> {
+    let (status, body, retry_after) = respond(state, registration_id, publish)?;
+    let slow = state.config.faults.iter().find_map(|f| match f {
+        Fault::Slow(d) => Some(*d),
+        _ => None,
+    });
+    if let Some(delay) = slow {
+        tokio::time::sleep(delay).await;
+    }
+    let rid = publish
+        .topic
+        .split_once('?')
+        .and_then(|(_, q)| query_value(q, "$rid"))
+        .unwrap_or_default();
+    let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
+    if let Some(seconds) = retry_after {
+        topic.push_str(&format!("&retry-after={seconds}"));
+    }
+    Some(Publish::new(topic, QoS::AtMostOnce, body.to_string()))
 }
 
 /// Whether request number `n` falls in the throttled `percent`, spread evenly.

@@ -467,27 +467,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if publish.qos == QoS::AtLeastOnce {
                     write_packet(&mut stream, Packet::PubAck(PubAck::new(publish.pkid))).await?;
                 }
-                let Peer::Claim {
-                    certificate_id: claim_id,
-                } = &peer
-                else {
-                    continue;
-                };
                 let client_id = connect.client_id.as_str();
-                let Some((accepted, body)) = respond(state, claim_id, client_id, &publish).await
-                else {
-                    continue;
-                };
-                if !accepted {
-                    state.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                }
-                let topic = format!(
-                    "{}/{}",
-                    publish.topic,
-                    if accepted { "accepted" } else { "rejected" }
-                );
-                if subscriptions.iter().any(|f| topic_matches(f, &topic)) {
-                    let reply = Publish::new(topic, QoS::AtMostOnce, body.to_string());
+                if let Some(reply) = answer(state, &peer, client_id, &publish, &subscriptions).await
+                {
                     write_packet(&mut stream, Packet::Publish(reply)).await?;
                 }
             }
@@ -500,6 +482,33 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             _ => {}
         }
     }
+}
+
+/// The reply to a claim connection's request, on `<topic>/accepted` or `/rejected`, if the
+/// client subscribed to it (AWS IoT publishes either way; unsubscribed, it is lost).
+async fn answer(
+    state: &State,
+    peer: &Peer,
+    client_id: &str,
+    publish: &Publish,
+    subscriptions: &[String],
+) -> Option<Publish> {
+    let Peer::Claim {
+        certificate_id: claim_id,
+    } = peer
+    else {
+        return None;
+    };
+    let (accepted, body) = respond(state, claim_id, client_id, publish).await?;
+    if !accepted {
+        state.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    let verdict = if accepted { "accepted" } else { "rejected" };
+    let topic = format!("{}/{verdict}", publish.topic);
+    subscriptions
+        .iter()
+        .any(|f| topic_matches(f, &topic))
+        .then(|| Publish::new(topic, QoS::AtMostOnce, body.to_string()))
 }
 
 fn rejected(status: u16, code: &str, message: &str) -> (bool, Value) {

@@ -544,6 +544,31 @@ impl<'a> Conversation<'a> {
         }
     }
 
+    /// An `assigned` answer: the device's hub and id, which must both be there.
+    fn assigned(
+        &self,
+        state: RegistrationState,
+        status: String,
+    ) -> Result<Option<Assignment>, Outcome> {
+        match (state.assigned_hub, state.device_id) {
+            (Some(hub), Some(device)) if !hub.is_empty() && !device.is_empty() => {
+                Ok(Some(Assignment {
+                    registration_id: state
+                        .registration_id
+                        .unwrap_or_else(|| self.request.registration_id.to_owned()),
+                    assigned_hub: hub,
+                    device_id: device,
+                    status,
+                    substatus: state.substatus,
+                    payload: state.payload,
+                }))
+            }
+            _ => Err(Outcome::Final(DpsError::Protocol(
+                "assigned without hub or device id".into(),
+            ))),
+        }
+    }
+
     fn on_operation(
         &mut self,
         body: ResponseBody,
@@ -559,26 +584,7 @@ impl<'a> Conversation<'a> {
             })
             .unwrap_or_default();
         match status.as_str() {
-            "assigned" => {
-                let state = body.registration_state.unwrap_or_default();
-                match (state.assigned_hub, state.device_id) {
-                    (Some(hub), Some(device)) if !hub.is_empty() && !device.is_empty() => {
-                        Ok(Some(Assignment {
-                            registration_id: state
-                                .registration_id
-                                .unwrap_or_else(|| self.request.registration_id.to_owned()),
-                            assigned_hub: hub,
-                            device_id: device,
-                            status,
-                            substatus: state.substatus,
-                            payload: state.payload,
-                        }))
-                    }
-                    _ => Err(Outcome::Final(DpsError::Protocol(
-                        "assigned without hub or device id".into(),
-                    ))),
-                }
-            }
+            "assigned" => self.assigned(body.registration_state.unwrap_or_default(), status),
             "assigning" | "unassigned" => {
                 let Some(operation) = body.operation_id.filter(|o| !o.is_empty()) else {
                     return Err(Outcome::Final(DpsError::Protocol("no operationId".into())));

@@ -114,15 +114,8 @@ pub async fn provision(
     )?;
     files::prepare(&options.out_dir, options.force)?;
 
-    // With a CSR the key is made here and never sent anywhere.
     let local_key = if options.csr {
-        let key = rcgen::KeyPair::generate()
-            .map_err(|e| DeviceError::Setup(format!("cannot generate a key: {e}")))?;
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .and_then(|p| p.serialize_request(&key))
-            .and_then(|r| r.pem())
-            .map_err(|e| DeviceError::Setup(format!("cannot make a CSR: {e}")))?;
-        Some((key.serialize_pem(), csr))
+        Some(key_and_csr()?)
     } else {
         None
     };
@@ -154,34 +147,56 @@ pub async fn provision(
             "connecting with the new certificate as '{}'",
             provisioned.thing_name
         ));
-        let identity = tls::client_config(
-            options.ca_file.as_deref(),
-            tls::read_certificates(&provisioned.certificate_file)?,
-            tls::read_private_key(&provisioned.private_key_file)?,
-            options.port,
-        )?;
-        let session = Session::connect(
-            &options.host,
-            options.port,
-            &provisioned.thing_name,
-            identity,
-            deadline,
-        )
-        .await?;
-        session.close().await;
+        connect_as_thing(options, &provisioned, deadline).await?;
         provisioned.verified = true;
     }
     Ok(provisioned)
 }
 
-async fn register(
-    session: &mut Session,
+/// A key made on this device and a CSR for it: with a CSR the key is never sent anywhere.
+/// Returns (key PEM, CSR PEM).
+fn key_and_csr() -> Result<(String, String), DeviceError> {
+    let key = rcgen::KeyPair::generate()
+        .map_err(|e| DeviceError::Setup(format!("cannot generate a key: {e}")))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|r| r.pem())
+        .map_err(|e| DeviceError::Setup(format!("cannot make a CSR: {e}")))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Proves the new identity: a connection with the new certificate as the thing.
+async fn connect_as_thing(
     options: &Options,
+    provisioned: &Provisioned,
+    deadline: Instant,
+) -> Result<(), DeviceError> {
+    let identity = tls::client_config(
+        options.ca_file.as_deref(),
+        tls::read_certificates(&provisioned.certificate_file)?,
+        tls::read_private_key(&provisioned.private_key_file)?,
+        options.port,
+    )?;
+    let session = Session::connect(
+        &options.host,
+        options.port,
+        &provisioned.thing_name,
+        identity,
+        deadline,
+    )
+    .await?;
+    session.close().await;
+    Ok(())
+}
+
+/// The new certificate (with a CSR, for the key made here; else AWS IoT makes the key too):
+/// AWS IoT's answer and the private key.
+async fn create_certificate(
+    session: &mut Session,
     local_key: Option<(String, String)>,
     progress: &mut impl FnMut(&str),
-) -> Result<Provisioned, DeviceError> {
-    let dir = &options.out_dir;
-    let (created, private_key) = match local_key {
+) -> Result<(Value, String), DeviceError> {
+    match local_key {
         Some((key, csr)) => {
             progress("CreateCertificateFromCsr: sending a CSR for a key made on this device");
             let created = session
@@ -191,7 +206,7 @@ async fn register(
                     &json!({ "certificateSigningRequest": csr }),
                 )
                 .await?;
-            (created, key)
+            Ok((created, key))
         }
         None => {
             progress("CreateKeysAndCertificate: asking AWS IoT for a key and certificate");
@@ -203,9 +218,19 @@ async fn register(
                 )
                 .await?;
             let key = field(&created, "privateKey", "CreateKeysAndCertificate")?;
-            (created, key)
+            Ok((created, key))
         }
-    };
+    }
+}
+
+async fn register(
+    session: &mut Session,
+    options: &Options,
+    local_key: Option<(String, String)>,
+    progress: &mut impl FnMut(&str),
+) -> Result<Provisioned, DeviceError> {
+    let dir = &options.out_dir;
+    let (created, private_key) = create_certificate(session, local_key, progress).await?;
     let certificate_id = field(&created, "certificateId", "certificate creation")?;
     let certificate_pem = field(&created, "certificatePem", "certificate creation")?;
     let token = field(
