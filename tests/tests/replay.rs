@@ -271,4 +271,13 @@ fn functions_link_only_the_layers_they_use() {
     }
     let azure = tree("azure-dps-register");
     assert!(azure.contains("rumqttc") && azure.contains("aws-sdk-ssm"));
+    // The rules without I/O and the DPS client build on no AWS crate at all.
+    for layer in ["domain", "dps-client"] {
+        let crates = tree(layer);
+        assert!(
+            !crates.iter().any(|c| c.starts_with("aws-")),
+            "{layer} links the AWS SDK: {crates:?}"
+        );
+        assert!(!crates.contains("shared"), "{layer} links the stores");
+    }
 }

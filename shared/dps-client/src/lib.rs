@@ -29,10 +29,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
-use shared::clock::unix_now;
-use shared::config::HostPort;
-use shared::keys::SymmetricKey;
-use shared::sas;
+use domain::clock::unix_now;
+use domain::config::HostPort;
+use domain::keys::SymmetricKey;
+use domain::sas;
 
 /// API version of the device registration API.
 pub const API_VERSION: &str = "2019-03-31";
@@ -689,8 +689,8 @@ mod tests {
 
     mod hostile {
         use super::*;
+        use domain::strategies::{json_with_keys, text};
         use proptest::prelude::*;
-        use shared::strategies::{json_with_keys, text};
 
         const KEYS: &[&str] = &[
             "operationId",
