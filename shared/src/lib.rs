@@ -10,6 +10,7 @@
 //! - [`secrets`]: secret lookup (SSM Parameter Store, DynamoDB) behind a trait, with a TTL cache.
 //! - [`registry`]: the device table (SIM and serial allowlists, provisioning records).
 //! - [`quota`]: per-subject sliding-window rate limits in the device table.
+//! - [`budget`]: fleet-wide budgets per fixed window, counted atomically in the device table.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
 //! - `memory` (feature `memory`, tests only): in-memory stores with the adapters' conditions.
 
@@ -18,6 +19,7 @@ pub use domain::strategies;
 pub use domain::{clock, config, keys, sas, soracom};
 
 pub mod aws;
+pub mod budget;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod quota;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::budget::{grant, window_start, Budget, Grant};
 use crate::quota::{decide, Quota, QuotaError, Verdict};
 use crate::registry::{
     ClaimLog, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, Provisioning,
@@ -260,5 +261,47 @@ impl Quota for MemoryQuota {
             }
             Err(retry_after) => Ok(Verdict::Exceeded { retry_after }),
         }
+    }
+}
+
+/// A fleet-wide budget, in memory, with the DynamoDB adapter's decision.
+pub struct MemoryBudget {
+    limit: u32,
+    window_secs: u64,
+    counts: Mutex<HashMap<u64, u64>>,
+    failure: Mutex<Option<QuotaError>>,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u32, window_secs: u64) -> Self {
+        Self {
+            limit,
+            window_secs: window_secs.max(1),
+            counts: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
+        }
+    }
+
+    pub fn fail_with(&self, failure: Option<QuotaError>) {
+        *lock(&self.failure) = failure;
+    }
+
+    /// How many starts were asked for in the window `now` falls in.
+    pub fn asked(&self, now: u64) -> u64 {
+        let start = window_start(now, self.window_secs);
+        lock(&self.counts).get(&start).copied().unwrap_or(0)
+    }
+}
+
+impl Budget for MemoryBudget {
+    async fn take(&self, now: u64) -> Result<Grant, QuotaError> {
+        if let Some(failure) = lock(&self.failure).clone() {
+            return Err(failure);
+        }
+        let start = window_start(now, self.window_secs);
+        let mut counts = lock(&self.counts);
+        let count = counts.entry(start).or_insert(0);
+        *count += 1;
+        Ok(grant(*count, self.limit, start, self.window_secs, now))
     }
 }

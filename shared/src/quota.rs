@@ -2,7 +2,8 @@
 //!
 //! A fixed window lets a subject spend its whole allowance just before a window ends and again
 //! just after: twice the limit in a moment. Instead each subject has one item,
-//! `rate#<subject>`, holding the times of its uses within the last window (`uses`, a list of
+//! `rate#<scope>#<subject>` (the scope names the limit, so that each function's role reaches
+//! only its own limits' items), holding the times of its uses within the last window (`uses`, a list of
 //! Unix seconds) and a `version`. A use reads the item, drops times older than the window,
 //! refuses if the rest reach the limit, and writes the new list on the condition that the
 //! version is still the one it read: of two concurrent uses, one writes and the other reads
@@ -41,7 +42,7 @@ pub enum QuotaError {
 }
 
 impl QuotaError {
-    fn from_failure(failure: Failure) -> Self {
+    pub(crate) fn from_failure(failure: Failure) -> Self {
         match failure {
             Failure::Throttled => Self::Throttled,
             Failure::Service(code) | Failure::Unavailable(code) => Self::Unavailable(code),
@@ -75,6 +76,7 @@ pub trait Quota: Send + Sync {
 pub struct DynamoQuota {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    scope: String,
     limit: u32,
     window_secs: u64,
 }
@@ -83,12 +85,14 @@ impl DynamoQuota {
     pub fn new(
         client: aws_sdk_dynamodb::Client,
         table: &str,
+        scope: &str,
         limit: u32,
         window_secs: u64,
     ) -> Self {
         Self {
             client,
             table: table.to_owned(),
+            scope: scope.to_owned(),
             limit,
             window_secs: window_secs.max(1),
         }
@@ -98,7 +102,7 @@ impl DynamoQuota {
 impl Quota for DynamoQuota {
     /// Counts one use by `subject` at `now` (Unix seconds), if the last window has room.
     async fn consume(&self, subject: &str, now: u64) -> Result<Verdict, QuotaError> {
-        let key = AttributeValue::S(format!("rate#{subject}"));
+        let key = AttributeValue::S(format!("rate#{}#{subject}", self.scope));
         for _ in 0..ATTEMPTS {
             let (used_at, version) = self.read(&key).await?;
             let recent = match decide(&used_at, now, self.limit, self.window_secs) {

@@ -4,13 +4,14 @@
 //! and signature (against individual keys, or keys derived from its enrollment-group keys), the
 //! subscription, the request topics and that the body names the connected registration id. It
 //! answers register with `202` + `retry-after`, then `200 assigned` on polling, assigning a hub
-//! from its list and echoing the request's custom payload. Faults can be injected for tests.
+//! from its list and returning the enrollment's custom allocation data, if any. Faults can be
+//! injected for tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
@@ -29,6 +30,8 @@ use crate::tls::local_pki;
 use shared::clock::unix_now;
 
 const API_VERSION: &str = "2019-03-31";
+/// The topic filter DPS publishes its answers under.
+const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
 
 /// A fault to inject.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,36 @@ pub struct DpsSimConfig {
     /// Seconds the simulator's clock is ahead of this machine's (negative: behind), for
     /// clock-skew tests of SAS token expiry.
     pub clock_offset_secs: i64,
+    /// What the enrollment's custom allocation policy returns to its devices (DPS's
+    /// `registrationState.payload`); without one DPS returns no payload, whatever the device
+    /// sent.
+    pub return_data: Option<Value>,
+    /// DPS's service limits, enforced as DPS does (429 with `retry-after`).
+    pub limits: DpsLimits,
+    /// How long after its register request an operation is assigned (DPS takes about 1–3 s in
+    /// the cloud); polls before then answer `assigning`.
+    pub assignment_delay: Duration,
+}
+
+/// DPS's quotas ("Azure IoT Hub DPS limits"): device registrations per minute per service
+/// instance, and device polling operations per device per 10 seconds. `None`: not enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DpsLimits {
+    pub registrations_per_minute: Option<u32>,
+    pub polls_per_device_per_10s: Option<u32>,
+}
+
+impl DpsLimits {
+    /// What DPS enforces: 1,000 registrations a minute, 5 polls per device in 10 s.
+    pub const DPS: DpsLimits = DpsLimits {
+        registrations_per_minute: Some(1000),
+        polls_per_device_per_10s: Some(5),
+    };
+    /// Nothing enforced (tests of other behaviour that poll freely).
+    pub const NONE: DpsLimits = DpsLimits {
+        registrations_per_minute: None,
+        polls_per_device_per_10s: None,
+    };
 }
 
 impl DpsSimConfig {
@@ -138,6 +171,9 @@ impl DpsSimConfig {
             polls_before_assign: 0,
             tls_names: vec!["localhost".into(), "127.0.0.1".into()],
             clock_offset_secs: 0,
+            return_data: None,
+            limits: DpsLimits::NONE,
+            assignment_delay: Duration::ZERO,
         }
     }
 }
@@ -160,7 +196,12 @@ pub struct Stats {
     pub refused: AtomicU64,
     pub registers: AtomicU64,
     pub polls: AtomicU64,
+    /// Requests answered 429, injected or over a quota.
     pub throttled: AtomicU64,
+    /// Requests answered 429 because they exceeded one of DPS's quotas (`DpsLimits`).
+    pub over_quota: AtomicU64,
+    /// Answers published to a client not subscribed to the response topic (lost).
+    pub undelivered: AtomicU64,
 }
 
 struct Shared {
@@ -173,6 +214,10 @@ struct Shared {
     signatures: Mutex<Vec<String>>,
     /// How often each "first N" fault kind has fired.
     fired: Mutex<HashMap<&'static str, u32>>,
+    /// Registrations in the last minute (all devices).
+    registrations: Mutex<Window>,
+    /// Polls in the last 10 s, per registration id.
+    polls: Mutex<HashMap<String, Window>>,
 }
 
 impl Shared {
@@ -200,6 +245,34 @@ struct Operation {
     registration_id: String,
     payload: Option<Value>,
     polls: u32,
+    /// When its register request arrived (for the assignment delay).
+    created: Instant,
+}
+
+/// Times of recent events in a sliding window: DPS's way of counting its limits.
+#[derive(Default)]
+struct Window(VecDeque<Instant>);
+
+impl Window {
+    /// Counts an event now if fewer than `limit` happened within `span`; otherwise the seconds
+    /// until one leaves the window (at least 1).
+    fn admit(&mut self, limit: u32, span: Duration) -> Result<(), u64> {
+        let now = Instant::now();
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= span)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() >= limit as usize {
+            let oldest = self.0.front().copied().unwrap_or(now);
+            let wait = span.saturating_sub(now.duration_since(oldest));
+            return Err(wait.as_secs_f64().ceil().max(1.0) as u64);
+        }
+        self.0.push_back(now);
+        Ok(())
+    }
 }
 
 /// A running simulator; stops when dropped.
@@ -225,6 +298,8 @@ impl DpsSimulator {
             sequence: AtomicU64::new(0),
             signatures: Mutex::new(Vec::new()),
             fired: Mutex::new(HashMap::new()),
+            registrations: Mutex::new(Window::default()),
+            polls: Mutex::new(HashMap::new()),
         });
         let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
         let counted = Arc::clone(&shared);
@@ -360,6 +435,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if config.faults.contains(&Fault::DropAfterConnack) {
         return Ok(());
     }
+    // Answers are published to the response topic: a client that has not subscribed (yet)
+    // receives none, as with DPS.
+    let mut subscribed = false;
     while let Some(packet) = read_packet(&mut stream, &mut buf).await {
         match packet {
             Packet::Subscribe(sub) => {
@@ -367,7 +445,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .filters
                     .iter()
                     .map(|f| {
-                        if f.path == "$dps/registrations/res/#" {
+                        if f.path == RESPONSE_FILTER {
+                            subscribed = true;
                             SubscribeReasonCode::Success(granted(f.qos))
                         } else {
                             SubscribeReasonCode::Failure
@@ -384,10 +463,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     // Not a DPS request topic: DPS closes the connection.
                     return Ok(());
                 };
-                write_packet(&mut stream, Packet::Publish(reply)).await?;
+                if subscribed {
+                    write_packet(&mut stream, Packet::Publish(reply)).await?;
+                } else {
+                    state.stats.undelivered.fetch_add(1, Ordering::Relaxed);
+                }
             }
             // The Node SDK unsubscribes before disconnecting and waits for the UNSUBACK.
             Packet::Unsubscribe(unsub) => {
+                if unsub.topics.iter().any(|t| t == RESPONSE_FILTER) {
+                    subscribed = false;
+                }
                 write_packet(&mut stream, Packet::UnsubAck(UnsubAck::new(unsub.pkid))).await?
             }
             Packet::PingReq => write_packet(&mut stream, Packet::PingResp).await?,
@@ -485,6 +571,42 @@ fn injected_throttle(
 /// A DPS answer: status, body, `retry-after`.
 type Answer = (u16, Value, Option<u64>);
 
+/// Which of DPS's quotas a request counts against.
+enum Limit {
+    Registrations,
+    Polls,
+}
+
+/// The seconds to wait if this request exceeds its quota (counted as throttled), else `None`
+/// (and the request is counted).
+fn over_limit(state: &Shared, registration_id: &str, limit: Limit) -> Option<u64> {
+    let limits = state.config.limits;
+    let verdict = match limit {
+        Limit::Registrations => {
+            let per_minute = limits.registrations_per_minute?;
+            lock(&state.registrations).admit(per_minute, Duration::from_secs(60))
+        }
+        Limit::Polls => {
+            let per_10s = limits.polls_per_device_per_10s?;
+            let mut polls = lock(&state.polls);
+            let device = polls
+                .entry(registration_id.to_ascii_lowercase())
+                .or_default();
+            device.admit(per_10s, Duration::from_secs(10))
+        }
+    };
+    let wait = verdict.err()?;
+    state.stats.throttled.fetch_add(1, Ordering::Relaxed);
+    state.stats.over_quota.fetch_add(1, Ordering::Relaxed);
+    Some(wait)
+}
+
+/// DPS's answer to a request over its quota.
+fn limited(wait: u64) -> Answer {
+    let body = error_body(429002, "Operations are being throttled: quota exceeded.");
+    (429, body, Some(wait))
+}
+
 fn error_body(code: u64, message: &str) -> Value {
     json!({"errorCode": code, "trackingId": "sim", "message": message})
 }
@@ -510,6 +632,9 @@ fn respond(state: &Shared, registration_id: &str, publish: &Publish) -> Option<A
             if injected_throttle(state, first_n, percent, n) {
                 return throttle();
             }
+            if let Some(wait) = over_limit(state, registration_id, Limit::Registrations) {
+                return Some(limited(wait));
+            }
             Some(register(state, registration_id, &publish.payload, n))
         }
         "$dps/registrations/GET/iotdps-get-operationstatus" => {
@@ -517,6 +642,9 @@ fn respond(state: &Shared, registration_id: &str, publish: &Publish) -> Option<A
             let first_n = |f: &Fault| matches!(f, Fault::ThrottlePoll(k) if count <= u64::from(*k));
             if injected_throttle(state, first_n, percent, n) {
                 return throttle();
+            }
+            if let Some(wait) = over_limit(state, registration_id, Limit::Polls) {
+                return Some(limited(wait));
             }
             Some(poll(
                 state,
@@ -553,6 +681,7 @@ fn register(state: &Shared, registration_id: &str, payload: &[u8], n: u64) -> An
         registration_id: registration_id.to_owned(),
         payload,
         polls: 0,
+        created: Instant::now(),
     };
     lock(&state.operations).insert(operation_id.clone(), operation);
     let body = json!({"operationId": operation_id, "status": "assigning"});
@@ -576,7 +705,11 @@ fn poll(state: &Shared, registration_id: &str, operation_id: &str) -> Answer {
         return (404, error_body(404201, "Operation not found"), None);
     };
     op.polls += 1;
-    if config.faults.contains(&Fault::NeverAssign) || op.polls <= config.polls_before_assign {
+    let assigning = op.created.elapsed() < config.assignment_delay;
+    if assigning
+        || config.faults.contains(&Fault::NeverAssign)
+        || op.polls <= config.polls_before_assign
+    {
         let body = json!({"operationId": operation_id, "status": "assigning"});
         return (202, body, Some(config.retry_after));
     }
@@ -605,8 +738,9 @@ fn poll(state: &Shared, registration_id: &str, operation_id: &str) -> Answer {
 /// The time the simulator reports in registration states.
 const NOW: &str = "2026-01-01T00:00:00.000Z";
 
-/// Assigns the operation's device to one of the hubs (the same one for the same id), records it,
-/// and returns the `assigned` body with the custom payload echoed.
+/// Assigns the operation's device to one of the hubs (the same one for the same id), records it
+/// (with the payload the device sent), and returns the `assigned` body, with the custom
+/// allocation's return data if the enrollment has one.
 fn assign(state: &Shared, op: &Operation, operation_id: &str) -> Value {
     let hubs = &state.config.hubs;
     let hub_index = op.registration_id.bytes().map(usize::from).sum::<usize>() % hubs.len().max(1);
@@ -621,8 +755,8 @@ fn assign(state: &Shared, op: &Operation, operation_id: &str) -> Value {
         "status": "assigned", "substatus": "initialAssignment", "etag": "\"sim\"",
         "createdDateTimeUtc": NOW, "lastUpdatedDateTimeUtc": NOW,
     });
-    if let Some(payload) = &op.payload {
-        registration_state["payload"] = payload.clone();
+    if let Some(data) = &state.config.return_data {
+        registration_state["payload"] = data.clone();
     }
     json!({"operationId": operation_id, "status": "assigned", "registrationState": registration_state})
 }

@@ -27,9 +27,14 @@ pub enum Mode {
     Slow(Duration),
     /// Answer every request `400 ThrottlingException`.
     Throttle,
-    /// Forward after this delay the requests for one operation (`X-Amz-Target`, such as
-    /// `DynamoDB_20120810.UpdateItem`), the others at once.
-    SlowOperation(&'static str, Duration),
+    /// Forward after `delay` the requests for one operation (`X-Amz-Target`, such as
+    /// `DynamoDB_20120810.UpdateItem`) whose body contains `containing` (an attribute name,
+    /// say, to tell one item's writes from another's), the others at once.
+    SlowOperation {
+        target: &'static str,
+        containing: &'static str,
+        delay: Duration,
+    },
 }
 
 struct State {
@@ -116,17 +121,7 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
         }
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
-        Mode::SlowOperation(target, delay) => {
-            let operation = req
-                .headers()
-                .get("x-amz-target")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if operation == target {
-                tokio::time::sleep(delay).await;
-            }
-        }
-        Mode::Pass => {}
+        Mode::SlowOperation { .. } | Mode::Pass => {}
     }
     let (parts, body) = req.into_parts();
     let body = body
@@ -134,6 +129,25 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    if let Mode::SlowOperation {
+        target,
+        containing,
+        delay,
+    } = mode
+    {
+        let operation = parts
+            .headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let marked = containing.is_empty()
+            || body
+                .windows(containing.len())
+                .any(|w| w == containing.as_bytes());
+        if operation == target && marked {
+            tokio::time::sleep(delay).await;
+        }
+    }
     let upstream = async {
         let tcp = TcpStream::connect(state.upstream)
             .await

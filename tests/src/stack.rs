@@ -8,7 +8,7 @@ use aws_sdk_ssm::types::ParameterType;
 use shared::keys::SymmetricKey;
 use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, DynamoRegistry};
 
-use crate::dps_sim::{DpsSimConfig, DpsSimulator};
+use crate::dps_sim::{DpsLimits, DpsSimConfig, DpsSimulator};
 use crate::iot_control::IotControlPlane;
 use crate::local_aws::{random_key_base64, LocalAws};
 
@@ -62,6 +62,8 @@ impl LocalStack {
         dps_config.group_keys.push(group_key.clone());
         dps_config.hubs = HUBS.iter().map(|h| (*h).to_owned()).collect();
         dps_config.retry_after = 1;
+        // The demo and the replays run under DPS's own quotas.
+        dps_config.limits = DpsLimits::DPS;
         let dps = DpsSimulator::start(dps_config, ([127, 0, 0, 1], 0).into())
             .await
             .map_err(err)?;

@@ -111,6 +111,26 @@ fn function_invocations(stack: &LocalStack) -> Vec<Invocation> {
             }),
         },
         Invocation {
+            title: "the same SIM boots again: answered from its record, no DPS round trip",
+            function: "azure-dps-register",
+            data: dps_events.join("register.json"),
+            context: Some(dps_events.join("client-context.json")),
+            logged_reason: None,
+            check: Box::new(|v| {
+                match (v["statusCode"].as_u64(), field(v, "source")) {
+                (Some(200), "record") => Ok(format!(
+                    "200 source=record, hub {} (the record holds the key's fingerprint, not the key)",
+                    field(v, "assignedHub")
+                )),
+                _ => Err(format!(
+                    "expected 200 from the record, got statusCode {} source {}",
+                    v["statusCode"],
+                    field(v, "source")
+                )),
+            }
+            }),
+        },
+        Invocation {
             title: "a blocked SIM is refused before anything reaches DPS",
             function: "azure-dps-register",
             data: dps_events.join("register.json"),
@@ -235,7 +255,7 @@ fn hook_invocations(stack: &LocalStack) -> Vec<Invocation> {
 fn dps_statistics(stack: &LocalStack) -> Step {
     let dps_connections = stack.dps.stats().connections.load(Ordering::Relaxed);
     Step {
-        title: "DPS saw exactly one device connect (the blocked SIM never got there)",
+        title: "DPS saw exactly one device connect (the reboot was answered from the record, the blocked SIM never got there)",
         command: "dps-simulator statistics".into(),
         ok: dps_connections == 1,
         detail: format!(

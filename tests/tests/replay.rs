@@ -59,6 +59,27 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         log.contains("provisioning allowed"),
         "the log holds the functions' output"
     );
+    // Each function, as a real process under the emulator, wrote its answers as CloudWatch
+    // metrics (Embedded Metric Format lines), by outcome.
+    let metrics: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| l.find("{\"Answers\"").map(|at| &l[at..]))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|d: &serde_json::Value| d["_aws"]["CloudWatchMetrics"].is_array())
+        .collect();
+    for (function, outcome) in [
+        ("azure-dps-register", "dps"),
+        ("azure-dps-register", "sim-blocked"),
+        ("fleet-prehook", "allowed"),
+        ("claim-issuer", "issued"),
+    ] {
+        assert!(
+            metrics
+                .iter()
+                .any(|d| d["Function"] == function && d["Outcome"] == outcome),
+            "no {function} {outcome} metric among {metrics:?}"
+        );
+    }
     let printed: String = steps
         .iter()
         .map(|s| format!("{} {}\n", s.command, s.detail))

@@ -6,6 +6,26 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::Value;
+
+/// How a connection string was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The SIM's recorded registration, made with the key it has now: no DPS round trip.
+    Record,
+    /// A DPS registration made for this call.
+    Dps,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Record => "record",
+            Self::Dps => "dps",
+        }
+    }
+}
 
 /// The answer. The firmware reads `statusCode` and `body`; the rest are additions. No `Debug`:
 /// a successful answer carries the device key.
@@ -25,6 +45,11 @@ pub struct Response {
     pub assigned_hub: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// What a custom allocation policy returned to the device through DPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub return_data: Option<Value>,
 }
 
 impl Response {
@@ -36,11 +61,34 @@ impl Response {
             &self.body
         };
         format!(
-            "{} {} {body} retryAfter={:?}",
+            "{} {} {body} retryAfter={:?} source={}",
             self.status_code,
             self.error.unwrap_or("-"),
-            self.retry_after
+            self.retry_after,
+            self.source.map_or("-", Source::as_str),
         )
+    }
+
+    /// The device's IoT Hub connection string and where it came from.
+    pub fn connection(
+        assigned_hub: String,
+        device_id: String,
+        key_base64: &str,
+        source: Source,
+        return_data: Option<Value>,
+    ) -> Self {
+        Self {
+            status_code: 200,
+            body: format!(
+                "HostName={assigned_hub};DeviceId={device_id};SharedAccessKey={key_base64}"
+            ),
+            error: None,
+            retry_after: None,
+            assigned_hub: Some(assigned_hub),
+            device_id: Some(device_id),
+            source: Some(source),
+            return_data,
+        }
     }
 
     pub fn refused(refused: Refused, retry_after: Option<Duration>) -> Self {
@@ -51,6 +99,8 @@ impl Response {
             retry_after: retry_after.map(|d| d.as_secs().max(1)),
             assigned_hub: None,
             device_id: None,
+            source: None,
+            return_data: None,
         }
     }
 }
@@ -65,6 +115,7 @@ pub enum Refused {
     SimBlocked,
     SimExpired,
     SimUnknown,
+    SimRateLimited,
     NoEnrollment,
     EnrollmentRefused,
     EnrollmentNotAssigned,
@@ -72,13 +123,14 @@ pub enum Refused {
     DpsFailed,
     DpsThrottled,
     DpsTimeout,
+    DpsBudget,
     KeyStoreUnavailable,
     RegistryUnavailable,
 }
 
 impl Refused {
     /// Every refusal, for tests that check answers against the fixed sentences.
-    pub const ALL: [Refused; 16] = [
+    pub const ALL: [Refused; 18] = [
         Self::BadRequest,
         Self::NoIdentity,
         Self::BadIdentity,
@@ -86,6 +138,7 @@ impl Refused {
         Self::SimBlocked,
         Self::SimExpired,
         Self::SimUnknown,
+        Self::SimRateLimited,
         Self::NoEnrollment,
         Self::EnrollmentRefused,
         Self::EnrollmentNotAssigned,
@@ -93,6 +146,7 @@ impl Refused {
         Self::DpsFailed,
         Self::DpsThrottled,
         Self::DpsTimeout,
+        Self::DpsBudget,
         Self::KeyStoreUnavailable,
         Self::RegistryUnavailable,
     ];
@@ -109,10 +163,12 @@ impl Refused {
             | Self::NoEnrollment
             | Self::EnrollmentRefused
             | Self::EnrollmentNotAssigned => 403,
+            Self::SimRateLimited => 429,
             Self::Misconfigured => 500,
             Self::DpsFailed => 502,
             Self::DpsThrottled
             | Self::DpsTimeout
+            | Self::DpsBudget
             | Self::KeyStoreUnavailable
             | Self::RegistryUnavailable => 503,
         }
@@ -127,6 +183,7 @@ impl Refused {
             Self::SimBlocked => "sim-blocked",
             Self::SimExpired => "sim-expired",
             Self::SimUnknown => "sim-unknown",
+            Self::SimRateLimited => "sim-rate-limited",
             Self::NoEnrollment => "no-enrollment",
             Self::EnrollmentRefused => "enrollment-refused",
             Self::EnrollmentNotAssigned => "enrollment-not-assigned",
@@ -134,6 +191,7 @@ impl Refused {
             Self::DpsFailed => "dps-failed",
             Self::DpsThrottled => "dps-throttled",
             Self::DpsTimeout => "dps-timeout",
+            Self::DpsBudget => "dps-budget",
             Self::KeyStoreUnavailable => "key-store-unavailable",
             Self::RegistryUnavailable => "registry-unavailable",
         }
@@ -149,6 +207,7 @@ impl Refused {
             Self::SimBlocked => "This SIM is blocked.",
             Self::SimExpired => "This SIM's registration permission has expired.",
             Self::SimUnknown => "This SIM is not registered for provisioning.",
+            Self::SimRateLimited => "This SIM has registered too often; try again after retryAfter seconds.",
             Self::NoEnrollment => "This SIM has no enrollment.",
             Self::EnrollmentRefused => "The provisioning service refused this device.",
             Self::EnrollmentNotAssigned => "The provisioning service did not assign this device.",
@@ -156,6 +215,7 @@ impl Refused {
             Self::DpsFailed => "The provisioning service failed; try again later.",
             Self::DpsThrottled => "The provisioning service is busy; try again after retryAfter seconds.",
             Self::DpsTimeout => "The provisioning service did not answer in time; try again after retryAfter seconds.",
+            Self::DpsBudget => "Too many devices are registering at once; try again after retryAfter seconds.",
             Self::KeyStoreUnavailable => "The key store is unavailable; try again after retryAfter seconds.",
             Self::RegistryUnavailable => "The device table is unavailable; try again after retryAfter seconds.",
         }

@@ -64,6 +64,31 @@ pub struct Config {
     pub secret_cache: Duration,
     /// Longest time spent on DPS, whatever the Lambda timeout (Funk waits about 10 s at most).
     pub dps_budget: Duration,
+    /// A recorded registration younger than this answers in DPS's place (0: never).
+    pub reregister_after: Duration,
+    /// DPS registrations one SIM may cause in an hour.
+    pub dps_per_sim_per_hour: u32,
+    /// DPS registrations all instances together may start in a minute.
+    pub dps_registrations_per_minute: u32,
+    /// IoT Plug and Play model id sent in the registration payload unless the device sends one.
+    pub model_id: Option<String>,
+}
+
+/// Digital Twins model ids as DPS accepts them: `dtmi:` then segments of letters, digits and
+/// `_`, separated by `:`, and a `;version`.
+fn is_model_id(id: &str) -> bool {
+    let Some((path, version)) = id.strip_prefix("dtmi:").and_then(|r| r.split_once(';')) else {
+        return false;
+    };
+    id.len() <= 4096
+        && !version.is_empty()
+        && version.bytes().all(|b| b.is_ascii_digit())
+        && path.split(':').all(|segment| {
+            segment.starts_with(|c: char| c.is_ascii_alphabetic())
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
 }
 
 impl Config {
@@ -116,6 +141,33 @@ impl Config {
                 8_000,
                 "a number of milliseconds",
             )?),
+            reregister_after: Duration::from_secs(config::parsed(
+                env,
+                "REREGISTER_AFTER_SECONDS",
+                30 * 24 * 3600,
+                "a number of seconds (0: always register with DPS)",
+            )?),
+            dps_per_sim_per_hour: config::positive(
+                env,
+                "DPS_PER_SIM_PER_HOUR",
+                6,
+                "a whole number of at least 1",
+            )?,
+            dps_registrations_per_minute: config::positive(
+                env,
+                "DPS_REGISTRATIONS_PER_MINUTE",
+                900,
+                "a whole number of at least 1",
+            )?,
+            model_id: match config::optional(env, "MODEL_ID") {
+                Some(id) if !is_model_id(&id) => {
+                    return Err(ConfigError::Invalid {
+                        name: "MODEL_ID",
+                        expected: "a DTMI such as dtmi:com:example:Thermostat;1",
+                    })
+                }
+                id => id,
+            },
         })
     }
 }
@@ -155,6 +207,19 @@ mod tests {
             "440103123456789"
         );
         assert!(!c.require_allowlist);
+        assert_eq!(c.reregister_after, Duration::from_secs(2_592_000));
+        assert_eq!(
+            (c.dps_per_sim_per_hour, c.dps_registrations_per_minute),
+            (6, 900)
+        );
+        assert_eq!(c.model_id, None);
+        let c = Config::from_env(&env(&[
+            ("MODEL_ID", "dtmi:com:example:Thermostat;1"),
+            ("REREGISTER_AFTER_SECONDS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.model_id.as_deref(), Some("dtmi:com:example:Thermostat;1"));
+        assert_eq!(c.reregister_after, Duration::ZERO);
     }
 
     #[test]
@@ -182,6 +247,12 @@ mod tests {
             ("REGISTRATION_ID_TEMPLATE", "{iccid}"),
             ("REQUIRE_SIM_ALLOWLIST", "yes please"),
             ("DPS_ENDPOINT", "host:port"),
+            ("DPS_PER_SIM_PER_HOUR", "0"),
+            ("DPS_REGISTRATIONS_PER_MINUTE", "-1"),
+            ("REREGISTER_AFTER_SECONDS", "a month"),
+            ("MODEL_ID", "dtmi:com:example:Thermostat"),
+            ("MODEL_ID", "com:example:Thermostat;1"),
+            ("MODEL_ID", "dtmi:com:1example;1"),
         ] {
             let err = Config::from_env(&env(&[(name, value)])).unwrap_err();
             assert!(

@@ -1,12 +1,13 @@
 //! One invocation: who is calling (client context only), may they register, with which key,
-//! what DPS says, and the answer in the shape the device firmware parses.
+//! whether their recorded registration answers or DPS must (within the SIM's and the fleet's
+//! limits), and the answer in the shape the device firmware parses.
 
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use dps_client::{Assignment, DpsError};
 use lambda_runtime::Context;
-use serde_json::Value;
+use serde_json::{json, Value};
 use shared::keys::SymmetricKey;
 use shared::registry::{
     DeviceRecord, DeviceStatus, EntryRefusal, Registration, RegistryError, SimRegistry,
@@ -14,9 +15,9 @@ use shared::registry::{
 use shared::soracom::SimIdentity;
 use tokio::time::{timeout_at, Instant};
 
-pub use crate::answer::{Refused, Response};
+pub use crate::answer::{Refused, Response, Source};
 use crate::config::Config;
-use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
+use crate::ports::{Admission, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure};
 use crate::state::State;
 use shared::clock::unix_now;
 
@@ -36,6 +37,8 @@ struct Refusal {
     refused: Refused,
     detail: String,
     retry_after: Option<Duration>,
+    /// How long DPS took, if it was asked.
+    dps_ms: Option<f64>,
 }
 
 fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
@@ -43,6 +46,7 @@ fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
         refused,
         detail: detail.into(),
         retry_after: None,
+        dps_ms: None,
     }
 }
 
@@ -53,18 +57,61 @@ impl Refusal {
     }
 }
 
-/// A registration DPS accepted.
+/// The answer's metrics: the outcome, and DPS's latency when DPS was asked.
+fn emit_metrics(outcome: &str, dps_ms: Option<f64>) {
+    let latency: Vec<(&str, f64)> = dps_ms.map(|ms| ("DpsLatency", ms)).into_iter().collect();
+    lambda_support::metrics::emit(outcome, &latency);
+}
+
+/// A device's connection: from DPS, or from its recorded registration.
 struct Registered {
     registration_id: String,
-    assignment: Assignment,
+    assigned_hub: String,
+    device_id: String,
     key: SymmetricKey,
+    source: Source,
+    /// What a custom allocation policy returned (DPS answers only).
+    return_data: Option<Value>,
+    /// How long DPS took (DPS answers only).
+    dps_ms: Option<f64>,
+}
+
+impl Registered {
+    fn from_record(recorded: Registration, key: SymmetricKey) -> Self {
+        Self {
+            registration_id: recorded.registration_id,
+            assigned_hub: recorded.assigned_hub,
+            device_id: recorded.device_id,
+            key,
+            source: Source::Record,
+            return_data: None,
+            dps_ms: None,
+        }
+    }
+
+    fn from_dps(
+        registration_id: String,
+        assignment: Assignment,
+        key: SymmetricKey,
+        dps_ms: f64,
+    ) -> Self {
+        Self {
+            registration_id,
+            assigned_hub: assignment.assigned_hub,
+            device_id: assignment.device_id,
+            key,
+            source: Source::Dps,
+            return_data: assignment.payload,
+            dps_ms: Some(dps_ms),
+        }
+    }
 }
 
 /// Handles one Funk invocation. Never fails: every outcome is a `Response`.
-pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps>(
+pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     event: Value,
     context: &Context,
-    state: &State<R, K, D>,
+    state: &State<R, K, D, L>,
 ) -> Response {
     let started = Instant::now();
     let imsi = context
@@ -75,33 +122,24 @@ pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps>(
         .unwrap_or_default();
     // Boxed: the registration's future nests deep enough to exceed the compiler's layout depth.
     match Box::pin(register(event, context, state)).await {
-        Ok(Registered {
-            registration_id,
-            assignment,
-            key,
-        }) => {
+        Ok(r) => {
+            emit_metrics(r.source.as_str(), r.dps_ms);
             tracing::info!(
-                outcome = "registered", imsi = %imsi, registration_id = %registration_id,
-                assigned_hub = %assignment.assigned_hub, device_id = %assignment.device_id,
-                substatus = assignment.substatus.as_deref().unwrap_or(""),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "device registered with DPS"
+                outcome = "registered", source = r.source.as_str(), imsi = %imsi,
+                registration_id = %r.registration_id, assigned_hub = %r.assigned_hub,
+                device_id = %r.device_id, elapsed_ms = started.elapsed().as_millis() as u64,
+                "device has its connection string"
             );
-            Response {
-                status_code: 200,
-                body: format!(
-                    "HostName={};DeviceId={};SharedAccessKey={}",
-                    assignment.assigned_hub,
-                    assignment.device_id,
-                    key.to_base64()
-                ),
-                error: None,
-                retry_after: None,
-                assigned_hub: Some(assignment.assigned_hub),
-                device_id: Some(assignment.device_id),
-            }
+            Response::connection(
+                r.assigned_hub,
+                r.device_id,
+                &r.key.to_base64(),
+                r.source,
+                r.return_data,
+            )
         }
         Err(refusal) => {
+            emit_metrics(refusal.refused.code(), refusal.dps_ms);
             tracing::warn!(
                 outcome = "refused", imsi = %imsi, status = refusal.refused.status(),
                 error = refusal.refused.code(), reason = %refusal.detail,
@@ -136,10 +174,10 @@ fn deadlines(context: &Context, budget: Duration) -> Deadlines {
     }
 }
 
-async fn register<R: SimRegistry, K: DeviceKeys, D: Dps>(
+async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     event: Value,
     context: &Context,
-    state: &State<R, K, D>,
+    state: &State<R, K, D, L>,
 ) -> Result<Registered, Refusal> {
     let config = &state.config;
     let deadlines = deadlines(context, config.dps_budget);
@@ -151,7 +189,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps>(
         .retry_in(RETRY_SOON));
     }
     let sim = identify(context, config)?;
-    let payload = device_payload(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
+    let request = device_request(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
     let registration_id = registration_id(config, &sim)?;
 
     // The SIM's entries and its key, fetched together: a cold start waits for one round trip
@@ -170,25 +208,134 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps>(
         )
         .retry_in(RETRY_SOON)
     })?;
-    cleared?;
+    let recorded = cleared?;
     let key = key.map_err(key_refusal)?;
+    let sim = ClearedSim {
+        imsi: &sim.imsi,
+        registration_id,
+        key,
+        recorded,
+    };
+    connect(state, sim, request, deadlines).await
+}
 
+/// A SIM the device table allows, with its device key and its recorded registration.
+struct ClearedSim<'a> {
+    imsi: &'a str,
+    registration_id: String,
+    key: SymmetricKey,
+    recorded: Option<Registration>,
+}
+
+impl ClearedSim<'_> {
+    /// The recorded registration if it was made for this registration id with this key: its
+    /// connection string works as long as IoT Hub keeps the device.
+    fn usable_record(&self) -> Option<Registration> {
+        let fingerprint = self.key.fingerprint();
+        self.recorded
+            .clone()
+            .filter(|r| r.registration_id == self.registration_id)
+            .filter(|r| r.key_fingerprint.as_deref() == Some(fingerprint.as_str()))
+    }
+}
+
+/// The connection string of a cleared SIM: from its record while that is usable and younger
+/// than `REREGISTER_AFTER_SECONDS` (unless the device asks for a new registration), else
+/// from DPS within the SIM's and the fleet's limits; past a limit, from a usable record
+/// again, or a refusal that says when to come back.
+async fn connect<R: SimRegistry, K, D: Dps, L: DpsLimits>(
+    state: &State<R, K, D, L>,
+    sim: ClearedSim<'_>,
+    request: DeviceRequest,
+    deadlines: Deadlines,
+) -> Result<Registered, Refusal> {
+    let config = &state.config;
+    let now = unix_now();
+    let usable = sim.usable_record();
+    let young =
+        |r: &Registration| now.saturating_sub(r.registered_at) < config.reregister_after.as_secs();
+    if let Some(r) = usable.clone().filter(|r| young(r) && !request.reprovision) {
+        return Ok(Registered::from_record(r, sim.key));
+    }
+    if let Some(r) = admit_or_record(state, sim.imsi, &request, usable, now, deadlines).await? {
+        return Ok(Registered::from_record(r, sim.key));
+    }
+    let payload = dps_payload(request.payload, config.model_id.as_deref());
     let enrollment = Enrollment {
-        registration_id: &registration_id,
-        device_key: &key,
+        registration_id: &sim.registration_id,
+        device_key: &sim.key,
         payload: payload.as_ref(),
     };
-    let assignment = state
-        .dps
-        .register(&enrollment, deadlines.dps_until)
-        .await
-        .map_err(dps_refusal)?;
-    record(state, &sim.imsi, &registration_id, &assignment, deadlines).await;
-    Ok(Registered {
-        registration_id,
+    let asked = Instant::now();
+    let result = state.dps.register(&enrollment, deadlines.dps_until).await;
+    let dps_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let assignment = result.map_err(|e| Refusal {
+        dps_ms: Some(dps_ms),
+        ..dps_refusal(e)
+    })?;
+    let fingerprint = sim.key.fingerprint();
+    record(state, &sim, &assignment, fingerprint, deadlines).await;
+    Ok(Registered::from_dps(
+        sim.registration_id,
         assignment,
-        key,
-    })
+        sim.key,
+        dps_ms,
+    ))
+}
+
+/// Leave to start a DPS registration (`None`), or the record to answer with instead: past the
+/// SIM's limit a usable record answers, and past the fleet's too unless the device asked for a
+/// new registration (it said its record does not work); without one, a refusal that says when
+/// to come back. The limits live in the device table: if it cannot say in time, nothing is
+/// started (deny by default).
+async fn admit_or_record<R, K, D, L: DpsLimits>(
+    state: &State<R, K, D, L>,
+    imsi: &str,
+    request: &DeviceRequest,
+    usable: Option<Registration>,
+    now: u64,
+    deadlines: Deadlines,
+) -> Result<Option<Registration>, Refusal> {
+    let config = &state.config;
+    let unavailable =
+        |detail: String| refuse(Refused::RegistryUnavailable, detail).retry_in(RETRY_SOON);
+    let admission = timeout_at(deadlines.answer_by, state.limits.admit(imsi, now))
+        .await
+        .map_err(|_| unavailable("DPS limits gave no answer before the deadline".into()))?
+        .map_err(|e| unavailable(format!("DPS limits: {e}")))?;
+    let (refusal, record) = match admission {
+        Admission::Admitted => return Ok(None),
+        Admission::SimLimited { retry_after } => (
+            refuse(
+                Refused::SimRateLimited,
+                format!(
+                    "{} DPS registrations within the hour",
+                    config.dps_per_sim_per_hour
+                ),
+            )
+            .retry_in(retry_after),
+            usable,
+        ),
+        Admission::OverBudget { retry_after } => (
+            refuse(
+                Refused::DpsBudget,
+                format!(
+                    "{} DPS registrations this minute across the fleet",
+                    config.dps_registrations_per_minute
+                ),
+            )
+            .retry_in(retry_after),
+            usable.filter(|_| !request.reprovision),
+        ),
+    };
+    match record {
+        Some(r) => {
+            tracing::info!(imsi = %imsi, limit = refusal.refused.code(), reason = %refusal.detail,
+                "DPS limit reached: answering from the record");
+            Ok(Some(r))
+        }
+        None => Err(refusal),
+    }
 }
 
 /// The SIM as SORACOM identifies it, from the client context only (never the body), of an
@@ -236,20 +383,25 @@ fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal
 
 /// The device table's say on this SIM: its IMSI's entry and, when Funk names the SIM card, the
 /// card's entry, so that blocking a multi-IMSI SIM holds whichever subscription it uses.
-async fn check_sim<R: SimRegistry, K, D>(
-    state: &State<R, K, D>,
+async fn check_sim<R: SimRegistry, K, D, L>(
+    state: &State<R, K, D, L>,
     sim: &SimIdentity,
-) -> Result<(), Refusal> {
+) -> Result<Option<Registration>, Refusal> {
     let entries = state
         .registry
         .sim(&sim.imsi, sim.sim_id.as_deref())
         .await
         .map_err(registry_refusal)?;
+    let recorded = entries
+        .by_imsi
+        .as_ref()
+        .and_then(|r| r.registration.clone());
     sim_verdict(
         &[entries.by_imsi, entries.by_card],
         unix_now(),
         state.config.require_allowlist,
-    )
+    )?;
+    Ok(recorded)
 }
 
 /// Either entry blocked or expired refuses; with the allowlist required, one must allow. An
@@ -284,18 +436,20 @@ fn sim_verdict(
 /// Records the registration for operators. DPS has registered the device; failing the device
 /// now would only make it retry, so a failed or late write is logged loudly instead, and it
 /// never holds the answer past the deadline.
-async fn record<R: SimRegistry, K, D>(
-    state: &State<R, K, D>,
-    imsi: &str,
-    registration_id: &str,
+async fn record<R: SimRegistry, K, D, L>(
+    state: &State<R, K, D, L>,
+    sim: &ClearedSim<'_>,
     assignment: &Assignment,
+    key_fingerprint: String,
     deadlines: Deadlines,
 ) {
+    let imsi = sim.imsi;
     let recorded = Registration {
-        registration_id: registration_id.to_owned(),
+        registration_id: sim.registration_id.clone(),
         assigned_hub: assignment.assigned_hub.clone(),
         device_id: assignment.device_id.clone(),
         registered_at: unix_now(),
+        key_fingerprint: Some(key_fingerprint),
     };
     let write = state.registry.record_registration(imsi, &recorded);
     match timeout_at(deadlines.answer_by, write).await {
@@ -359,6 +513,46 @@ fn dps_refusal(e: DpsError) -> Refusal {
             refuse(Refused::DpsFailed, detail)
         }
     }
+}
+
+/// What the device's body asks for: the custom allocation payload, and whether to register
+/// with DPS again although its record answers (`"reprovision": true`, for example after IoT
+/// Hub refused the connection string). `reprovision` is ours, never sent to DPS.
+#[derive(Debug, Default, PartialEq)]
+struct DeviceRequest {
+    payload: Option<Value>,
+    reprovision: bool,
+}
+
+fn device_request(event: &Value) -> Result<DeviceRequest, String> {
+    let mut payload = device_payload(event)?;
+    let flag = payload
+        .as_mut()
+        .and_then(Value::as_object_mut)
+        .and_then(|body| body.remove("reprovision"));
+    let reprovision = match flag {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err("reprovision must be true or false".into()),
+    };
+    Ok(DeviceRequest {
+        payload: payload.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())),
+        reprovision,
+    })
+}
+
+/// What DPS receives: the device's payload, with `modelId` added from `MODEL_ID` unless the
+/// device sent its own (IoT Plug and Play devices announce their model at registration).
+fn dps_payload(payload: Option<Value>, model_id: Option<&str>) -> Option<Value> {
+    let Some(model_id) = model_id else {
+        return payload;
+    };
+    let mut payload = payload.unwrap_or_else(|| json!({}));
+    if let Some(body) = payload.as_object_mut() {
+        body.entry("modelId")
+            .or_insert_with(|| Value::String(model_id.to_owned()));
+    }
+    Some(payload)
 }
 
 /// The custom allocation payload from the device's body. Funk passes JSON bodies as they are,

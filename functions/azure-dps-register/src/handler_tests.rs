@@ -10,7 +10,7 @@ use dps_client::{Assignment, DpsError};
 use lambda_runtime::Context;
 use serde_json::{json, Value};
 use shared::keys::SymmetricKey;
-use shared::memory::MemoryTable;
+use shared::memory::{MemoryBudget, MemoryQuota, MemoryTable};
 use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, RegistryError};
 use tokio::time::Instant;
 
@@ -18,16 +18,25 @@ use crate::answer::Response;
 use crate::config::Config;
 use crate::handler::handle;
 use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
-use crate::state::State;
+use crate::state::{Limits, State, FLEET_WINDOW_SECS, SIM_WINDOW_SECS};
 
-const IMSI: &str = "440103123456789";
+pub(crate) const IMSI: &str = "440103123456789";
 const SIM_ID: &str = "8981100012345678901";
-const GROUP_KEY: &str = "VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=";
+pub(crate) const GROUP_KEY: &str = "VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=";
 
-/// Keys derived from one group key, or failing as told.
+/// Keys derived from the group key (`GROUP_KEY` until rotated), or failing as told.
 #[derive(Default)]
-struct Keys {
-    failure: Mutex<Option<KeyFailure>>,
+pub(crate) struct Keys {
+    pub(crate) failure: Mutex<Option<KeyFailure>>,
+    /// A rotated group key, base64.
+    pub(crate) rotated: Mutex<Option<String>>,
+}
+
+impl Keys {
+    pub(crate) fn group_key(&self) -> SymmetricKey {
+        let rotated = self.rotated.lock().unwrap().clone();
+        SymmetricKey::from_base64(rotated.as_deref().unwrap_or(GROUP_KEY)).unwrap()
+    }
 }
 
 impl DeviceKeys for Keys {
@@ -39,17 +48,17 @@ impl DeviceKeys for Keys {
         if let Some(failure) = self.failure.lock().unwrap().clone() {
             return Err(failure);
         }
-        Ok(SymmetricKey::from_base64(GROUP_KEY)
-            .unwrap()
-            .derive_device_key(registration_id))
+        Ok(self.group_key().derive_device_key(registration_id))
     }
 }
 
-/// DPS: assigns every device to one hub, or answers as told; counts registrations.
+/// DPS: assigns every device to one hub (returning `return_data` as a custom allocation
+/// policy would), or answers as told; counts registrations.
 #[derive(Default)]
-struct FakeDps {
-    answer: Mutex<Option<DpsError>>,
-    registered: Mutex<Vec<(String, Option<Value>)>>,
+pub(crate) struct FakeDps {
+    pub(crate) answer: Mutex<Option<DpsError>>,
+    pub(crate) registered: Mutex<Vec<(String, Option<Value>)>>,
+    pub(crate) return_data: Mutex<Option<Value>>,
 }
 
 impl Dps for FakeDps {
@@ -71,12 +80,14 @@ impl Dps for FakeDps {
             device_id: e.registration_id.to_owned(),
             status: "assigned".into(),
             substatus: None,
-            payload: None,
+            payload: self.return_data.lock().unwrap().clone(),
         })
     }
 }
 
-fn state(extra: &[(&str, &str)]) -> State<MemoryTable, Keys, FakeDps> {
+pub(crate) type TestState = State<MemoryTable, Keys, FakeDps, Limits<MemoryQuota, MemoryBudget>>;
+
+pub(crate) fn state(extra: &[(&str, &str)]) -> TestState {
     let env: HashMap<String, String> = [
         ("DPS_ID_SCOPE", "0ne00000001"),
         ("GROUP_KEY_PARAMETER", "/dps/group-key"),
@@ -87,8 +98,13 @@ fn state(extra: &[(&str, &str)]) -> State<MemoryTable, Keys, FakeDps> {
     .chain(extra)
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect();
+    let config = Config::from_env(&env).unwrap();
     State {
-        config: Config::from_env(&env).unwrap(),
+        limits: Limits {
+            per_sim: MemoryQuota::new(config.dps_per_sim_per_hour, SIM_WINDOW_SECS),
+            fleet: MemoryBudget::new(config.dps_registrations_per_minute, FLEET_WINDOW_SECS),
+        },
+        config,
         registry: MemoryTable::new(),
         keys: Keys::default(),
         dps: FakeDps::default(),
@@ -96,7 +112,7 @@ fn state(extra: &[(&str, &str)]) -> State<MemoryTable, Keys, FakeDps> {
 }
 
 /// A Funk invocation's context, built as the runtime builds it from raw-JSON headers.
-fn funk(custom: Value, deadline_in: Option<Duration>) -> Context {
+pub(crate) fn funk(custom: Value, deadline_in: Option<Duration>) -> Context {
     let mut headers = http::HeaderMap::new();
     headers.insert(
         "lambda-runtime-client-context",
@@ -115,7 +131,7 @@ fn funk(custom: Value, deadline_in: Option<Duration>) -> Context {
     Context::new("test", Default::default(), &headers).unwrap()
 }
 
-fn sim(imsi: &str) -> Value {
+pub(crate) fn sim(imsi: &str) -> Value {
     json!({
         "imsi": imsi, "operatorId": "OP0012345678", "simId": SIM_ID,
         "srn": format!("srn:soracom:OP0012345678:jp:Subscriber:{imsi}"),
@@ -129,11 +145,7 @@ fn entry(id: DeviceId, status: DeviceStatus, valid_until: Option<u64>) -> Device
     record
 }
 
-async fn answer(
-    state: &State<MemoryTable, Keys, FakeDps>,
-    body: Value,
-    context: &Context,
-) -> (u16, &'static str) {
+async fn answer(state: &TestState, body: Value, context: &Context) -> (u16, &'static str) {
     let r: Response = handle(body, context, state).await;
     (r.status_code, r.error.unwrap_or("-"))
 }
@@ -288,7 +300,8 @@ async fn table_failures_answer_503_with_retry_after() {
 
 #[tokio::test]
 async fn dps_outcomes_map_to_final_or_retryable_answers() {
-    let s = state(&[]);
+    // One SIM, one DPS attempt per outcome: more than the per-SIM limit's default allows.
+    let s = state(&[("DPS_PER_SIM_PER_HOUR", "100")]);
     let secs = Duration::from_secs;
     for (error, expected, retryable) in [
         (
@@ -441,6 +454,7 @@ async fn every_sample_event_gets_the_answer_its_table_row_promises() {
     ));
     let cases = [
         ("register.json", Some("client-context.json"), (200, "-")),
+        ("reprovision.json", Some("client-context.json"), (200, "-")),
         (
             "bad-body.json",
             Some("client-context.json"),

@@ -10,4 +10,6 @@ pub mod handler;
 #[cfg(test)]
 mod handler_tests;
 pub mod ports;
+#[cfg(test)]
+mod scale_tests;
 pub mod state;

@@ -1,12 +1,15 @@
-//! What the handler needs from outside, by what it needs it for: the device key of a SIM, and a
-//! DPS registration. The deployed function's implementations are in `state`; the unit tests
-//! use in-memory ones. (The device table is `shared::registry::SimRegistry`.)
+//! What the handler needs from outside, by what it needs it for: the device key of a SIM, a
+//! DPS registration, and leave to start one. The deployed function's implementations are in
+//! `state`; the unit tests use in-memory ones. (The device table is
+//! `shared::registry::SimRegistry`.)
 
 use std::future::Future;
+use std::time::Duration;
 
 use dps_client::{Assignment, DpsError};
 use serde_json::Value;
 use shared::keys::SymmetricKey;
+use shared::quota::QuotaError;
 use tokio::time::Instant;
 
 /// Why a SIM's device key could not be had.
@@ -48,4 +51,29 @@ pub trait Dps: Send + Sync {
         enrollment: &Enrollment<'_>,
         deadline: Instant,
     ) -> impl Future<Output = Result<Assignment, DpsError>> + Send;
+}
+
+/// Whether a DPS registration may start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// This SIM has caused `DPS_PER_SIM_PER_HOUR` registrations within the hour.
+    SimLimited {
+        retry_after: Duration,
+    },
+    /// The fleet's `DPS_REGISTRATIONS_PER_MINUTE` are spent for this minute; the wait spreads
+    /// the refused over the coming minutes.
+    OverBudget {
+        retry_after: Duration,
+    },
+}
+
+/// The limits on DPS registrations: one SIM's share, then the whole fleet's (in that order, so
+/// that a looping device cannot spend the fleet's budget).
+pub trait DpsLimits: Send + Sync {
+    fn admit(
+        &self,
+        imsi: &str,
+        now: u64,
+    ) -> impl Future<Output = Result<Admission, QuotaError>> + Send;
 }

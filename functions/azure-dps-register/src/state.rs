@@ -1,13 +1,16 @@
 //! What the function builds once, at cold start, and reuses while warm: configuration, the
-//! device table, the key store with its cache, and DPS with its TLS configuration. Nothing here
-//! is per-device.
+//! device table, the key store with its cache, DPS with its TLS configuration, and the limits
+//! on DPS registrations. Nothing here is per-device.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dps_client::{Assignment, DpsError, RegistrationRequest};
 use rustls::ClientConfig;
+use shared::budget::{Budget, DynamoBudget, Grant};
 use shared::config::HostPort;
 use shared::keys::SymmetricKey;
+use shared::quota::{DynamoQuota, Quota, QuotaError, Verdict};
 use shared::registry::{DeviceId, DynamoRegistry};
 use shared::secrets::{
     load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, Secret, SecretError,
@@ -16,7 +19,7 @@ use shared::secrets::{
 use tokio::time::Instant;
 
 use crate::config::{Config, KeySource};
-use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
+use crate::ports::{Admission, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure};
 
 /// The configured key store.
 pub enum KeyStore {
@@ -34,11 +37,39 @@ impl SecretStore for KeyStore {
 }
 
 /// Cold-start state, by the traits the handler needs (in the unit tests: in memory).
-pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps> {
+pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps, L = Limits> {
     pub config: Config,
     pub registry: R,
     pub keys: K,
     pub dps: D,
+    pub limits: L,
+}
+
+/// The per-SIM sliding window and the fleet's budget per minute, both in the device table.
+pub struct Limits<Q = DynamoQuota, B = DynamoBudget> {
+    pub per_sim: Q,
+    pub fleet: B,
+}
+
+/// The per-SIM window: an hour.
+pub const SIM_WINDOW_SECS: u64 = 3600;
+/// The fleet budget's window: a minute, as DPS counts its own limit.
+pub const FLEET_WINDOW_SECS: u64 = 60;
+
+impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
+    async fn admit(&self, imsi: &str, now: u64) -> Result<Admission, QuotaError> {
+        if let Verdict::Exceeded { retry_after } = self.per_sim.consume(imsi, now).await? {
+            return Ok(Admission::SimLimited {
+                retry_after: Duration::from_secs(retry_after),
+            });
+        }
+        Ok(match self.fleet.take(now).await? {
+            Grant::Granted => Admission::Admitted,
+            Grant::Spent { retry_after } => Admission::OverBudget {
+                retry_after: Duration::from_secs(retry_after),
+            },
+        })
+    }
 }
 
 /// Device keys where the configuration says: derived from the (cached) group key, or the SIM's
@@ -199,6 +230,22 @@ impl State {
             keys: ConfiguredKeys {
                 source: config.key_source.clone(),
                 store: CachedSecretStore::new(store, config.secret_cache),
+            },
+            limits: Limits {
+                per_sim: DynamoQuota::new(
+                    dynamodb.clone(),
+                    &config.devices_table,
+                    "dps",
+                    config.dps_per_sim_per_hour,
+                    SIM_WINDOW_SECS,
+                ),
+                fleet: DynamoBudget::new(
+                    dynamodb.clone(),
+                    &config.devices_table,
+                    "dps",
+                    config.dps_registrations_per_minute,
+                    FLEET_WINDOW_SECS,
+                ),
             },
             registry: DynamoRegistry::new(dynamodb, &config.devices_table),
             dps: MqttDps {

@@ -43,6 +43,7 @@ impl State {
             quota: DynamoQuota::new(
                 dynamodb,
                 &config.devices_table,
+                "installer",
                 config.claims_per_window,
                 config.window_seconds,
             ),
@@ -189,6 +190,7 @@ pub async fn handle<M: ClaimMinter, L: ClaimLog, Q: Quota>(
     let mut summary = Summary::default();
     match issue(event, now, state, &mut summary).await {
         Ok(body) => {
+            lambda_support::metrics::emit("issued", &[]);
             tracing::info!(
                 outcome = "issued", sub = %summary.sub, serial = %summary.serial, template = %summary.template,
                 certificate_id = %summary.certificate_id, "claim certificate issued"
@@ -196,6 +198,7 @@ pub async fn handle<M: ClaimMinter, L: ClaimLog, Q: Quota>(
             HttpResponse::json(200, body)
         }
         Err(Refusal { refused, detail }) => {
+            lambda_support::metrics::emit(refused.code(), &[]);
             tracing::warn!(
                 outcome = "refused", status = refused.status(), error = refused.code(), reason = %detail,
                 sub = %summary.sub, serial = %summary.serial, template = %summary.template,

@@ -56,6 +56,25 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for checks against what alarms and documents name.
+    pub const ALL: [Reason; 15] = [
+        Self::MalformedRequest,
+        Self::MissingSerialParameter,
+        Self::SerialFormat,
+        Self::UnknownSerial,
+        Self::SerialBlocked,
+        Self::SerialExpired,
+        Self::AlreadyProvisioned,
+        Self::ClaimBoundElsewhere,
+        Self::ClaimExpired,
+        Self::ClaimAlreadyUsed,
+        Self::ClaimUnknown,
+        Self::RegistryUnavailable,
+        Self::RegistryThrottled,
+        Self::RegistryMalformed,
+        Self::Deadline,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Self::MalformedRequest => "malformed-request",
@@ -101,6 +120,11 @@ pub async fn handle(event: Value, config: &Config, registry: &impl Registry) -> 
     let started = tokio::time::Instant::now();
     let (decision, ctx) = evaluate(event, config, registry).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
+    let outcome = match &decision {
+        Ok(_) => "allowed",
+        Err(denial) => denial.code.code(),
+    };
+    lambda_support::metrics::emit(outcome, &[]);
     match decision {
         Ok(overrides) => {
             tracing::info!(

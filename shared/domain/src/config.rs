@@ -73,6 +73,19 @@ pub fn parsed<T: FromStr>(
     }
 }
 
+/// A whole number of at least 1 (a limit of 0 would refuse everything).
+pub fn positive(
+    env: &impl Env,
+    name: &'static str,
+    default: u32,
+    expected: &'static str,
+) -> Result<u32, ConfigError> {
+    match parsed(env, name, default, expected)? {
+        0 => Err(ConfigError::Invalid { name, expected }),
+        n => Ok(n),
+    }
+}
+
 /// A comma-separated list; absent or blank gives an empty list.
 pub fn list(env: &impl Env, name: &str) -> Vec<String> {
     optional(env, name)

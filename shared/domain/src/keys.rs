@@ -65,6 +65,17 @@ impl SymmetricKey {
         hmac::verify(&key, message, tag).is_ok()
     }
 
+    /// Which key this is, without being the key: 128 bits of SHA-256 over a label and the key,
+    /// in hex. Recorded next to a registration so that a later call can tell whether the
+    /// registration was made with the key it holds now (a rotated group key derives other
+    /// device keys). The key is random and 256 bits long: the fingerprint reveals nothing of it.
+    pub fn fingerprint(&self) -> String {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(b"soracom-provisioning key fingerprint v1\0");
+        context.update(&self.0);
+        hex::encode(&context.finish().as_ref()[..16])
+    }
+
     /// The device key of `registration_id` in the enrollment group whose key this is:
     /// `HMAC-SHA256(key = group key, msg = registration id)`, as every Azure device SDK derives it.
     pub fn derive_device_key(&self, registration_id: &str) -> SymmetricKey {
@@ -90,6 +101,23 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_tells_keys_apart_and_shows_none_of_them() {
+        let a = SymmetricKey::from_bytes(vec![7; 32]).unwrap();
+        let b = SymmetricKey::from_bytes(vec![8; 32]).unwrap();
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 32);
+        // Neither the key's bytes nor its base64 form appear in it.
+        assert!(!a.fingerprint().contains(&hex::encode([7u8; 4])));
+        assert!(!a.fingerprint().contains(&a.to_base64()[..8]));
+        // Derived device keys of two registration ids differ, and so do their fingerprints.
+        assert_ne!(
+            a.derive_device_key("x").fingerprint(),
+            a.derive_device_key("y").fingerprint()
+        );
+    }
 
     #[test]
     fn derives_the_documented_device_key() {

@@ -415,10 +415,14 @@ impl<'a> Conversation<'a> {
             Err(e) => Err(Outcome::Reconnect(DpsError::Connection(e.to_string()))),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 self.connected = true;
+                // SUBSCRIBE and the register PUBLISH in one flight: MQTT servers handle a
+                // connection's packets in order, so the subscription exists before the answer
+                // is published, and one round trip is saved (`make bench` measures it).
                 self.client
                     .subscribe(RESPONSE_TOPIC_FILTER, QoS::AtLeastOnce)
                     .await
                     .map_err(|e| Outcome::Reconnect(DpsError::Connection(e.to_string())))?;
+                self.send(Pending::Register).await?;
                 Ok(None)
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -431,7 +435,6 @@ impl<'a> Conversation<'a> {
                         "subscription to responses refused".into(),
                     )));
                 }
-                self.send(Pending::Register).await?;
                 Ok(None)
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

@@ -240,13 +240,23 @@ impl SimRegistry for DynamoRegistry {
         registration: &Registration,
     ) -> Result<(), RegistryError> {
         let key = DeviceId::Sim(imsi.to_owned()).key();
+        let set = "SET registration_id = :rid, assigned_hub = :hub, device_id = :dev, \
+                   registered_at = :at";
+        // A registration without a fingerprint must not keep the previous one's.
+        let (expression, fingerprint) = match &registration.key_fingerprint {
+            Some(fingerprint) => (
+                format!("{set}, key_fingerprint = :fp"),
+                Some(s(fingerprint)),
+            ),
+            None => (format!("{set} REMOVE key_fingerprint"), None),
+        };
         self.client
             .update_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&key))
-            .update_expression(
-                "SET registration_id = :rid, assigned_hub = :hub, device_id = :dev, \
-                 registered_at = :at",
+            .update_expression(expression)
+            .set_expression_attribute_values(
+                fingerprint.map(|fp| HashMap::from([(":fp".to_owned(), fp)])),
             )
             .condition_expression("attribute_not_exists(#status) OR #status <> :blocked")
             .expression_attribute_names("#status", "status")

@@ -139,6 +139,7 @@ fn registration(a: &Attributes) -> Result<Option<Registration>, RegistryError> {
                     assigned_hub,
                     device_id,
                     registered_at,
+                    key_fingerprint: a.text("key_fingerprint")?,
                 })
             }
             _ => None,
@@ -217,6 +218,9 @@ pub(super) fn encode(record: &DeviceRecord) -> HashMap<String, AttributeValue> {
         item.insert("assigned_hub".into(), s(&r.assigned_hub));
         item.insert("device_id".into(), s(&r.device_id));
         item.insert("registered_at".into(), n(r.registered_at));
+        if let Some(fingerprint) = &r.key_fingerprint {
+            item.insert("key_fingerprint".into(), s(fingerprint));
+        }
     }
     if let Some(p) = &record.provisioning {
         item.insert("certificate_id".into(), s(&p.certificate_id));

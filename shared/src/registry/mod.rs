@@ -13,6 +13,7 @@
 //! | `device_key` | S | optional: individual-enrollment key (read only by the secret store) |
 //! | `registration_id`, `assigned_hub`, `device_id` | S | last Azure DPS registration |
 //! | `registered_at` | N | Unix time of that registration |
+//! | `key_fingerprint` | S | which device key that registration used (a hash, not the key) |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
 //! | `provisioning_state` | S | `pending` (the hook said yes; nothing confirmed the device since) or `confirmed` |
@@ -24,8 +25,9 @@
 //! `valid_until` (N, the certificate's expiry) and `expires_at` (N, TTL: end of audit retention);
 //! fleet-prehook marks it used with `used_by_certificate` (S), `used_for_serial` (S) and
 //! `used_at` (N), in the same transaction that records the serial's provisioning.
-//! Rate-limit counters are `pk = rate#<subject>#<window start>` with `count` (N) and
-//! `expires_at` (N, TTL).
+//! Rate limits are `pk = rate#<scope>#<subject>` with the times of the subject's recent uses (`uses`,
+//! L of N), a `version` and `expires_at` (N, TTL) (see `quota`); fleet-wide budgets are
+//! `pk = budget#<name>#<window start>` with `count` (N) and `expires_at` (N, TTL).
 
 mod dynamo;
 mod item;
@@ -57,6 +59,7 @@ pub const SIM_ATTRIBUTES: &[&str] = &[
     "assigned_hub",
     "device_id",
     "registered_at",
+    "key_fingerprint",
 ];
 /// The individual-enrollment key on a SIM's item: read by the secret store only.
 pub const DEVICE_KEY_ATTRIBUTE: &str = "device_key";
@@ -152,6 +155,9 @@ pub struct Registration {
     pub assigned_hub: String,
     pub device_id: String,
     pub registered_at: u64,
+    /// Which device key the registration was made with (`SymmetricKey::fingerprint`); `None`
+    /// in records written before it was kept, which therefore never answer in DPS's place.
+    pub key_fingerprint: Option<String>,
 }
 
 /// Whether anything confirmed that a provisioned device got its certificate.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator, Fault};
+use local_emulators::dps_sim::{DpsLimits, DpsSimConfig, DpsSimulator, Fault};
 use shared::keys::SymmetricKey;
 
 /// A TLS MQTT server that behaves like the Azure DPS device registration API (api-version
@@ -42,6 +42,16 @@ struct Args {
     /// Polls answered 'assigning' before 'assigned'
     #[arg(long, value_name = "N", default_value_t = 0)]
     polls_before_assign: u32,
+    /// Milliseconds from a register request until its operation is assigned (DPS: about
+    /// 1,000-3,000)
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    assignment_delay_ms: u64,
+    /// Registrations accepted per minute over all devices, as DPS's quota (0: unlimited)
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    registrations_per_minute: u32,
+    /// Polls accepted per device per 10 seconds, as DPS's quota (0: unlimited)
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    polls_per_device: u32,
     /// Write the simulator's CA certificate (PEM) here; trust it on clients
     #[arg(long, value_name = "PATH")]
     ca_out: PathBuf,
@@ -70,6 +80,12 @@ impl Args {
         config.faults = self.fault;
         config.retry_after = self.retry_after;
         config.polls_before_assign = self.polls_before_assign;
+        config.assignment_delay = std::time::Duration::from_millis(self.assignment_delay_ms);
+        let enforced = |n: u32| (n > 0).then_some(n);
+        config.limits = DpsLimits {
+            registrations_per_minute: enforced(self.registrations_per_minute),
+            polls_per_device_per_10s: enforced(self.polls_per_device),
+        };
         Ok((config, self.listen, self.ca_out))
     }
 }

@@ -20,13 +20,13 @@ use shared::registry::{DeviceId, DeviceRecord, DeviceStatus};
 use tokio::time::Instant;
 
 use crate::dps_fixture::*;
-const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
+pub(crate) const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
 
-struct Setup {
-    dps: Fixture,
-    _aws: LocalAws,
-    state: State,
-    config: Config,
+pub(crate) struct Setup {
+    pub(crate) dps: Fixture,
+    pub(crate) _aws: LocalAws,
+    pub(crate) state: State,
+    pub(crate) config: Config,
     _ca_dir: local_emulators::stack::TempDir,
 }
 
@@ -37,10 +37,17 @@ fn event_file(name: &str) -> String {
 /// A Context built the way the runtime builds it from the Runtime API's headers, where the
 /// real service carries the client context as raw JSON.
 fn funk_context(file: &str, deadline_in: Option<Duration>) -> Context {
-    let compact = serde_json::from_str::<serde_json::Value>(&event_file(file))
-        .unwrap()
-        .to_string();
-    let deadline = std::time::SystemTime::now() + deadline_in.unwrap_or(Duration::from_secs(30));
+    let client_context = serde_json::from_str::<serde_json::Value>(&event_file(file)).unwrap();
+    context(
+        &client_context,
+        deadline_in.unwrap_or(Duration::from_secs(30)),
+    )
+}
+
+/// A Context with this client context (`{"custom": {...}}`) and a deadline `deadline_in` away.
+pub(crate) fn context(client_context: &serde_json::Value, deadline_in: Duration) -> Context {
+    let compact = client_context.to_string();
+    let deadline = std::time::SystemTime::now() + deadline_in;
     let deadline_ms = deadline
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -58,7 +65,7 @@ async fn setup(configure: impl FnOnce(&mut DpsSimConfig), stored_key: Option<Str
     setup_with(configure, stored_key, &[]).await
 }
 
-async fn setup_with(
+pub(crate) async fn setup_with(
     configure: impl FnOnce(&mut DpsSimConfig),
     stored_key: Option<String>,
     extra_env: &[(&str, &str)],
@@ -167,7 +174,8 @@ async fn funk_invocation_returns_a_connection_string_and_is_recorded() {
 /// request succeeds once the endpoint recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_endpoint_faults_answer_503_in_time_and_recover() {
-    let s = setup(|_| {}, None).await;
+    // Every recovered request goes to DPS, none is answered from the previous one's record.
+    let s = setup_with(|_| {}, None, &[("REREGISTER_AFTER_SECONDS", "0")]).await;
     let body: serde_json::Value = serde_json::from_str(&event_file("register.json")).unwrap();
     let deadline = Duration::from_secs(12);
     for mode in [
@@ -465,10 +473,12 @@ async fn a_slow_record_cannot_push_the_answer_past_the_deadline() {
     let s = setup(|_| {}, None).await;
     let proxy = FaultProxy::start(s._aws.endpoint()).await.unwrap();
     let state = State::new(s.config.clone(), &local_sdk_config(&proxy.endpoint()).await).unwrap();
-    proxy.set(Mode::SlowOperation(
-        "DynamoDB_20120810.UpdateItem",
-        Duration::from_secs(30),
-    ));
+    // The record's write only, not the budget's (both are UpdateItem).
+    proxy.set(Mode::SlowOperation {
+        target: "DynamoDB_20120810.UpdateItem",
+        containing: "registration_id",
+        delay: Duration::from_secs(30),
+    });
     let deadline = Duration::from_millis(2500);
     let started = Instant::now();
     let context = funk_context("client-context.json", Some(deadline));

@@ -5,15 +5,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dps_client::{self as dps, DpsError, RegistrationRequest};
-use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator, Fault};
+use local_emulators::dps_sim::{DpsLimits, DpsSimConfig, DpsSimulator, Fault};
 use local_emulators::local_aws::random_key_base64;
 use serde_json::json;
 use shared::keys::SymmetricKey;
 use tokio::time::Instant;
 
 #[tokio::test]
-async fn group_enrollment_is_assigned_and_payload_echoed() {
-    let f = simulator(|c| c.polls_before_assign = 1).await;
+async fn group_enrollment_is_assigned_with_its_allocation_data() {
+    let f = simulator(|c| {
+        c.polls_before_assign = 1;
+        c.return_data = Some(json!({"tier": "gold"}));
+    })
+    .await;
     let payload = json!({"modelId": "dtmi:demo:sensor;1"});
     let key = f.group_key.derive_device_key(IMSI);
     let (result, _) = f
@@ -27,11 +31,14 @@ async fn group_enrollment_is_assigned_and_payload_echoed() {
         "{}",
         assignment.assigned_hub
     );
-    assert_eq!(assignment.payload, Some(payload.clone()));
+    // DPS returns what the custom allocation policy returns, not what the device sent.
+    assert_eq!(assignment.payload, Some(json!({"tier": "gold"})));
     let assigned = f.sim.assigned();
     assert_eq!(assigned.len(), 1);
     assert_eq!(assigned[0].payload, Some(payload));
     assert_eq!(f.sim.stats().polls.load(Ordering::Relaxed), 2);
+    // SUBSCRIBE and register went in one flight; the subscription was in place for the answer.
+    assert_eq!(f.sim.stats().undelivered.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
@@ -292,4 +299,72 @@ async fn lasting_transient_failures_are_reported_as_retryable() {
         assert!(error.retry_after().is_some(), "{fault:?}: {error:?}");
         assert_within(elapsed, budget);
     }
+}
+
+/// DPS's quota on registrations per minute: past it, 429 with the wait until the minute has
+/// room, which the client reports as retryable when it exceeds the deadline.
+#[tokio::test]
+async fn the_registrations_quota_is_enforced_as_dps_does() {
+    let f = simulator(|c| {
+        c.limits = DpsLimits {
+            registrations_per_minute: Some(2),
+            polls_per_device_per_10s: None,
+        };
+    })
+    .await;
+    for _ in 0..2 {
+        let (result, _) = f.register(Duration::from_secs(5)).await;
+        assert!(result.is_ok(), "{result:?}");
+    }
+    let budget = Duration::from_secs(2);
+    let (result, elapsed) = f.register(budget).await;
+    let error = result.unwrap_err();
+    assert!(matches!(error, DpsError::Throttled { .. }), "{error:?}");
+    assert!(
+        error
+            .retry_after()
+            .is_some_and(|r| r >= Duration::from_secs(50)),
+        "{error:?}"
+    );
+    assert_within(elapsed, budget);
+    assert_eq!(f.sim.stats().over_quota.load(Ordering::Relaxed), 1);
+    assert_eq!(f.sim.assigned().len(), 2);
+}
+
+/// DPS's quota on polls per device (5 in 10 s): a client that polls faster is answered 429.
+#[tokio::test]
+async fn the_polling_quota_is_enforced_per_device() {
+    let f = simulator(|c| {
+        c.faults = vec![Fault::NeverAssign];
+        c.retry_after = 0;
+        c.limits = DpsLimits {
+            registrations_per_minute: None,
+            polls_per_device_per_10s: Some(5),
+        };
+    })
+    .await;
+    let (result, _) = f.register(Duration::from_secs(2)).await;
+    assert!(result.is_err());
+    assert!(f.sim.stats().over_quota.load(Ordering::Relaxed) >= 1);
+    assert!(f.sim.stats().polls.load(Ordering::Relaxed) > 5);
+}
+
+/// DPS takes a while to assign: polls before then answer `assigning`; a client with less
+/// time than that gets a retryable deadline, one with enough gets its hub.
+#[tokio::test]
+async fn assignment_takes_the_configured_delay() {
+    let f = simulator(|c| {
+        c.assignment_delay = Duration::from_millis(1500);
+        c.retry_after = 1;
+    })
+    .await;
+    let (result, elapsed) = f.register(Duration::from_secs(1)).await;
+    assert!(
+        matches!(result, Err(DpsError::Deadline { .. })),
+        "{result:?}"
+    );
+    assert_within(elapsed, Duration::from_secs(1));
+    let (result, elapsed) = f.register(Duration::from_secs(6)).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
 }

@@ -162,10 +162,18 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
             Some("!Ref DevicesTable"),
             "{binary}"
         );
-        // The function's own configuration loader accepts this environment (dummy values).
+        // The function's own configuration loader accepts this environment: the template's
+        // default where a variable takes a parameter that has one, else a dummy value.
+        let default_of = |value: &str| {
+            let parameter = value.strip_prefix("!Ref ")?;
+            text(&t["Parameters"][parameter]["Default"])
+        };
         let dummy: HashMap<String, String> = env
-            .keys()
-            .map(|k| {
+            .iter()
+            .map(|(k, value)| {
+                if let Some(default) = default_of(value) {
+                    return (k.clone(), default);
+                }
                 let v = match k.as_str() {
                     "DPS_ENDPOINT" => "dps.example:8883",
                     "CLAIMS_PER_WINDOW" | "CLAIM_WINDOW_SECONDS" => "20",
@@ -216,9 +224,22 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
         .collect::<Vec<_>>();
     assert_eq!(funk.len(), 1);
     assert_eq!(list(funk[0].1.get("Action")), vec!["lambda:InvokeFunction"]);
+    // Exactly the `live` alias, which each deploy moves to the new version: Funk takes a
+    // qualified ARN.
     assert_eq!(
         list(funk[0].1.get("Resource")),
-        vec!["!GetAtt AzureDpsRegisterFunction.Arn"]
+        vec!["!Ref AzureDpsRegisterFunction.Alias"]
+    );
+    let azure = &r["AzureDpsRegisterFunction"]["Properties"];
+    assert_eq!(azure["AutoPublishAlias"].as_str(), Some("live"));
+    // A reboot storm cannot take the concurrency fleet-prehook needs within AWS IoT's 5 s.
+    assert_eq!(
+        text(&azure["ReservedConcurrentExecutions"]).as_deref(),
+        Some("!Ref AzureDpsRegisterReservedConcurrency")
+    );
+    assert_eq!(
+        text(&t["Parameters"]["AzureDpsRegisterReservedConcurrency"]["Default"]).as_deref(),
+        Some("100")
     );
 
     // The group key is referenced by name, never present as a value.
@@ -335,14 +356,32 @@ fn the_deployed_stack_is_deny_by_default() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ALLOWED_OPERATOR_IDS"));
 }
 
-/// The device table statement of a role, and its condition's values for `key`.
+/// The device table statements of a role (`DeviceTable…`), and their conditions' values for
+/// `key`, together.
 fn table_condition(t: &Value, role: &str, operator: &str, key: &str) -> Vec<String> {
-    let statement = statements(t)
+    let statements: Vec<Value> = statements(t)
         .into_iter()
-        .find(|(owner, s)| owner == role && text(&s["Sid"]).as_deref() == Some("DeviceTable"))
-        .unwrap_or_else(|| panic!("{role} has no DeviceTable statement"))
-        .1;
-    list(statement["Condition"][operator].get(key))
+        .filter(|(owner, s)| {
+            owner == role && text(&s["Sid"]).is_some_and(|sid| sid.starts_with("DeviceTable"))
+        })
+        .map(|(_, s)| s)
+        .collect();
+    assert!(
+        !statements.is_empty(),
+        "{role} has no DeviceTable statement"
+    );
+    // Every statement on the table restricts items and attributes: none may leave them open.
+    for s in &statements {
+        assert!(
+            s["Condition"][operator].get(key).is_some(),
+            "{role}: {:?} lacks {operator} {key}",
+            s["Sid"]
+        );
+    }
+    statements
+        .iter()
+        .flat_map(|s| list(s["Condition"][operator].get(key)))
+        .collect()
 }
 
 fn like(pattern: &str, value: &str) -> bool {
@@ -358,6 +397,7 @@ fn like(pattern: &str, value: &str) -> bool {
 /// lists in the code (what the functions actually project and write) fit within them.
 #[test]
 fn each_function_touches_only_its_own_items_and_attributes() {
+    use shared::budget::BUDGET_ATTRIBUTES;
     use shared::quota::RATE_ATTRIBUTES;
     use shared::registry::{
         CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, SERIAL_ATTRIBUTES,
@@ -366,6 +406,8 @@ fn each_function_touches_only_its_own_items_and_attributes() {
     let t = template();
     let azure: Vec<&str> = SIM_ATTRIBUTES
         .iter()
+        .chain(RATE_ATTRIBUTES)
+        .chain(BUDGET_ATTRIBUTES)
         .copied()
         .chain([DEVICE_KEY_ATTRIBUTE])
         .collect();
@@ -385,20 +427,26 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         (
             "AzureDpsRegisterRole",
             &azure,
-            &["sim#1", "simid#1"],
-            &["serial#1", "claim#1", "rate#1"],
+            &["sim#1", "simid#1", "rate#dps#1", "budget#dps#1"],
+            &["serial#1", "claim#1", "rate#installer#1"],
         ),
         (
             "FleetPrehookRole",
             &hook,
             &["serial#1", "claim#1"],
-            &["sim#1", "simid#1", "rate#1"],
+            &[
+                "sim#1",
+                "simid#1",
+                "rate#dps#1",
+                "rate#installer#1",
+                "budget#dps#1",
+            ],
         ),
         (
             "ClaimIssuerRole",
             &issuer,
-            &["claim#1", "rate#1"],
-            &["sim#1", "simid#1", "serial#1"],
+            &["claim#1", "rate#installer#1"],
+            &["sim#1", "simid#1", "serial#1", "rate#dps#1", "budget#dps#1"],
         ),
     ];
     for (role, used, own_keys, other_keys) in roles {
@@ -483,5 +531,63 @@ fn provisioning_role_claim_policy_api_and_sign_in_are_locked_down() {
             Some("minutes")
         );
         assert!(minutes <= 15, "{token} lives {minutes} minutes");
+    }
+}
+
+/// The alarms watch the metrics the functions write (`lambda_support::metrics`): the same
+/// namespace, metric and dimensions, and outcomes that are codes the functions answer.
+#[test]
+fn alarms_watch_what_the_functions_emit() {
+    use lambda_support::metrics::NAMESPACE;
+    let t = template();
+    let codes: Vec<&str> = azure_dps_register::handler::Refused::ALL
+        .iter()
+        .map(|r| r.code())
+        .chain(fleet_prehook::handler::Reason::ALL.iter().map(|r| r.code()))
+        .collect();
+    let mut watched = Vec::new();
+    for (name, resource) in t["Resources"].as_mapping().unwrap() {
+        if resource["Type"].as_str() != Some("AWS::CloudWatch::Alarm") {
+            continue;
+        }
+        let p = &resource["Properties"];
+        let stats: Vec<&Value> = match p.get("Metrics") {
+            Some(Value::Sequence(queries)) => queries
+                .iter()
+                .filter_map(|q| q.get("MetricStat").map(|s| &s["Metric"]))
+                .collect(),
+            _ => vec![p],
+        };
+        for metric in stats {
+            assert_eq!(metric["Namespace"].as_str(), Some(NAMESPACE), "{name:?}");
+            assert_eq!(metric["MetricName"].as_str(), Some("Answers"), "{name:?}");
+            let dims: HashMap<String, String> = metric["Dimensions"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|d| (text(&d["Name"]).unwrap(), text(&d["Value"]).unwrap()))
+                .collect();
+            let function = &dims["Function"];
+            assert!(function.starts_with("!Sub ${AWS::StackName}-"), "{name:?}");
+            let outcome = dims["Outcome"].as_str();
+            assert!(
+                codes.contains(&outcome),
+                "{name:?} watches unknown {outcome}"
+            );
+            watched.push(outcome.to_owned());
+        }
+    }
+    for required in [
+        "dps-throttled",
+        "dps-failed",
+        "deadline",
+        "registry-unavailable",
+        "registry-throttled",
+        "registry-malformed",
+    ] {
+        assert!(
+            watched.iter().any(|w| w == required),
+            "no alarm on {required}"
+        );
     }
 }

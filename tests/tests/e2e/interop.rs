@@ -52,6 +52,7 @@ mod official_python_sdk {
         let mut config = DpsSimConfig::new(SCOPE);
         config.group_keys.push(group_key.clone());
         config.retry_after = 1;
+        config.return_data = Some(json!({"tier": "gold"}));
         let listen = std::net::SocketAddr::from(([127, 0, 0, 1], SDK_PORT));
         let sim = DpsSimulator::start(config, listen)
             .await
@@ -77,8 +78,11 @@ mod official_python_sdk {
         let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(result["status"], "assigned");
         assert_eq!(result["deviceId"], IMSI);
-        assert_eq!(result["payload"], json!({"modelId": "dtmi:demo;1"}));
-        assert_eq!(sim.assigned().len(), 1);
+        assert_eq!(result["payload"], json!({"tier": "gold"}));
+        assert_eq!(
+            sim.assigned()[0].payload,
+            Some(json!({"modelId": "dtmi:demo;1"}))
+        );
 
         let wrong = SymmetricKey::from_base64(&random_key_base64()).unwrap();
         let refused = run_sdk(&ca, &wrong, "{}").await;
@@ -123,7 +127,11 @@ mod official_node_sdk {
 
     #[tokio::test]
     async fn node_sdk_registers_and_is_refused_with_a_wrong_key() {
-        let f = simulator(|c| c.retry_after = 1).await;
+        let f = simulator(|c| {
+            c.retry_after = 1;
+            c.return_data = Some(json!({"tier": "gold"}));
+        })
+        .await;
         let dir = local_emulators::stack::temp_dir("dps-node").unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, f.sim.ca_pem()).unwrap();
@@ -138,7 +146,11 @@ mod official_node_sdk {
         let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(result["status"], "assigned");
         assert_eq!(result["deviceId"], IMSI);
-        assert_eq!(result["payload"], json!({"modelId": "dtmi:demo;1"}));
+        assert_eq!(result["payload"], json!({"tier": "gold"}));
+        assert_eq!(
+            f.sim.assigned()[0].payload,
+            Some(json!({"modelId": "dtmi:demo;1"}))
+        );
 
         let wrong = SymmetricKey::from_base64(&random_key_base64()).unwrap();
         let refused = run_sdk(&f.sim, &ca, &wrong).await;

@@ -10,6 +10,8 @@ mod azure_dps_register;
 mod claim_issuer;
 /// The DPS client in a TLS MQTT conversation with the DPS simulator.
 mod dps_client;
+/// azure-dps-register at fleet scale: records, key rotation, the per-SIM and fleet limits.
+mod dps_scale;
 /// Installer → claim → fleet-device → AWS IoT MQTT simulator → hook → thing.
 mod fleet_flow;
 /// fleet-prehook's handler against the device table.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_ssm::types::ParameterType;
 use local_emulators::local_aws::{random_key_base64, LocalAws};
+use shared::budget::{Budget, DynamoBudget, Grant};
 use shared::keys::{KeyError, SymmetricKey};
 use shared::registry::{
     ClaimLog, ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus,
@@ -161,6 +162,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         assigned_hub: "hub-a.azure-devices.net".into(),
         device_id: "440103123456789".into(),
         registered_at: 1_700_000_000,
+        key_fingerprint: Some("00112233445566778899aabbccddeeff".into()),
     };
     // An unknown SIM (group enrollment without an allowlist entry) gets a record.
     registry
@@ -173,6 +175,23 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         .unwrap()
         .unwrap();
     assert_eq!(record.registration, Some(registration.clone()));
+    // A later registration without a fingerprint leaves none behind: the record would
+    // otherwise vouch for a key it was not made with.
+    let unknown_key = Registration {
+        key_fingerprint: None,
+        registered_at: 1_700_000_100,
+        ..registration.clone()
+    };
+    registry
+        .record_registration("440103123456789", &unknown_key)
+        .await
+        .unwrap();
+    let record = registry
+        .get(&DeviceId::Sim("440103123456789".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.registration, Some(unknown_key));
 
     let mut blocked = DeviceRecord::allowed(DeviceId::Sim("440103999999999".into()));
     blocked.status = DeviceStatus::Blocked;
@@ -430,4 +449,35 @@ async fn an_unreachable_endpoint_fails_fast_and_says_so() {
         "{endpoint}: {:?}",
         started.elapsed()
     );
+}
+
+/// Twenty concurrent takes from a budget of seven in one window: exactly seven granted, as
+/// `ADD` is atomic; the refused are told to come back at moments spread over later windows;
+/// the next window has its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_budget_is_exact_under_concurrency_and_renews_each_window() {
+    let aws = aws().await;
+    aws.create_devices_table(TABLE).await.unwrap();
+    let budget = DynamoBudget::new(aws.dynamodb().await, TABLE, "dps", 7, 60);
+    let now = 1_800_000_010;
+    let takes = (0..20).map(|_| budget.take(now));
+    let grants = futures::future::join_all(takes).await;
+    let granted = grants
+        .iter()
+        .filter(|g| matches!(g, Ok(Grant::Granted)))
+        .count();
+    assert_eq!(granted, 7, "{grants:?}");
+    let mut returns: Vec<u64> = grants
+        .iter()
+        .filter_map(|g| match g {
+            Ok(Grant::Spent { retry_after }) => Some(now + retry_after),
+            _ => None,
+        })
+        .collect();
+    returns.sort_unstable();
+    returns.dedup();
+    assert_eq!(returns.len(), 13, "each refused caller has its own moment");
+    // The window is [1_800_000_000, 1_800_000_060): nobody refused comes back within it.
+    assert!(returns.iter().all(|t| *t >= 1_800_000_060), "{returns:?}");
+    assert_eq!(budget.take(now + 60).await, Ok(Grant::Granted));
 }

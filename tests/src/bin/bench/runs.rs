@@ -12,7 +12,7 @@ use local_emulators::stack::ID_SCOPE;
 use serde_json::{json, Value};
 use shared::config::HostPort;
 use shared::keys::SymmetricKey;
-use shared::registry::{DeviceId, DeviceRecord};
+use shared::registry::{DeviceId, DeviceRecord, DynamoRegistry};
 
 use crate::setup::Bench;
 use crate::{release_bin, root, Run, Settings};
@@ -223,19 +223,27 @@ async fn hook_run(b: &Bench, run_number: usize, warm: usize) -> Result<Run, Stri
     let serials: Vec<String> = (0..=warm)
         .map(|i| format!("SN-B{run_number:02}-{i:04}"))
         .collect();
+    // A table per run: moto copies the whole table for every TransactWriteItems (to roll
+    // back), so a table that grew with every run would measure moto, not the hook.
+    let table = format!("hook-bench-{run_number}");
+    let aws = &b.stack.aws;
+    aws.create_devices_table(&table)
+        .await
+        .map_err(|e| e.to_string())?;
+    let registry = DynamoRegistry::new(aws.dynamodb().await, &table);
     for serial in &serials {
-        b.stack
-            .registry
+        registry
             .put(&DeviceRecord::allowed(DeviceId::Serial(serial.clone())))
             .await
             .map_err(|e| e.to_string())?;
     }
-    let process = FunctionProcess::spawn(
-        &release_bin("fleet-prehook"),
-        &[],
-        &b.rust_env("fleet-prehook", &b.immediate),
-    )
-    .await?;
+    let mut env = b.rust_env("fleet-prehook", &b.immediate);
+    for (name, value) in &mut env {
+        if name == "DEVICES_TABLE" {
+            value.clone_from(&table);
+        }
+    }
+    let process = FunctionProcess::spawn(&release_bin("fleet-prehook"), &[], &env).await?;
     let event = |serial: &str| {
         json!({"certificateId": format!("cert-{serial}"), "claimCertificateId": "claim-bench",
             "templateArn": "arn:aws:iot:us-east-1:123456789012:provisioningtemplate/fleet-template",

@@ -1,0 +1,264 @@
+//! The fleet-scale rules in memory: answering from the record, key rotation, a device's own
+//! request for a new registration, the per-SIM limit and the fleet's budget per minute.
+
+use serde_json::{json, Value};
+use shared::clock::unix_now;
+use shared::registry::{DeviceId, DeviceStatus, Registration};
+
+use crate::answer::{Response, Source};
+use crate::handler::handle;
+use crate::handler_tests::{funk, sim, state, TestState, IMSI};
+
+async fn call(s: &TestState, body: Value) -> Response {
+    handle(body, &funk(sim(IMSI), None), s).await
+}
+
+async fn call_as(s: &TestState, imsi: &str, body: Value) -> Response {
+    handle(body, &funk(sim(imsi), None), s).await
+}
+
+fn dps_calls(s: &TestState) -> usize {
+    s.dps.registered.lock().unwrap().len()
+}
+
+fn recorded(s: &TestState) -> Registration {
+    s.registry
+        .get(&DeviceId::Sim(IMSI.into()))
+        .and_then(|r| r.registration)
+        .expect("a recorded registration")
+}
+
+#[tokio::test]
+async fn a_registered_sim_is_answered_from_its_record_without_dps() {
+    let s = state(&[]);
+    let first = call(&s, json!({})).await;
+    assert_eq!(
+        (first.status_code, first.source),
+        (200, Some(Source::Dps)),
+        "{}",
+        first.outline()
+    );
+    let fingerprint = s.keys.group_key().derive_device_key(IMSI).fingerprint();
+    assert_eq!(recorded(&s).key_fingerprint, Some(fingerprint));
+
+    let again = call(&s, json!({})).await;
+    assert_eq!(
+        (again.status_code, again.source),
+        (200, Some(Source::Record))
+    );
+    assert!(again.body == first.body, "the same connection string");
+    assert_eq!(again.assigned_hub, first.assigned_hub);
+    assert_eq!(dps_calls(&s), 1, "no second DPS registration");
+    let json = serde_json::to_value(&again).unwrap();
+    assert_eq!(json["source"], "record");
+}
+
+#[tokio::test]
+async fn a_rotated_group_key_sends_every_device_to_dps_again() {
+    let s = state(&[]);
+    let before = call(&s, json!({})).await;
+    *s.keys.rotated.lock().unwrap() = Some("bmV3IGdyb3VwIGtleSwgbmV3IGRldmljZSBrZXlzIQ==".into());
+    let after = call(&s, json!({})).await;
+    assert_eq!((after.status_code, after.source), (200, Some(Source::Dps)));
+    assert!(after.body != before.body, "the new derived key");
+    assert_eq!(dps_calls(&s), 2);
+    let settled = call(&s, json!({})).await;
+    assert_eq!(settled.source, Some(Source::Record));
+    assert!(settled.body == after.body);
+}
+
+#[tokio::test]
+async fn a_record_without_a_fingerprint_or_for_another_id_does_not_answer() {
+    let s = state(&[]);
+    let mut entry = shared::registry::DeviceRecord::allowed(DeviceId::Sim(IMSI.into()));
+    entry.status = DeviceStatus::Unlisted;
+    entry.registration = Some(Registration {
+        registration_id: IMSI.into(),
+        assigned_hub: "hub-old.azure-devices.net".into(),
+        device_id: IMSI.into(),
+        registered_at: unix_now(),
+        key_fingerprint: None,
+    });
+    s.registry.put(entry.clone());
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+
+    // Same key, but REGISTRATION_ID_TEMPLATE changed since: another DPS identity.
+    let s = state(&[("REGISTRATION_ID_TEMPLATE", "soracom-{imsi}")]);
+    let fingerprint = s.keys.group_key().derive_device_key(IMSI).fingerprint();
+    if let Some(r) = entry.registration.as_mut() {
+        r.key_fingerprint = Some(fingerprint);
+    }
+    s.registry.put(entry);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+}
+
+#[tokio::test]
+async fn a_device_may_ask_for_a_new_registration() {
+    let s = state(&[]);
+    call(&s, json!({"note": 1})).await;
+    let r = call(&s, json!({"reprovision": true, "note": 2})).await;
+    assert_eq!((r.status_code, r.source), (200, Some(Source::Dps)));
+    // `reprovision` is the function's, not custom allocation data.
+    let sent = s.dps.registered.lock().unwrap().clone();
+    assert_eq!(sent[1].1, Some(json!({"note": 2})));
+    let r = call(&s, json!({"reprovision": false})).await;
+    assert_eq!(r.source, Some(Source::Record));
+    let r = call(&s, json!({"reprovision": "yes"})).await;
+    assert_eq!((r.status_code, r.error), (400, Some("bad-request")));
+    assert_eq!(dps_calls(&s), 2);
+}
+
+#[tokio::test]
+async fn an_old_record_goes_to_dps_and_zero_means_always() {
+    let s = state(&[("REREGISTER_AFTER_SECONDS", "3600")]);
+    call(&s, json!({})).await;
+    let mut entry = s.registry.get(&DeviceId::Sim(IMSI.into())).unwrap();
+    if let Some(r) = entry.registration.as_mut() {
+        r.registered_at = unix_now() - 3600;
+    }
+    s.registry.put(entry);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Record));
+
+    let always = state(&[("REREGISTER_AFTER_SECONDS", "0")]);
+    for _ in 0..3 {
+        assert_eq!(call(&always, json!({})).await.source, Some(Source::Dps));
+    }
+    assert_eq!(dps_calls(&always), 3);
+}
+
+#[tokio::test]
+async fn a_sim_blocked_after_its_registration_gets_nothing_from_the_record() {
+    let s = state(&[]);
+    assert_eq!(call(&s, json!({})).await.status_code, 200);
+    let mut entry = s.registry.get(&DeviceId::Sim(IMSI.into())).unwrap();
+    entry.status = DeviceStatus::Blocked;
+    s.registry.put(entry);
+    let r = call(&s, json!({})).await;
+    assert_eq!((r.status_code, r.error), (403, Some("sim-blocked")));
+    assert_eq!(r.source, None);
+    assert_eq!(dps_calls(&s), 1);
+}
+
+#[tokio::test]
+async fn one_sim_cannot_cause_more_than_its_hourly_dps_registrations() {
+    let s = state(&[("DPS_PER_SIM_PER_HOUR", "2")]);
+    let ask = json!({"reprovision": true});
+    for _ in 0..2 {
+        assert_eq!(call(&s, ask.clone()).await.source, Some(Source::Dps));
+    }
+    // Past the limit, the record answers, even though the device asked for DPS.
+    let r = call(&s, ask.clone()).await;
+    assert_eq!((r.status_code, r.source), (200, Some(Source::Record)));
+    assert_eq!(dps_calls(&s), 2);
+
+    // Without a record: 429 and when to come back (the hour's first use leaves the window).
+    *s.dps.answer.lock().unwrap() = Some(dps_client::DpsError::Throttled {
+        retry_after: std::time::Duration::from_secs(3),
+    });
+    let other = "440103000000002";
+    for _ in 0..2 {
+        let r = call_as(&s, other, json!({})).await;
+        assert_eq!(r.error, Some("dps-throttled"));
+    }
+    let r = call_as(&s, other, json!({})).await;
+    assert_eq!((r.status_code, r.error), (429, Some("sim-rate-limited")));
+    let retry_after = r.retry_after.expect("retryAfter");
+    assert!((3590..=3600).contains(&retry_after), "{retry_after}");
+    assert_eq!(dps_calls(&s), 4, "the third call never reached DPS");
+}
+
+#[tokio::test]
+async fn the_fleet_budget_refuses_at_once_and_spreads_the_retries() {
+    let s = state(&[("DPS_REGISTRATIONS_PER_MINUTE", "3")]);
+    let mut retries = Vec::new();
+    let started = unix_now();
+    for n in 0..9 {
+        let r = call_as(&s, &format!("4401030000001{n:02}"), json!({})).await;
+        match r.status_code {
+            200 => assert_eq!(r.source, Some(Source::Dps)),
+            503 => {
+                assert_eq!(r.error, Some("dps-budget"));
+                retries.push(started + r.retry_after.expect("retryAfter"));
+            }
+            _ => panic!("{}", r.outline()),
+        }
+    }
+    // Unless a minute boundary passed during the loop, 3 went to DPS and 6 wait.
+    let granted = dps_calls(&s);
+    assert!(granted == 3 || (unix_now() / 60 != started / 60 && granted <= 6));
+    assert_eq!(granted + retries.len(), 9);
+    // The refused come back over the coming minutes, never more than the budget per minute,
+    // and not all at once.
+    let mut per_minute = std::collections::HashMap::new();
+    for at in &retries {
+        *per_minute.entry(at / 60).or_insert(0) += 1;
+    }
+    assert!(per_minute.values().all(|n| *n <= 3), "{per_minute:?}");
+    retries.dedup();
+    assert!(retries.len() > 2, "spread: {retries:?}");
+}
+
+#[tokio::test]
+async fn over_budget_a_usable_record_answers_unless_the_device_asked_for_dps() {
+    let s = state(&[
+        ("DPS_REGISTRATIONS_PER_MINUTE", "1"),
+        ("REREGISTER_AFTER_SECONDS", "0"),
+    ]);
+    let first = call(&s, json!({})).await;
+    assert_eq!(first.source, Some(Source::Dps));
+    // A minute boundary between the calls would grant it again; fill the new minute first.
+    let crowd = call_as(&s, "440103000000009", json!({})).await;
+    if crowd.status_code == 200 {
+        return; // the boundary passed: the next call is not over budget; nothing to show.
+    }
+    let r = call(&s, json!({})).await;
+    assert_eq!((r.status_code, r.source), (200, Some(Source::Record)));
+    assert!(r.body == first.body);
+    let r = call(&s, json!({"reprovision": true})).await;
+    assert_eq!((r.status_code, r.error), (503, Some("dps-budget")));
+    assert!(r.retry_after.is_some());
+}
+
+#[tokio::test]
+async fn limits_that_cannot_answer_start_nothing() {
+    let s = state(&[]);
+    s.limits
+        .fleet
+        .fail_with(Some(shared::quota::QuotaError::Throttled));
+    let r = call(&s, json!({})).await;
+    assert_eq!(
+        (r.status_code, r.error),
+        (503, Some("registry-unavailable"))
+    );
+    assert!(r.retry_after.is_some());
+    assert_eq!(dps_calls(&s), 0);
+}
+
+#[tokio::test]
+async fn dps_return_data_reaches_the_device_and_model_id_reaches_dps() {
+    let s = state(&[("MODEL_ID", "dtmi:com:example:Thermostat;1")]);
+    *s.dps.return_data.lock().unwrap() = Some(json!({"tier": "gold"}));
+    let r = call(&s, json!({})).await;
+    assert_eq!(r.return_data, Some(json!({"tier": "gold"})));
+    assert_eq!(
+        serde_json::to_value(&r).unwrap()["returnData"]["tier"],
+        "gold"
+    );
+    let r = call_as(
+        &s,
+        "440103000000003",
+        json!({"modelId": "dtmi:com:example:Own;2", "a": 1}),
+    )
+    .await;
+    assert_eq!(r.status_code, 200);
+    let sent = s.dps.registered.lock().unwrap().clone();
+    assert_eq!(
+        sent[0].1,
+        Some(json!({"modelId": "dtmi:com:example:Thermostat;1"}))
+    );
+    assert_eq!(
+        sent[1].1,
+        Some(json!({"modelId": "dtmi:com:example:Own;2", "a": 1}))
+    );
+}

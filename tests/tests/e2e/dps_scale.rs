@@ -1,0 +1,140 @@
+//! azure-dps-register at fleet scale, against moto and the DPS simulator: answers from the
+//! record, key rotation, a device's own request for DPS, the per-SIM limit, and the fleet's
+//! budget shared by two instances.
+
+use std::time::Duration;
+
+use aws_sdk_ssm::types::ParameterType;
+use azure_dps_register::handler::{handle, Response, Source};
+use azure_dps_register::state::State;
+use lambda_runtime::Context;
+use local_emulators::local_aws::random_key_base64;
+use serde_json::{json, Value};
+use shared::keys::SymmetricKey;
+
+use crate::azure_dps_register::{context, setup_with, Setup, GROUP_KEY_PARAMETER};
+use crate::dps_fixture::IMSI;
+
+/// A Funk context for `imsi`, with a 20 s deadline.
+fn funk(imsi: &str) -> Context {
+    let custom = json!({"custom": {
+        "imsi": imsi, "operatorId": "OP0012345678",
+        "srn": format!("srn:soracom:OP0012345678:jp:Subscriber:{imsi}"),
+    }});
+    context(&custom, Duration::from_secs(20))
+}
+
+async fn call(state: &State, imsi: &str, body: Value) -> Response {
+    handle(body, &funk(imsi), state).await
+}
+
+fn assigned(s: &Setup) -> usize {
+    s.dps.sim.assigned().len()
+}
+
+#[tokio::test]
+async fn a_registered_sim_is_answered_from_its_record_and_a_new_key_goes_to_dps() {
+    // The enrollment group has two keys during a rotation: the old and the new.
+    let new_key = SymmetricKey::from_base64(&random_key_base64()).unwrap();
+    let secondary = new_key.clone();
+    let s = setup_with(
+        move |c| c.group_keys.push(secondary),
+        None,
+        &[("SECRET_CACHE_SECONDS", "0")],
+    )
+    .await;
+    let first = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(first.source, Some(Source::Dps), "{}", first.outline());
+    let again = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(again.source, Some(Source::Record), "{}", again.outline());
+    assert!(again.body == first.body);
+    assert_eq!(assigned(&s), 1, "no second DPS registration");
+
+    // The operator stores the new group key (a new SSM parameter version).
+    s._aws
+        .put_parameter(
+            GROUP_KEY_PARAMETER,
+            &new_key.to_base64(),
+            ParameterType::SecureString,
+        )
+        .await
+        .unwrap();
+    let rotated = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(rotated.source, Some(Source::Dps), "{}", rotated.outline());
+    let expected = new_key.derive_device_key(IMSI).to_base64();
+    assert!(rotated
+        .body
+        .ends_with(&format!("SharedAccessKey={expected}")));
+    assert_eq!(assigned(&s), 2);
+    assert_eq!(
+        call(&s.state, IMSI, json!({})).await.source,
+        Some(Source::Record)
+    );
+}
+
+#[tokio::test]
+async fn a_device_may_ask_for_dps_within_its_hourly_limit() {
+    let s = setup_with(|_| {}, None, &[("DPS_PER_SIM_PER_HOUR", "2")]).await;
+    let ask = json!({"reprovision": true});
+    for n in 1..=2 {
+        let r = call(&s.state, IMSI, ask.clone()).await;
+        assert_eq!(r.source, Some(Source::Dps), "{n}: {}", r.outline());
+    }
+    // A second instance (another cold start) counts against the same limit.
+    let other = State::new(s.config.clone(), &s._aws.sdk_config().await).unwrap();
+    let r = call(&other, IMSI, ask).await;
+    assert_eq!((r.status_code, r.source), (200, Some(Source::Record)));
+    assert_eq!(assigned(&s), 2);
+    // `reprovision` never reaches DPS.
+    assert!(s.dps.sim.assigned().iter().all(|a| a.payload.is_none()));
+}
+
+#[tokio::test]
+async fn a_sim_without_a_record_is_told_when_its_hour_has_room() {
+    let s = setup_with(
+        |c| c.faults = vec![local_emulators::dps_sim::Fault::RegisterStatus(401)],
+        None,
+        &[("DPS_PER_SIM_PER_HOUR", "1")],
+    )
+    .await;
+    let refused = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(refused.error, Some("enrollment-refused"));
+    let limited = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(
+        (limited.status_code, limited.error),
+        (429, Some("sim-rate-limited"))
+    );
+    assert!(limited.retry_after.is_some_and(|r| r > 3500));
+    let connections = &s.dps.sim.stats().connections;
+    assert_eq!(connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// Two instances (two cold starts of the function) against one device table: together they
+/// start no more DPS registrations in a minute than the budget, and every device they refuse
+/// is told when to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_fleet_budget_without_overshoot() {
+    let s = setup_with(|_| {}, None, &[("DPS_REGISTRATIONS_PER_MINUTE", "5")]).await;
+    let other = State::new(s.config.clone(), &s._aws.sdk_config().await).unwrap();
+    let minute = shared::clock::unix_now() / 60;
+    let calls = (0..12).map(|n| {
+        let state = if n % 2 == 0 { &s.state } else { &other };
+        async move { call(state, &format!("4401030000100{n:02}"), json!({})).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let granted = answers.iter().filter(|r| r.status_code == 200).count();
+    let waiting: Vec<&Response> = answers
+        .iter()
+        .filter(|r| r.error == Some("dps-budget"))
+        .collect();
+    assert_eq!(granted + waiting.len(), 12, "only 200 or dps-budget");
+    assert!(waiting
+        .iter()
+        .all(|r| r.status_code == 503 && r.retry_after.is_some()));
+    assert_eq!(assigned(&s), granted);
+    if shared::clock::unix_now() / 60 == minute {
+        assert_eq!(granted, 5, "the budget, exactly");
+    } else {
+        assert!(granted <= 10, "two minutes' budgets at most");
+    }
+}
