@@ -12,7 +12,7 @@ NODE_STAMP := tests/interop/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 LOCAL_ENV := $(CURDIR)/target/local.env
 
-.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan bench
+.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan bench bench-storm
 DEPLOY_VENV := $(CURDIR)/.venv-deploy
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make invoke FN=.. EVENT=.. [CONTEXT=..] cargo lambda invoke against the watch"
 	@echo "make build  cargo lambda build --release --arm64 for every function"
 	@echo "make bench  benchmarks against the Node.js baseline; writes bench/results.md"
+	@echo "make bench-storm  a reboot storm of 10,000 SIMs (STORM_ARGS=--storm-sims N); writes bench/storm.md"
 	@echo "make deploy-plan / make deploy   print / run the deployment (settings: infra/deploy.sh)"
 
 # Pinned Python tools (moto server, SDKs, cargo-lambda) in a project-local virtual environment.
@@ -65,7 +66,7 @@ invoke: tools
 
 build: $(BUILD_TOOLS_STAMP)
 	cargo lambda build --release --arm64 --output-format zip
-	@ls -l target/lambda/*/bootstrap.zip | awk '{printf "%-60s %6.2f MB\n", $$9, $$5/1048576}'
+	@ls -l $${CARGO_TARGET_DIR:-target}/lambda/*/bootstrap.zip | awk '{printf "%-60s %6.2f MB\n", $$9, $$5/1048576}'
 
 # The benchmark baseline: the original write-up's Node.js Lambda and its SDKs, pinned.
 BENCH_NODE_STAMP := bench/node/node_modules/.installed
@@ -75,6 +76,11 @@ $(BENCH_NODE_STAMP): bench/node/package.json bench/node/package-lock.json
 	@touch $@
 
 # BENCH_ARGS: --runs N --warm N --delayed-warm N --throughput-runs N (defaults 5, 20, 5, 3).
+# The reboot storm (bench/storm.md): in-process, no release binaries needed. At the default
+# 10,000 SIMs it runs for about 25 minutes (DPS's quota bounds two of its three ways).
+bench-storm: tools
+	cargo run --quiet --profile bench-harness --package local-emulators --bin bench -- --storm $(STORM_ARGS)
+
 bench: build $(BENCH_NODE_STAMP)
 	cargo build --release --package azure-dps-register --package fleet-prehook --package claim-issuer
 	cargo run --quiet --profile bench-harness --package local-emulators --bin bench -- $(BENCH_ARGS)

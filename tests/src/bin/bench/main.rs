@@ -6,10 +6,14 @@
 //! (`local_emulators::runtime_api`); the baseline runs under a minimal Node.js runtime loop
 //! (bench/node/bootstrap.js) against the same API. Figures are per run; the report gives
 //! min / median / max over the runs.
+//!
+//! `--storm` (`make bench-storm`) runs the reboot storm instead (see `storm`), written to
+//! bench/storm.md.
 
 mod report;
 mod runs;
 mod setup;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,9 +38,18 @@ pub(crate) struct Settings {
     /// Throughput runs
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = positive)]
     pub(crate) throughput_runs: usize,
-    /// Where to write the results (default bench/results.md)
-    #[arg(long, value_name = "FILE", default_value_os_t = root().join("bench/results.md"))]
-    pub(crate) out: PathBuf,
+    /// Where to write the results (default bench/results.md, with --storm bench/storm.md)
+    #[arg(long, value_name = "FILE")]
+    pub(crate) out: Option<PathBuf>,
+    /// Run the reboot storm instead: distinct SIMs calling at boot, retrying as told
+    #[arg(long)]
+    pub(crate) storm: bool,
+    /// SIMs in the storm
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = positive)]
+    pub(crate) storm_sims: usize,
+    /// Concurrent invocations in the storm
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = positive)]
+    pub(crate) storm_concurrency: usize,
 }
 
 fn positive(value: &str) -> Result<usize, String> {
@@ -74,14 +87,27 @@ async fn bench(settings: &Settings) -> Result<String, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = <Settings as clap::Parser>::parse();
-    match bench(&settings).await {
+    let (result, default_out) = if settings.storm {
+        let storm = storm::Storm {
+            sims: settings.storm_sims,
+            concurrency: settings.storm_concurrency,
+        };
+        (storm::run(&storm).await, "bench/storm.md")
+    } else {
+        (bench(&settings).await, "bench/results.md")
+    };
+    let out = settings
+        .out
+        .clone()
+        .unwrap_or_else(|| root().join(default_out));
+    match result {
         Ok(markdown) => {
-            if let Err(e) = std::fs::write(&settings.out, &markdown) {
-                eprintln!("bench: cannot write {}: {e}", settings.out.display());
+            if let Err(e) = std::fs::write(&out, &markdown) {
+                eprintln!("bench: cannot write {}: {e}", out.display());
                 return ExitCode::FAILURE;
             }
             println!("{markdown}");
-            eprintln!("bench: wrote {}", settings.out.display());
+            eprintln!("bench: wrote {}", out.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
