@@ -213,6 +213,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     let sim = ClearedSim {
         imsi: &sim.imsi,
         registration_id,
+        fingerprint: key.fingerprint(),
         key,
         recorded,
     };
@@ -224,6 +225,8 @@ struct ClearedSim<'a> {
     imsi: &'a str,
     registration_id: String,
     key: SymmetricKey,
+    /// `key`'s fingerprint, computed once: compared with the record, and recorded.
+    fingerprint: String,
     recorded: Option<Registration>,
 }
 
@@ -231,11 +234,10 @@ impl ClearedSim<'_> {
     /// The recorded registration if it was made for this registration id with this key: its
     /// connection string works as long as IoT Hub keeps the device.
     fn usable_record(&self) -> Option<Registration> {
-        let fingerprint = self.key.fingerprint();
         self.recorded
             .clone()
             .filter(|r| r.registration_id == self.registration_id)
-            .filter(|r| r.key_fingerprint.as_deref() == Some(fingerprint.as_str()))
+            .filter(|r| r.key_fingerprint.as_deref() == Some(self.fingerprint.as_str()))
     }
 }
 
@@ -273,8 +275,7 @@ async fn connect<R: SimRegistry, K, D: Dps, L: DpsLimits>(
         dps_ms: Some(dps_ms),
         ..dps_refusal(e)
     })?;
-    let fingerprint = sim.key.fingerprint();
-    record(state, &sim, &assignment, fingerprint, deadlines).await;
+    record(state, &sim, &assignment, deadlines).await;
     Ok(Registered::from_dps(
         sim.registration_id,
         assignment,
@@ -440,7 +441,6 @@ async fn record<R: SimRegistry, K, D, L>(
     state: &State<R, K, D, L>,
     sim: &ClearedSim<'_>,
     assignment: &Assignment,
-    key_fingerprint: String,
     deadlines: Deadlines,
 ) {
     let imsi = sim.imsi;
@@ -449,7 +449,7 @@ async fn record<R: SimRegistry, K, D, L>(
         assigned_hub: assignment.assigned_hub.clone(),
         device_id: assignment.device_id.clone(),
         registered_at: unix_now(),
-        key_fingerprint: Some(key_fingerprint),
+        key_fingerprint: Some(sim.fingerprint.clone()),
     };
     let write = state.registry.record_registration(imsi, &recorded);
     match timeout_at(deadlines.answer_by, write).await {

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 use shared::clock::unix_now;
+use shared::memory::MemoryBudget;
 use shared::registry::{DeviceId, DeviceStatus, Registration};
 
 use crate::answer::{Response, Source};
@@ -170,48 +171,44 @@ async fn one_sim_cannot_cause_more_than_its_hourly_dps_registrations() {
 
 #[tokio::test]
 async fn the_fleet_budget_refuses_at_once_and_spreads_the_retries() {
-    let s = state(&[("DPS_REGISTRATIONS_PER_MINUTE", "3")]);
+    let mut s = state(&[]);
+    // A budget of 3 per window, in a window no clock tick during the test can leave (window
+    // start 0), divisible by 3: the refused are due exactly a third of a window apart.
+    const WINDOW: u64 = 3 << 38;
+    s.limits.fleet = MemoryBudget::new(3, WINDOW);
     let mut retries = Vec::new();
-    let started = unix_now();
     for n in 0..9 {
         let r = call_as(&s, &format!("4401030000001{n:02}"), json!({})).await;
         match r.status_code {
             200 => assert_eq!(r.source, Some(Source::Dps)),
             503 => {
                 assert_eq!(r.error, Some("dps-budget"));
-                retries.push(started + r.retry_after.expect("retryAfter"));
+                retries.push(r.retry_after.expect("retryAfter"));
             }
             _ => panic!("{}", r.outline()),
         }
     }
-    // Unless a minute boundary passed during the loop, 3 went to DPS and 6 wait.
-    let granted = dps_calls(&s);
-    assert!(granted == 3 || (unix_now() / 60 != started / 60 && granted <= 6));
-    assert_eq!(granted + retries.len(), 9);
-    // The refused come back over the coming minutes, never more than the budget per minute,
-    // and not all at once.
-    let mut per_minute = std::collections::HashMap::new();
-    for at in &retries {
-        *per_minute.entry(at / 60).or_insert(0) += 1;
+    assert_eq!(dps_calls(&s), 3, "the budget, exactly");
+    assert_eq!(retries.len(), 6);
+    // In the order refused: the next window's start, then a third and two thirds into it, then
+    // the same in the window after: never more than the budget per window, never all at once.
+    // (Each call reads the clock anew, so a second may pass between two of them.)
+    let first_due = retries[0] as i128 + unix_now() as i128;
+    assert!((first_due - WINDOW as i128).abs() <= 2, "{retries:?}");
+    for pair in retries.windows(2) {
+        let gap = pair[1] as i128 - pair[0] as i128;
+        assert!((gap - (WINDOW / 3) as i128).abs() <= 2, "{retries:?}");
     }
-    assert!(per_minute.values().all(|n| *n <= 3), "{per_minute:?}");
-    retries.dedup();
-    assert!(retries.len() > 2, "spread: {retries:?}");
 }
 
 #[tokio::test]
 async fn over_budget_a_usable_record_answers_unless_the_device_asked_for_dps() {
-    let s = state(&[
-        ("DPS_REGISTRATIONS_PER_MINUTE", "1"),
-        ("REREGISTER_AFTER_SECONDS", "0"),
-    ]);
+    let mut s = state(&[("REREGISTER_AFTER_SECONDS", "0")]);
+    // A budget of one in a window no clock tick during the test can leave: the second DPS
+    // registration is over budget whenever the test runs.
+    s.limits.fleet = MemoryBudget::new(1, 1 << 40);
     let first = call(&s, json!({})).await;
     assert_eq!(first.source, Some(Source::Dps));
-    // A minute boundary between the calls would grant it again; fill the new minute first.
-    let crowd = call_as(&s, "440103000000009", json!({})).await;
-    if crowd.status_code == 200 {
-        return; // the boundary passed: the next call is not over budget; nothing to show.
-    }
     let r = call(&s, json!({})).await;
     assert_eq!((r.status_code, r.source), (200, Some(Source::Record)));
     assert!(r.body == first.body);

@@ -185,24 +185,35 @@ impl DynamoRegistry {
         let key = id.key();
         // Only what this kind of item holds for its function: what the IAM policy allows it.
         // The individual key stays out of the record: only the secret store reads it.
-        let (expression, names) = projection(match id {
+        let attributes = match id {
             DeviceId::Sim(_) | DeviceId::SimCard(_) => SIM_ATTRIBUTES,
             DeviceId::Serial(_) => SERIAL_ATTRIBUTES,
-        });
+        };
+        self.read(&key, attributes)
+            .await?
+            .map(|item| decode(id.clone(), &key, &item))
+            .transpose()
+    }
+
+    /// One item, strongly consistent, with only `attributes` (all the IAM policy allows).
+    async fn read(
+        &self,
+        key: &str,
+        attributes: &[&str],
+    ) -> Result<Option<HashMap<String, AttributeValue>>, RegistryError> {
+        let (expression, names) = projection(attributes);
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&key))
+            .key(KEY_ATTRIBUTE, s(key))
             .projection_expression(expression)
             .set_expression_attribute_names(Some(names))
             .consistent_read(true)
             .send()
             .await
             .map_err(|e| RegistryError::from_failure(classify(&e)))?;
-        out.item
-            .map(|item| decode(id.clone(), &key, &item))
-            .transpose()
+        Ok(out.item)
     }
 
     pub async fn put(&self, record: &DeviceRecord) -> Result<(), RegistryError> {
@@ -344,19 +355,8 @@ impl ClaimLog for DynamoRegistry {
         Ok(())
     }
     async fn claim(&self, certificate_id: &str) -> Result<Option<ClaimRecord>, RegistryError> {
-        let (expression, names) = projection(CLAIM_ATTRIBUTES);
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&claim_key(certificate_id)))
-            .projection_expression(expression)
-            .set_expression_attribute_names(Some(names))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| RegistryError::from_failure(classify(&e)))?;
-        out.item
+        self.read(&claim_key(certificate_id), CLAIM_ATTRIBUTES)
+            .await?
             .map(|item| decode_claim(certificate_id, &item))
             .transpose()
     }
