@@ -193,6 +193,8 @@ pub struct Stats {
     /// TCP connections accepted, counted before the TLS handshake (so a client that refuses
     /// our certificate is counted by the time it has seen it).
     pub accepted: AtomicU64,
+    /// MQTT CONNECTs received (a TLS connection opened ahead and dropped sends none).
+    pub connects: AtomicU64,
     pub refused: AtomicU64,
     pub registers: AtomicU64,
     pub polls: AtomicU64,
@@ -494,6 +496,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(Packet::Connect(connect)) = read_packet(stream, buf).await else {
         return Ok(None);
     };
+    state.stats.connects.fetch_add(1, Ordering::Relaxed);
     let unavailable = state.fires(|f| match f {
         Fault::ConnackUnavailable(n) => Some(*n),
         _ => None,

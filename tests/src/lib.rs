@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod iot_control;
 pub mod iot_mqtt;
 pub mod lambda_watch;
+pub mod latency_proxy;
 pub mod local_aws;
 pub mod mqtt_io;
 pub mod runtime_api;

@@ -17,6 +17,12 @@ use tokio_rustls::TlsAcceptor;
 /// A server's accept loop, stopped when dropped: the stand-ins hold one and need no `Drop`.
 pub struct Background(JoinHandle<()>);
 
+impl Background {
+    pub fn new(task: JoinHandle<()>) -> Self {
+        Self(task)
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         self.0.abort();

@@ -17,6 +17,7 @@ use tokio::time::{timeout_at, Instant};
 
 pub use crate::answer::{Refused, Response, Source};
 use crate::config::Config;
+use crate::opening::Opening;
 use crate::ports::{Admission, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure};
 use crate::state::State;
 use shared::clock::unix_now;
@@ -192,16 +193,25 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     let request = device_request(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
     let registration_id = registration_id(config, &sim)?;
 
+    // A device that will not be answered from its record, whatever the table says, has its
+    // connection to DPS opened while the table is read (if the fleet's budget is not known
+    // spent): a cleared SIM then does not wait for TCP and TLS.
+    let mut opening = if (request.reprovision || config.reregister_after.is_zero())
+        && state.limits.likely_admitted(unix_now())
+    {
+        Opening::start(state.dps.open())
+    } else {
+        Opening::none()
+    };
     // The SIM's entries and its key, fetched together: a cold start waits for one round trip
     // instead of two (measured by `make bench`). A refused SIM's key is dropped unused.
-    let (cleared, key) = timeout_at(deadlines.answer_by, async {
+    let lookups = timeout_at(deadlines.answer_by, async {
         tokio::join!(
             check_sim(state, &sim),
             state.keys.device_key(&sim.imsi, &registration_id)
         )
-    })
-    .await
-    .map_err(|_| {
+    });
+    let (cleared, key) = opening.alongside(lookups).await.map_err(|_| {
         refuse(
             Refused::RegistryUnavailable,
             "device table or key store gave no answer before the deadline",
@@ -217,7 +227,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
         key,
         recorded,
     };
-    connect(state, sim, request, deadlines).await
+    connect(state, sim, request, deadlines, opening).await
 }
 
 /// A SIM the device table allows, with its device key and its recorded registration.
@@ -245,11 +255,12 @@ impl ClearedSim<'_> {
 /// than `REREGISTER_AFTER_SECONDS` (unless the device asks for a new registration), else
 /// from DPS within the SIM's and the fleet's limits; past a limit, from a usable record
 /// again, or a refusal that says when to come back.
-async fn connect<R: SimRegistry, K, D: Dps, L: DpsLimits>(
-    state: &State<R, K, D, L>,
+async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits>(
+    state: &'s State<R, K, D, L>,
     sim: ClearedSim<'_>,
     request: DeviceRequest,
     deadlines: Deadlines,
+    mut opening: Opening<'s, D::Line>,
 ) -> Result<Registered, Refusal> {
     let config = &state.config;
     let now = unix_now();
@@ -259,7 +270,12 @@ async fn connect<R: SimRegistry, K, D: Dps, L: DpsLimits>(
     if let Some(r) = usable.clone().filter(|r| young(r) && !request.reprovision) {
         return Ok(Registered::from_record(r, sim.key));
     }
-    if let Some(r) = admit_or_record(state, sim.imsi, &request, usable, now, deadlines).await? {
+    // DPS it is, if the limits admit it: the connection opens while they are asked.
+    if !opening.is_started() && state.limits.likely_admitted(now) {
+        opening = Opening::start(state.dps.open());
+    }
+    let admission = admit_or_record(state, sim.imsi, &request, usable, now, deadlines);
+    if let Some(r) = opening.alongside(admission).await? {
         return Ok(Registered::from_record(r, sim.key));
     }
     let payload = dps_payload(request.payload, config.model_id.as_deref());
@@ -269,7 +285,11 @@ async fn connect<R: SimRegistry, K, D: Dps, L: DpsLimits>(
         payload: payload.as_ref(),
     };
     let asked = Instant::now();
-    let result = state.dps.register(&enrollment, deadlines.dps_until).await;
+    let opened = opening.finish(deadlines.dps_until).await;
+    let result = state
+        .dps
+        .register(&enrollment, opened, deadlines.dps_until)
+        .await;
     let dps_ms = asked.elapsed().as_secs_f64() * 1000.0;
     let assignment = result.map_err(|e| Refusal {
         dps_ms: Some(dps_ms),

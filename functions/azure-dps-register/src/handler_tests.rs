@@ -3,6 +3,7 @@
 //! simulator.)
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -53,20 +54,34 @@ impl DeviceKeys for Keys {
 }
 
 /// DPS: assigns every device to one hub (returning `return_data` as a custom allocation
-/// policy would), or answers as told; counts registrations.
+/// policy would), or answers as told; counts connections opened ahead, and registrations
+/// (with whether they were made on such a connection).
 #[derive(Default)]
 pub(crate) struct FakeDps {
     pub(crate) answer: Mutex<Option<DpsError>>,
     pub(crate) registered: Mutex<Vec<(String, Option<Value>)>>,
     pub(crate) return_data: Mutex<Option<Value>>,
+    pub(crate) opened: AtomicUsize,
+    pub(crate) on_opened: AtomicUsize,
 }
 
 impl Dps for FakeDps {
+    type Line = ();
+
+    async fn open(&self) -> Result<(), DpsError> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn register(
         &self,
         e: &Enrollment<'_>,
+        opened: Option<Result<(), DpsError>>,
         _deadline: Instant,
     ) -> Result<Assignment, DpsError> {
+        if let Some(Ok(())) = opened {
+            self.on_opened.fetch_add(1, Ordering::Relaxed);
+        }
         self.registered
             .lock()
             .unwrap()
@@ -100,10 +115,10 @@ pub(crate) fn state(extra: &[(&str, &str)]) -> TestState {
     .collect();
     let config = Config::from_env(&env).unwrap();
     State {
-        limits: Limits {
-            per_sim: MemoryQuota::new(config.dps_per_sim_per_hour, SIM_WINDOW_SECS),
-            fleet: MemoryBudget::new(config.dps_registrations_per_minute, FLEET_WINDOW_SECS),
-        },
+        limits: Limits::new(
+            MemoryQuota::new(config.dps_per_sim_per_hour, SIM_WINDOW_SECS),
+            MemoryBudget::new(config.dps_registrations_per_minute, FLEET_WINDOW_SECS),
+        ),
         config,
         registry: MemoryTable::new(),
         keys: Keys::default(),
@@ -138,7 +153,7 @@ pub(crate) fn sim(imsi: &str) -> Value {
     })
 }
 
-fn entry(id: DeviceId, status: DeviceStatus, valid_until: Option<u64>) -> DeviceRecord {
+pub(crate) fn entry(id: DeviceId, status: DeviceStatus, valid_until: Option<u64>) -> DeviceRecord {
     let mut record = DeviceRecord::allowed(id);
     record.status = status;
     record.valid_until = valid_until;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod handler;
 #[cfg(test)]
 mod handler_tests;
+mod opening;
 pub mod ports;
 #[cfg(test)]
 mod scale_tests;

@@ -45,10 +45,19 @@ pub struct Enrollment<'a> {
 
 /// Azure DPS's device registration API.
 pub trait Dps: Send + Sync {
-    /// Registers the device, answering by `deadline`.
+    /// A connection to DPS on which nothing about any device has been sent yet.
+    type Line: Send;
+
+    /// Opens a connection (TCP + TLS), so that it can be opened while the SIM is still being
+    /// checked; dropping it closes it. Unbounded: the caller bounds the wait.
+    fn open(&self) -> impl Future<Output = Result<Self::Line, DpsError>> + Send;
+
+    /// Registers the device, answering by `deadline`: first on `opened` if the caller opened a
+    /// connection for it (a failed opening counts as the first connection's failure).
     fn register(
         &self,
         enrollment: &Enrollment<'_>,
+        opened: Option<Result<Self::Line, DpsError>>,
         deadline: Instant,
     ) -> impl Future<Output = Result<Assignment, DpsError>> + Send;
 }
@@ -71,6 +80,11 @@ pub enum Admission {
 /// The limits on DPS registrations: one SIM's share, then the whole fleet's (in that order, so
 /// that a looping device cannot spend the fleet's budget).
 pub trait DpsLimits: Send + Sync {
+    /// Whether a registration asked for now would likely be admitted, as far as this instance
+    /// knows without asking: false while the fleet's budget is known spent. A connection to
+    /// DPS is opened ahead only then, so that a storm over budget costs DPS no handshakes.
+    fn likely_admitted(&self, now: u64) -> bool;
+
     fn admit(
         &self,
         imsi: &str,

@@ -259,3 +259,55 @@ async fn dps_return_data_reaches_the_device_and_model_id_reaches_dps() {
         Some(json!({"modelId": "dtmi:com:example:Own;2", "a": 1}))
     );
 }
+
+fn opened(s: &TestState) -> (usize, usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (s.dps.opened.load(Relaxed), s.dps.on_opened.load(Relaxed))
+}
+
+#[tokio::test]
+async fn a_dps_registration_goes_over_the_connection_opened_during_the_checks() {
+    let s = state(&[]);
+    let r = call(&s, json!({})).await;
+    assert_eq!(r.source, Some(Source::Dps), "{}", r.outline());
+    assert_eq!(opened(&s), (1, 1), "opened once, and registered on it");
+    // Answered from the record: no connection is opened at all.
+    let r = call(&s, json!({})).await;
+    assert_eq!(r.source, Some(Source::Record));
+    assert_eq!(opened(&s), (1, 1));
+    // Asked for DPS: opened while the table is read, and used.
+    let r = call(&s, json!({"reprovision": true})).await;
+    assert_eq!(r.source, Some(Source::Dps));
+    assert_eq!(opened(&s), (2, 2));
+}
+
+#[tokio::test]
+async fn a_refused_sim_sends_nothing_over_the_connection_opened_for_it() {
+    let s = state(&[("REREGISTER_AFTER_SECONDS", "0")]);
+    s.registry.put(crate::handler_tests::entry(
+        DeviceId::Sim(IMSI.into()),
+        DeviceStatus::Blocked,
+        None,
+    ));
+    let r = call(&s, json!({})).await;
+    assert_eq!((r.status_code, r.error), (403, Some("sim-blocked")));
+    // Opened alongside the table read (the record could not have answered), then dropped.
+    assert_eq!(opened(&s), (1, 0));
+    assert_eq!(dps_calls(&s), 0);
+}
+
+#[tokio::test]
+async fn over_budget_no_connection_is_opened_for_the_rest_of_the_minute() {
+    let mut s = state(&[]);
+    s.limits.fleet = MemoryBudget::new(1, 1 << 40);
+    let r = call_as(&s, "440103000000101", json!({})).await;
+    assert_eq!(r.status_code, 200, "{}", r.outline());
+    // This instance does not know yet that the budget is spent: it opens, then drops.
+    let r = call_as(&s, "440103000000102", json!({})).await;
+    assert_eq!(r.error, Some("dps-budget"));
+    assert_eq!(opened(&s), (2, 1));
+    // Now it knows: a storm over budget costs DPS no handshakes.
+    let r = call_as(&s, "440103000000103", json!({})).await;
+    assert_eq!(r.error, Some("dps-budget"));
+    assert_eq!(opened(&s), (2, 1));
+}

@@ -2,6 +2,7 @@
 //! device table, the key store with its cache, DPS with its TLS configuration, and the limits
 //! on DPS registrations. Nothing here is per-device.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,18 @@ pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps, L = Limits
 pub struct Limits<Q = DynamoQuota, B = DynamoBudget> {
     pub per_sim: Q,
     pub fleet: B,
+    /// Until when (Unix seconds) this instance last saw the fleet's budget spent.
+    spent_until: AtomicU64,
+}
+
+impl<Q, B> Limits<Q, B> {
+    pub fn new(per_sim: Q, fleet: B) -> Self {
+        Self {
+            per_sim,
+            fleet,
+            spent_until: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The per-SIM window: an hour.
@@ -57,6 +70,10 @@ pub const SIM_WINDOW_SECS: u64 = 3600;
 pub const FLEET_WINDOW_SECS: u64 = 60;
 
 impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
+    fn likely_admitted(&self, now: u64) -> bool {
+        now >= self.spent_until.load(Ordering::Relaxed)
+    }
+
     async fn admit(&self, imsi: &str, now: u64) -> Result<Admission, QuotaError> {
         if let Verdict::Exceeded { retry_after } = self.per_sim.consume(imsi, now).await? {
             return Ok(Admission::SimLimited {
@@ -65,9 +82,13 @@ impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
         }
         Ok(match self.fleet.take(now).await? {
             Grant::Granted => Admission::Admitted,
-            Grant::Spent { retry_after } => Admission::OverBudget {
-                retry_after: Duration::from_secs(retry_after),
-            },
+            Grant::Spent { retry_after } => {
+                let window_ends = now - now % FLEET_WINDOW_SECS + FLEET_WINDOW_SECS;
+                self.spent_until.fetch_max(window_ends, Ordering::Relaxed);
+                Admission::OverBudget {
+                    retry_after: Duration::from_secs(retry_after),
+                }
+            }
         })
     }
 }
@@ -127,9 +148,16 @@ pub struct MqttDps {
 }
 
 impl Dps for MqttDps {
+    type Line = dps_client::Line;
+
+    async fn open(&self) -> Result<Self::Line, DpsError> {
+        dps_client::open(&self.endpoint, self.tls.get().await?).await
+    }
+
     async fn register(
         &self,
         enrollment: &Enrollment<'_>,
+        opened: Option<Result<Self::Line, DpsError>>,
         deadline: Instant,
     ) -> Result<Assignment, DpsError> {
         let request = RegistrationRequest {
@@ -140,7 +168,7 @@ impl Dps for MqttDps {
             payload: enrollment.payload,
             tls: self.tls.get().await?,
         };
-        dps_client::register(&request, deadline).await
+        dps_client::register_over(&request, opened, deadline).await
     }
 }
 
@@ -152,7 +180,7 @@ type Building = tokio::task::JoinHandle<Result<Arc<ClientConfig>, DpsError>>;
 /// preceding them.
 pub struct DpsTls {
     ready: tokio::sync::OnceCell<Arc<ClientConfig>>,
-    building: std::sync::Mutex<Option<Building>>,
+    building: tokio::sync::Mutex<Option<Building>>,
 }
 
 impl DpsTls {
@@ -162,27 +190,27 @@ impl DpsTls {
             tokio::task::spawn_blocking(move || dps_client::tls_config(extra_root.as_deref()));
         Self {
             ready: tokio::sync::OnceCell::new(),
-            building: std::sync::Mutex::new(Some(building)),
+            building: tokio::sync::Mutex::new(Some(building)),
         }
     }
 
     /// The configuration, once built. A failed build fails this call and every later one.
+    /// Cancel-safe: a caller dropped while waiting (a connection opened ahead for a SIM that is
+    /// then refused) leaves the build to the next caller.
     pub async fn get(&self) -> Result<Arc<ClientConfig>, DpsError> {
         self.ready
             .get_or_try_init(|| async {
-                let building = self
-                    .building
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-                match building {
-                    Some(handle) => handle
-                        .await
-                        .map_err(|e| DpsError::Tls(format!("TLS setup stopped: {e}")))?,
-                    None => Err(DpsError::Tls(
+                let mut building = self.building.lock().await;
+                let Some(handle) = building.as_mut() else {
+                    return Err(DpsError::Tls(
                         "TLS setup failed at cold start (see the first error)".into(),
-                    )),
-                }
+                    ));
+                };
+                let built = handle
+                    .await
+                    .map_err(|e| DpsError::Tls(format!("TLS setup stopped: {e}")));
+                *building = None;
+                built?
             })
             .await
             .cloned()
@@ -231,22 +259,22 @@ impl State {
                 source: config.key_source.clone(),
                 store: CachedSecretStore::new(store, config.secret_cache),
             },
-            limits: Limits {
-                per_sim: DynamoQuota::new(
+            limits: Limits::new(
+                DynamoQuota::new(
                     dynamodb.clone(),
                     &config.devices_table,
                     "dps",
                     config.dps_per_sim_per_hour,
                     SIM_WINDOW_SECS,
                 ),
-                fleet: DynamoBudget::new(
+                DynamoBudget::new(
                     dynamodb.clone(),
                     &config.devices_table,
                     "dps",
                     config.dps_registrations_per_minute,
                     FLEET_WINDOW_SECS,
                 ),
-            },
+            ),
             registry: DynamoRegistry::new(dynamodb, &config.devices_table),
             dps: MqttDps {
                 endpoint: config.endpoint.clone(),
@@ -255,5 +283,19 @@ impl State {
             },
             config,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caller_dropped_while_the_tls_setup_builds_leaves_it_to_the_next() {
+        let tls = DpsTls::start(None);
+        // Dropped at its first wait, as a connection opened for a refused SIM is.
+        let _ = tokio::time::timeout(Duration::ZERO, tls.get()).await;
+        let direct = dps_client::tls_config(None).map(|_| ());
+        assert_eq!(tls.get().await.map(|_| ()), direct);
     }
 }

@@ -1,6 +1,8 @@
-//! Azure DPS device registration over MQTT 3.1.1 / TLS (rumqttc, rustls on ring).
+//! Azure DPS device registration over MQTT 3.1.1 / TLS (rumqttc's MQTT codec, rustls on ring).
 //!
-//! One call to [`register`] connects as the device, subscribes to `$dps/registrations/res/#`,
+//! The connection can be opened ahead ([`open`], TCP + TLS only, nothing about the device) while
+//! the caller still decides whether the device may register, then handed to
+//! [`register_over`]. One registration connects as the device, subscribes to `$dps/registrations/res/#`,
 //! publishes the registration, polls the operation until DPS answers `assigned` or fails it,
 //! and disconnects. Everything is bounded by the caller's deadline: an invocation that cannot
 //! finish in time says so and says when to retry, instead of hanging until Lambda kills it (the
@@ -18,10 +20,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::{ConnectReturnCode, SubscribeReasonCode};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::ClientConfig;
@@ -33,6 +34,10 @@ use domain::clock::unix_now;
 use domain::config::HostPort;
 use domain::keys::SymmetricKey;
 use domain::sas;
+
+mod wire;
+use wire::Wire;
+pub use wire::{open, Line};
 
 /// API version of the device registration API.
 pub const API_VERSION: &str = "2019-03-31";
@@ -46,6 +51,8 @@ const MAX_REQUEST_RETRIES: u32 = 10;
 const MAX_CONNECTIONS: u32 = 3;
 /// Lifetime of the SAS token presented to DPS: long enough for one registration only.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// MQTT keep-alive announced in CONNECT; a PINGREQ goes out after 3/4 of it without traffic.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Time allowed for a clean MQTT DISCONNECT after the outcome is known.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(300);
 
@@ -219,18 +226,6 @@ struct RegistrationState {
     payload: Option<Value>,
 }
 
-/// Whether a failed TLS connection is the server's certificate or the TLS conversation itself
-/// (final: retrying cannot change it) rather than the network under it (a reset, an early EOF).
-fn is_tls_refusal(error: &rumqttc::TlsError) -> bool {
-    match error {
-        rumqttc::TlsError::Io(io) => io
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()),
-        rumqttc::TlsError::Addr(_) => false,
-        _ => true,
-    }
-}
-
 /// Up to +20 % so that many devices throttled together do not come back together.
 fn with_jitter(delay: Duration) -> Duration {
     use ring::rand::SecureRandom;
@@ -242,11 +237,23 @@ fn with_jitter(delay: Duration) -> Duration {
     delay + delay * spread / (255 * 5)
 }
 
-/// Registers the device, within `deadline`.
+/// Registers the device, within `deadline`, on a connection of its own.
 pub async fn register(
     request: &RegistrationRequest<'_>,
     deadline: Instant,
 ) -> Result<Assignment, DpsError> {
+    register_over(request, None, deadline).await
+}
+
+/// Registers the device, within `deadline`: first on `opened`, the connection the caller
+/// opened for it ahead of time (if opening it failed, that counts as the first connection's
+/// failure), then on connections of its own.
+pub async fn register_over(
+    request: &RegistrationRequest<'_>,
+    opened: Option<Result<Line, DpsError>>,
+    deadline: Instant,
+) -> Result<Assignment, DpsError> {
+    let mut opened = opened;
     let mut last = DpsError::Deadline {
         retry_after: DEFAULT_RETRY_AFTER,
     };
@@ -258,7 +265,7 @@ pub async fn register(
             }
             tokio::time::sleep(backoff).await;
         }
-        match session(request, deadline).await {
+        match session(request, opened.take(), deadline).await {
             Ok(assignment) => return Ok(assignment),
             Err(Outcome::Final(e)) => return Err(e),
             Err(Outcome::Reconnect(e)) => {
@@ -281,75 +288,73 @@ enum Pending {
     Poll(String),
 }
 
+/// What woke the conversation up.
+enum Step {
+    Packet(Result<Packet, DpsError>),
+    Due,
+    Ping,
+}
+
 async fn session(
     request: &RegistrationRequest<'_>,
+    opened: Option<Result<Line, DpsError>>,
     deadline: Instant,
 ) -> Result<Assignment, Outcome> {
+    let too_late = || {
+        Outcome::Final(DpsError::Deadline {
+            retry_after: DEFAULT_RETRY_AFTER,
+        })
+    };
+    let line = match opened {
+        Some(line) => line,
+        None => timeout_at(deadline, open(request.endpoint, request.tls.clone()))
+            .await
+            .map_err(|_| too_late())?,
+    };
+    // A certificate that does not verify is final; a network that fails may not be.
+    let line = line.map_err(|e| match e {
+        DpsError::Tls(_) => Outcome::Final(e),
+        e => Outcome::Reconnect(e),
+    })?;
+    let mut wire = Wire::new(line);
+    let mut conversation = Conversation::new(request, deadline);
+    let outcome = match timeout_at(deadline, conversation.run(&mut wire)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Outcome::Final(DpsError::Deadline {
+            retry_after: conversation.retry_hint,
+        })),
+    };
+    if conversation.connected {
+        let limit = deadline.min(Instant::now() + DISCONNECT_GRACE);
+        if wire.queue(Packet::Disconnect).is_ok() {
+            let _ = timeout_at(limit, wire.flush()).await;
+        }
+    }
+    outcome
+}
+
+/// The MQTT CONNECT of this device: DPS's user name and a SAS token good for one registration.
+fn connect_packet(request: &RegistrationRequest<'_>) -> Connect {
     let token = sas::registration_token(
         request.id_scope,
         request.registration_id,
         request.device_key,
         unix_now() + TOKEN_LIFETIME.as_secs(),
     );
-    let mut options = MqttOptions::new(
-        request.registration_id,
-        request.endpoint.host.clone(),
-        request.endpoint.port,
+    let mut connect = Connect::new(request.registration_id);
+    connect.keep_alive = KEEP_ALIVE.as_secs() as u16;
+    connect.clean_session = true;
+    connect.set_login(
+        username(request.id_scope, request.registration_id),
+        token.as_str(),
     );
-    options
-        .set_credentials(
-            username(request.id_scope, request.registration_id),
-            token.as_str(),
-        )
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(128 * 1024, 128 * 1024)
-        .set_transport(Transport::Tls(TlsConfiguration::Rustls(
-            request.tls.clone(),
-        )));
-    let (client, mut events) = AsyncClient::new(options, 8);
-    // Without TCP_NODELAY, Nagle holds each small request until the peer's delayed ACK
-    // (~40 ms on Linux): measured as +100 ms per registration in `make bench`.
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    events.set_network_options(network);
-
-    let mut conversation = Conversation::new(request, client.clone(), deadline);
-    let outcome = match timeout_at(deadline, conversation.run(&mut events)).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(Outcome::Final(DpsError::Deadline {
-            retry_after: conversation.retry_hint,
-        })),
-    };
-    // After a connection error the event loop would reconnect on the next poll: only a live
-    // connection gets a DISCONNECT.
-    if conversation.connected {
-        disconnect(&client, &mut events, deadline).await;
-    }
-    outcome
-}
-
-/// Sends DISCONNECT and drives the event loop until it is written (or briefly, at most).
-async fn disconnect(client: &AsyncClient, events: &mut EventLoop, deadline: Instant) {
-    if client.try_disconnect().is_err() {
-        return;
-    }
-    let limit = deadline.min(Instant::now() + DISCONNECT_GRACE);
-    let _ = timeout_at(limit, async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    connect
 }
 
 struct Conversation<'a> {
     request: &'a RegistrationRequest<'a>,
-    client: AsyncClient,
     next_rid: u64,
+    next_packet_id: u16,
     awaiting_rid: Option<String>,
     pending: Option<(Instant, Pending)>,
     deadline: Instant,
@@ -360,13 +365,13 @@ struct Conversation<'a> {
 }
 
 impl<'a> Conversation<'a> {
-    fn new(request: &'a RegistrationRequest<'a>, client: AsyncClient, deadline: Instant) -> Self {
+    fn new(request: &'a RegistrationRequest<'a>, deadline: Instant) -> Self {
         Self {
             deadline,
             connected: false,
             request,
-            client,
             next_rid: 0,
+            next_packet_id: 0,
             awaiting_rid: None,
             pending: None,
             last_operation: None,
@@ -375,76 +380,108 @@ impl<'a> Conversation<'a> {
         }
     }
 
-    async fn run(&mut self, events: &mut EventLoop) -> Result<Assignment, Outcome> {
+    /// A broken connection: worth another one, and not worth a DISCONNECT.
+    fn lost(&mut self, error: DpsError) -> Outcome {
+        self.connected = false;
+        Outcome::Reconnect(error)
+    }
+
+    fn packet_id(&mut self) -> u16 {
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        self.next_packet_id
+    }
+
+    async fn flush(&mut self, wire: &mut Wire) -> Result<Instant, Outcome> {
+        wire.flush().await.map_err(|e| self.lost(e))?;
+        Ok(Instant::now() + KEEP_ALIVE * 3 / 4)
+    }
+
+    async fn run(&mut self, wire: &mut Wire) -> Result<Assignment, Outcome> {
+        wire.queue(Packet::Connect(connect_packet(self.request)))
+            .map_err(Outcome::Final)?;
+        self.flush(wire).await?;
+        match wire.next().await.map_err(|e| self.lost(e))? {
+            Packet::ConnAck(ack) => match ack.code {
+                ConnectReturnCode::Success => self.connected = true,
+                ConnectReturnCode::ServiceUnavailable => {
+                    return Err(Outcome::Reconnect(DpsError::Connection(
+                        "DPS answered CONNACK server unavailable".into(),
+                    )))
+                }
+                code => return Err(Outcome::Final(DpsError::Unauthorized(format!("{code:?}")))),
+            },
+            _ => {
+                return Err(self.lost(DpsError::Protocol(
+                    "DPS did not answer CONNECT with CONNACK".into(),
+                )))
+            }
+        }
+        // SUBSCRIBE and the register PUBLISH in one flight: MQTT servers handle a connection's
+        // packets in order, so the subscription exists before the answer is published, and
+        // one round trip is saved (`make bench` measures it).
+        let mut subscribe = Subscribe::new(RESPONSE_TOPIC_FILTER, QoS::AtLeastOnce);
+        subscribe.pkid = self.packet_id();
+        wire.queue(Packet::Subscribe(subscribe))
+            .map_err(Outcome::Final)?;
+        self.send(wire, Pending::Register)?;
+        let mut ping_at = self.flush(wire).await?;
         loop {
             let wake = self.pending.as_ref().map(|(at, _)| *at);
-            tokio::select! {
-                event = events.poll() => {
-                    if let Some(done) = self.on_event(event).await? {
+            let step = tokio::select! {
+                packet = wire.next() => Step::Packet(packet),
+                _ = sleep_until(wake.unwrap_or(self.deadline)), if wake.is_some() => Step::Due,
+                _ = sleep_until(ping_at) => Step::Ping,
+            };
+            match step {
+                Step::Packet(packet) => {
+                    let packet = packet.map_err(|e| self.lost(e))?;
+                    if let Some(done) = self.on_packet(wire, packet)? {
                         return Ok(done);
                     }
                 }
-                _ = sleep_until(wake.unwrap_or(self.deadline)), if wake.is_some() => {
+                Step::Due => {
                     if let Some((_, next)) = self.pending.take() {
-                        self.send(next).await?;
+                        self.send(wire, next)?;
                     }
                 }
+                Step::Ping => wire.queue(Packet::PingReq).map_err(Outcome::Final)?,
             }
+            // Whatever the step queued (an acknowledgement, a request, a ping) leaves now.
+            ping_at = self.flush(wire).await?;
         }
     }
 
-    async fn on_event(
+    fn on_packet(
         &mut self,
-        event: Result<Event, ConnectionError>,
+        wire: &mut Wire,
+        packet: Packet,
     ) -> Result<Option<Assignment>, Outcome> {
-        if event.is_err() {
-            self.connected = false;
-        }
-        match event {
-            Err(ConnectionError::ConnectionRefused(
-                rumqttc::ConnectReturnCode::ServiceUnavailable,
-            )) => Err(Outcome::Reconnect(DpsError::Connection(
-                "DPS answered CONNACK server unavailable".into(),
-            ))),
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                Err(Outcome::Final(DpsError::Unauthorized(format!("{code:?}"))))
-            }
-            Err(ConnectionError::Tls(e)) if is_tls_refusal(&e) => {
-                Err(Outcome::Final(DpsError::Tls(e.to_string())))
-            }
-            Err(e) => Err(Outcome::Reconnect(DpsError::Connection(e.to_string()))),
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                self.connected = true;
-                // SUBSCRIBE and the register PUBLISH in one flight: MQTT servers handle a
-                // connection's packets in order, so the subscription exists before the answer
-                // is published, and one round trip is saved (`make bench` measures it).
-                self.client
-                    .subscribe(RESPONSE_TOPIC_FILTER, QoS::AtLeastOnce)
-                    .await
-                    .map_err(|e| Outcome::Reconnect(DpsError::Connection(e.to_string())))?;
-                self.send(Pending::Register).await?;
-                Ok(None)
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted = ack
+        match packet {
+            Packet::SubAck(ack) => {
+                let refused = ack
                     .return_codes
                     .iter()
-                    .all(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                if !granted {
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                if refused {
                     return Err(Outcome::Final(DpsError::Protocol(
                         "subscription to responses refused".into(),
                     )));
                 }
                 Ok(None)
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::AtLeastOnce {
+                    wire.queue(Packet::PubAck(PubAck::new(publish.pkid)))
+                        .map_err(Outcome::Final)?;
+                }
                 self.on_response(&publish.topic, &publish.payload)
             }
-            Ok(_) => Ok(None),
+            _ => Ok(None),
         }
     }
 
-    async fn send(&mut self, next: Pending) -> Result<(), Outcome> {
+    /// Queues the request (the caller flushes it).
+    fn send(&mut self, wire: &mut Wire, next: Pending) -> Result<(), Outcome> {
         self.next_rid += 1;
         let rid = self.next_rid;
         let (topic, body) = match &next {
@@ -459,10 +496,9 @@ impl<'a> Conversation<'a> {
             Pending::Poll(operation_id) => (poll_topic(rid, operation_id), b" ".to_vec()),
         };
         self.awaiting_rid = Some(rid.to_string());
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, body)
-            .await
-            .map_err(|e| Outcome::Reconnect(DpsError::Connection(e.to_string())))
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, body);
+        publish.pkid = self.packet_id();
+        wire.queue(Packet::Publish(publish)).map_err(Outcome::Final)
     }
 
     /// Schedules `next` after `delay`, or gives up with `give_up` if that is past the deadline

@@ -2,6 +2,7 @@
 //! record, key rotation, a device's own request for DPS, the per-SIM limit, and the fleet's
 //! budget shared by two instances.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use aws_sdk_ssm::types::ParameterType;
@@ -11,6 +12,7 @@ use lambda_runtime::Context;
 use local_emulators::local_aws::random_key_base64;
 use serde_json::{json, Value};
 use shared::keys::SymmetricKey;
+use shared::registry::{DeviceId, DeviceRecord, DeviceStatus};
 
 use crate::azure_dps_register::{context, setup_with, Setup, GROUP_KEY_PARAMETER};
 use crate::dps_fixture::IMSI;
@@ -105,8 +107,9 @@ async fn a_sim_without_a_record_is_told_when_its_hour_has_room() {
         (429, Some("sim-rate-limited"))
     );
     assert!(limited.retry_after.is_some_and(|r| r > 3500));
-    let connections = &s.dps.sim.stats().connections;
-    assert_eq!(connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The limited call may have opened a connection alongside the limits, but sent nothing
+    // over it: DPS saw one CONNECT.
+    assert_eq!(s.dps.sim.stats().connects.load(Relaxed), 1);
 }
 
 /// Two instances (two cold starts of the function) against one device table: together they
@@ -137,4 +140,27 @@ async fn two_instances_share_the_fleet_budget_without_overshoot() {
     } else {
         assert!(granted <= 10, "two minutes' budgets at most");
     }
+}
+
+/// With `REREGISTER_AFTER_SECONDS=0` the record can never answer, so the connection to DPS is
+/// opened while the table is read: the allowed SIM registers over it (one TCP connection, one
+/// CONNECT), the blocked SIM's is dropped before anything about it is sent.
+#[tokio::test]
+async fn the_connection_opened_during_the_checks_carries_only_a_cleared_sim() {
+    let s = setup_with(|_| {}, None, &[("REREGISTER_AFTER_SECONDS", "0")]).await;
+    const BLOCKED: &str = "440103999999999";
+    let mut blocked = DeviceRecord::allowed(DeviceId::Sim(BLOCKED.into()));
+    blocked.status = DeviceStatus::Blocked;
+    s.state.registry.put(&blocked).await.unwrap();
+    let refused = call(&s.state, BLOCKED, json!({})).await;
+    assert_eq!(refused.error, Some("sim-blocked"), "{}", refused.outline());
+
+    let r = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(r.source, Some(Source::Dps), "{}", r.outline());
+    let stats = s.dps.sim.stats();
+    // Only the cleared SIM's CONNECT ever reached DPS, on one of at most two TCP connections
+    // (the blocked SIM's may have been accepted before it was dropped).
+    assert_eq!(stats.connects.load(Relaxed), 1);
+    assert!((1..=2).contains(&stats.accepted.load(Relaxed)));
+    assert_eq!(assigned(&s), 1);
 }

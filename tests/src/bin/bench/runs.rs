@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use local_emulators::bench::{millis, peak_rss_mib, percentile, spread, FunctionProcess, Spread};
 use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator, Fault};
+use local_emulators::latency_proxy::LatencyProxy;
 use local_emulators::stack::ID_SCOPE;
 use serde_json::{json, Value};
 use shared::config::HostPort;
@@ -66,6 +67,10 @@ pub(crate) struct Measured {
     pub(crate) throughput: Sides,
     /// The DPS client libraries alone: ALONE sequential registrations.
     pub(crate) alone: Sides,
+    /// Round trips to DPS per registration: a new SIM, and (`rust` only) a device asking for
+    /// DPS (`REREGISTER_AFTER_SECONDS=0`, the connection opened while the table is read).
+    pub(crate) round_trips: Sides,
+    pub(crate) round_trips_asked: Vec<Run>,
 }
 
 pub(crate) async fn measure_all(settings: &Settings, b: &Bench) -> Result<Measured, String> {
@@ -86,6 +91,25 @@ pub(crate) async fn measure_all(settings: &Settings, b: &Bench) -> Result<Measur
     let throughput = load_sides(b, &throttling, settings.throughput_runs, load).await?;
     eprintln!("==> the DPS client alone: {ALONE} sequential registrations, assigning at once");
     let alone = load_sides(b, &b.immediate, settings.runs, (ALONE, 1)).await?;
+    eprintln!(
+        "==> round trips to DPS: {RTT_WARM} registrations through a proxy adding {} ms RTT, and without",
+        RTT.as_millis()
+    );
+    let round_trips = Sides {
+        rust: runs("rust", settings.runs, |_| {
+            round_trip_run(b, Side::Rust, &[])
+        })
+        .await?,
+        node: runs("node", settings.runs, |_| {
+            round_trip_run(b, Side::Node, &[])
+        })
+        .await?,
+    };
+    let asked = [("REREGISTER_AFTER_SECONDS", "0")];
+    let round_trips_asked = runs("rust, DPS asked for", settings.runs, |_| {
+        round_trip_run(b, Side::Rust, &asked)
+    })
+    .await?;
     Ok(Measured {
         dps,
         delayed,
@@ -93,6 +117,8 @@ pub(crate) async fn measure_all(settings: &Settings, b: &Bench) -> Result<Measur
         issuer,
         throughput,
         alone,
+        round_trips,
+        round_trips_asked,
     })
 }
 
@@ -190,31 +216,82 @@ async fn measure(
 
 /// One cold start and `warm` warm registrations in one fresh process; the run's figures.
 async fn dps_run(b: &Bench, side: Side, sim: &DpsSimulator, warm: usize) -> Result<Run, String> {
+    dps_run_via(b, side, sim, warm, &Route::Direct).await
+}
+
+/// How a run reaches the simulator.
+enum Route<'a> {
+    Direct,
+    /// Through a proxy on this port, with these variables added to the function's environment.
+    Proxy(u16, &'a [(&'a str, &'a str)]),
+}
+
+async fn dps_run_via(
+    b: &Bench,
+    side: Side,
+    sim: &DpsSimulator,
+    warm: usize,
+    route: &Route<'_>,
+) -> Result<Run, String> {
     let imsis: Vec<String> = (0..=warm).map(|_| b.next_imsi()).collect();
-    let process = match side {
-        Side::Rust => {
-            FunctionProcess::spawn(
-                &release_bin("azure-dps-register"),
-                &[],
-                &b.rust_env("azure-dps-register", sim),
-            )
-            .await?
-        }
-        Side::Node => {
-            let script = root().join("bench/node/bootstrap.js");
-            FunctionProcess::spawn(
-                Path::new("node"),
-                &[&script.display().to_string()],
-                &b.node_env(sim, &imsis),
-            )
-            .await?
-        }
+    let (program, args, mut env) = match side {
+        Side::Rust => (
+            release_bin("azure-dps-register"),
+            vec![],
+            b.rust_env("azure-dps-register", sim),
+        ),
+        Side::Node => (
+            "node".into(),
+            vec![root().join("bench/node/bootstrap.js").display().to_string()],
+            b.node_env(sim, &imsis),
+        ),
     };
+    if let Route::Proxy(port, extra) = route {
+        for (name, value) in &mut env {
+            match name.as_str() {
+                "DPS_ENDPOINT" => *value = format!("127.0.0.1:{port}"),
+                "PROVISIONING_HOST" => *value = format!("localhost:{port}"),
+                _ => {}
+            }
+        }
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let process = FunctionProcess::spawn(Path::new(&program), &args, &env).await?;
     let invocations = imsis
         .iter()
         .map(|imsi| (json!({}), Some(client_context(imsi))))
         .collect();
     measure(&process, invocations, registered).await
+}
+
+/// The round-trip time the latency proxy puts between the functions and DPS.
+pub(crate) const RTT: Duration = Duration::from_millis(50);
+/// Warm registrations per run through the latency proxy.
+const RTT_WARM: usize = 10;
+
+/// Round trips to DPS per registration, as seen from outside: each run's warm p50 through
+/// the latency proxy with `RTT` less the same without delay, in units of `RTT`. The simulator
+/// assigns at once, so what remains is the conversation's own round trips.
+async fn round_trip_run(b: &Bench, side: Side, extra: &[(&str, &str)]) -> Result<Run, String> {
+    let mut p50 = Vec::new();
+    for rtt in [Duration::ZERO, RTT] {
+        let proxy = LatencyProxy::start(b.immediate.addr(), rtt)
+            .await
+            .map_err(|e| e.to_string())?;
+        let route = Route::Proxy(proxy.addr().port(), extra);
+        let run = dps_run_via(b, side, &b.immediate, RTT_WARM, &route).await?;
+        p50.push(run.get("p50").copied().ok_or("no p50")?);
+    }
+    let mut run = Run::new();
+    run.insert("trips", (p50[1] - p50[0]) / millis(RTT));
+    run.insert("p50_plain", p50[0]);
+    run.insert("p50_rtt", p50[1]);
+    Ok(run)
 }
 
 /// fleet-prehook: one cold decision and `warm` warm ones, each for a fresh allowed serial (the
