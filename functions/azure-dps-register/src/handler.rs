@@ -85,7 +85,11 @@ impl Registered {
             device_id: recorded.device_id,
             key,
             source: Source::Record,
-            return_data: None,
+            // Written by this function from DPS's answer; unreadable text is dropped rather
+            // than refusing a working connection string.
+            return_data: recorded
+                .return_data
+                .and_then(|text| serde_json::from_str(&text).ok()),
             dps_ms: None,
         }
     }
@@ -470,6 +474,7 @@ async fn record<R: SimRegistry, K, D, L>(
         device_id: assignment.device_id.clone(),
         registered_at: unix_now(),
         key_fingerprint: Some(sim.fingerprint.clone()),
+        return_data: assignment.payload.as_ref().map(Value::to_string),
     };
     let write = state.registry.record_registration(imsi, &recorded);
     match timeout_at(deadlines.answer_by, write).await {

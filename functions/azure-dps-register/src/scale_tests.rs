@@ -79,6 +79,7 @@ async fn a_record_without_a_fingerprint_or_for_another_id_does_not_answer() {
         device_id: IMSI.into(),
         registered_at: unix_now(),
         key_fingerprint: None,
+        return_data: None,
     });
     s.registry.put(entry.clone());
     assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
@@ -242,6 +243,10 @@ async fn dps_return_data_reaches_the_device_and_model_id_reaches_dps() {
         serde_json::to_value(&r).unwrap()["returnData"]["tier"],
         "gold"
     );
+    // Answered from the record, the device gets the same data again.
+    let again = call(&s, json!({})).await;
+    assert_eq!(again.source, Some(Source::Record));
+    assert_eq!(again.return_data, Some(json!({"tier": "gold"})));
     let r = call_as(
         &s,
         "440103000000003",

@@ -251,24 +251,36 @@ impl SimRegistry for DynamoRegistry {
         registration: &Registration,
     ) -> Result<(), RegistryError> {
         let key = DeviceId::Sim(imsi.to_owned()).key();
-        let set = "SET registration_id = :rid, assigned_hub = :hub, device_id = :dev, \
-                   registered_at = :at";
-        // A registration without a fingerprint must not keep the previous one's.
-        let (expression, fingerprint) = match &registration.key_fingerprint {
-            Some(fingerprint) => (
-                format!("{set}, key_fingerprint = :fp"),
-                Some(s(fingerprint)),
-            ),
-            None => (format!("{set} REMOVE key_fingerprint"), None),
+        let mut set = "SET registration_id = :rid, assigned_hub = :hub, device_id = :dev, \
+                   registered_at = :at"
+            .to_owned();
+        let mut remove = Vec::new();
+        let mut values = HashMap::new();
+        // A registration without a fingerprint or allocation data must not keep the previous
+        // one's.
+        for (attribute, placeholder, value) in [
+            ("key_fingerprint", ":fp", &registration.key_fingerprint),
+            ("return_data", ":data", &registration.return_data),
+        ] {
+            match value {
+                Some(value) => {
+                    set.push_str(&format!(", {attribute} = {placeholder}"));
+                    values.insert(placeholder.to_owned(), s(value));
+                }
+                None => remove.push(attribute),
+            }
+        }
+        let expression = if remove.is_empty() {
+            set
+        } else {
+            format!("{set} REMOVE {}", remove.join(", "))
         };
         self.client
             .update_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&key))
             .update_expression(expression)
-            .set_expression_attribute_values(
-                fingerprint.map(|fp| HashMap::from([(":fp".to_owned(), fp)])),
-            )
+            .set_expression_attribute_values(Some(values))
             .condition_expression("attribute_not_exists(#status) OR #status <> :blocked")
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":rid", s(&registration.registration_id))

@@ -140,6 +140,7 @@ fn registration(a: &Attributes) -> Result<Option<Registration>, RegistryError> {
                     device_id,
                     registered_at,
                     key_fingerprint: a.text("key_fingerprint")?,
+                    return_data: a.text("return_data")?,
                 })
             }
             _ => None,
@@ -220,6 +221,9 @@ pub(super) fn encode(record: &DeviceRecord) -> HashMap<String, AttributeValue> {
         item.insert("registered_at".into(), n(r.registered_at));
         if let Some(fingerprint) = &r.key_fingerprint {
             item.insert("key_fingerprint".into(), s(fingerprint));
+        }
+        if let Some(data) = &r.return_data {
+            item.insert("return_data".into(), s(data));
         }
     }
     if let Some(p) = &record.provisioning {

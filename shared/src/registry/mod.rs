@@ -14,6 +14,7 @@
 //! | `registration_id`, `assigned_hub`, `device_id` | S | last Azure DPS registration |
 //! | `registered_at` | N | Unix time of that registration |
 //! | `key_fingerprint` | S | which device key that registration used (a hash, not the key) |
+//! | `return_data` | S | the allocation data DPS returned with it (JSON text), if any |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
 //! | `provisioning_state` | S | `pending` (the hook said yes; nothing confirmed the device since) or `confirmed` |
@@ -60,6 +61,7 @@ pub const SIM_ATTRIBUTES: &[&str] = &[
     "device_id",
     "registered_at",
     "key_fingerprint",
+    "return_data",
 ];
 /// The individual-enrollment key on a SIM's item: read by the secret store only.
 pub const DEVICE_KEY_ATTRIBUTE: &str = "device_key";
@@ -158,6 +160,9 @@ pub struct Registration {
     /// Which device key the registration was made with (`SymmetricKey::fingerprint`); `None`
     /// in records written before it was kept, which therefore never answer in DPS's place.
     pub key_fingerprint: Option<String>,
+    /// The custom allocation data DPS returned (`payload`), as JSON text: a device answered
+    /// from the record gets it again.
+    pub return_data: Option<String>,
 }
 
 /// Whether anything confirmed that a provisioned device got its certificate.

@@ -164,3 +164,25 @@ async fn the_connection_opened_during_the_checks_carries_only_a_cleared_sim() {
     assert!((1..=2).contains(&stats.accepted.load(Relaxed)));
     assert_eq!(assigned(&s), 1);
 }
+
+/// DPS's allocation data (a custom allocation's `returnData`) reaches the device, and reaches
+/// it again when its record answers (kept in the device table as DPS sent it).
+#[tokio::test]
+async fn allocation_data_reaches_the_device_from_dps_and_from_the_record() {
+    let s = setup_with(
+        |c| c.return_data = Some(json!({"tier": "gold", "hubs": [1, 2]})),
+        None,
+        &[],
+    )
+    .await;
+    let first = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(first.source, Some(Source::Dps), "{}", first.outline());
+    assert_eq!(
+        first.return_data,
+        Some(json!({"tier": "gold", "hubs": [1, 2]}))
+    );
+    let again = call(&s.state, IMSI, json!({})).await;
+    assert_eq!(again.source, Some(Source::Record), "{}", again.outline());
+    assert_eq!(again.return_data, first.return_data);
+    assert_eq!(assigned(&s), 1);
+}

@@ -163,6 +163,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         device_id: "440103123456789".into(),
         registered_at: 1_700_000_000,
         key_fingerprint: Some("00112233445566778899aabbccddeeff".into()),
+        return_data: Some(r#"{"tier":"gold"}"#.into()),
     };
     // An unknown SIM (group enrollment without an allowlist entry) gets a record.
     registry
@@ -179,6 +180,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
     // otherwise vouch for a key it was not made with.
     let unknown_key = Registration {
         key_fingerprint: None,
+        return_data: None,
         registered_at: 1_700_000_100,
         ..registration.clone()
     };
