@@ -46,6 +46,20 @@ pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps, L = Limits
     pub limits: L,
 }
 
+impl<R, K, D, L> State<R, K, D, L> {
+    /// The same state over another device table and other limits (the reboot storm's run with
+    /// the table in memory, to tell the function's own cost from the local emulator's).
+    pub fn with_stores<R2, L2>(self, registry: R2, limits: L2) -> State<R2, K, D, L2> {
+        State {
+            config: self.config,
+            registry,
+            keys: self.keys,
+            dps: self.dps,
+            limits,
+        }
+    }
+}
+
 /// The per-SIM sliding window and the fleet's budget per minute, both in the device table.
 pub struct Limits<Q = DynamoQuota, B = DynamoBudget> {
     pub per_sim: Q,
