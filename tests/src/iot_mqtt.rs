@@ -1,5 +1,6 @@
-//! A strict stand-in for AWS IoT Core's fleet provisioning MQTT API (MQTT 3.1.1 over TLS with
-//! client certificates), so the whole trusted-user flow runs on this machine.
+//! A strict stand-in for AWS IoT Core's fleet provisioning MQTT API (MQTT 3.1.1 and MQTT 5 over
+//! TLS with client certificates), so the whole trusted-user flow runs on this machine, with
+//! `fleet-device` or the official AWS IoT Device SDKs (both their MQTT 3.1.1 and MQTT 5 clients).
 //!
 //! What it checks, as AWS IoT does:
 //! - the TLS client certificate chains to the claim CA of the IoT control-plane double or to the
@@ -10,7 +11,11 @@
 //!   subscribe only under the fleet provisioning topics
 //!   (the claim policy in infra/template.yaml); anything else ends the connection; a device
 //!   certificate only under `devices/{thing}/`;
-//! - replies go to `{request}/accepted` or `{request}/rejected`, and only if subscribed;
+//! - replies go to `{request}/accepted` or `{request}/rejected`, only if subscribed, at the QoS
+//!   the subscription was granted (QoS 1 at most), with the request's MQTT 5 correlation data;
+//! - a persistent session (MQTT 3.1.1 without clean session, MQTT 5 with a session expiry and
+//!   without clean start) keeps its subscriptions across connections for up to an hour, and
+//!   CONNACK says `session present`;
 //! - an ownership token is valid 1 hour, names the certificate it came with, and is used once;
 //! - RegisterThing calls the template's pre-provisioning hook with the 2020-04-01 payload and
 //!   denies when it answers anything but `allowProvisioning: true`, fails, or takes more than
@@ -29,15 +34,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use bytes::BytesMut;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, CertificateSigningRequestParams, DnType, Issuer, KeyPair};
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
-    UnsubAck,
-};
 use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Map, Value};
 use shared::clock::unix_now;
@@ -45,7 +45,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::mqtt_io::{granted, lock, read_packet, write_packet};
+use crate::mqtt_io::{granted, lock};
+use crate::mqtt_session::{Sessions, Subscriptions};
+use crate::mqtt_wire::{Hello, Message, Refusal, Request, ServerConnection};
 use crate::tls::{certificate_authority, certificate_id, local_pki, roots_from_pem};
 
 /// How long AWS IoT waits for a pre-provisioning hook before denying.
@@ -193,6 +195,7 @@ struct State {
     /// the device sees a TLS alert before the simulator has recorded why it sent it: tests wait
     /// for the record instead of reading it at once.
     refusals: tokio::sync::watch::Sender<Vec<String>>,
+    sessions: Sessions,
     stats: Stats,
 }
 
@@ -223,6 +226,7 @@ impl IotMqttSimulator {
             tokens: Mutex::new(HashMap::new()),
             things: Mutex::new(Vec::new()),
             refusals: tokio::sync::watch::Sender::new(Vec::new()),
+            sessions: Sessions::default(),
             stats: Stats::default(),
         });
         let shared = Arc::clone(&state);
@@ -354,15 +358,10 @@ impl Peer {
 }
 
 /// Checks CONNECT against the certificate; the peer, or the CONNACK refusal and why.
-fn admit(
-    state: &State,
-    certificate_id: &str,
-    connect: &Connect,
-) -> Result<Peer, (ConnectReturnCode, String)> {
-    let client_id = connect.client_id.as_str();
+fn admit(state: &State, certificate_id: &str, client_id: &str) -> Result<Peer, (Refusal, String)> {
     if client_id.is_empty() || client_id.len() > 128 {
         return Err((
-            ConnectReturnCode::BadClientId,
+            Refusal::BadClientId,
             "client id must be 1 to 128 characters".into(),
         ));
     }
@@ -372,7 +371,7 @@ fn admit(
         // admits only client ids no device can have.
         if !client_id.starts_with(&state.config.claim_client_prefix) {
             return Err((
-                ConnectReturnCode::NotAuthorized,
+                Refusal::NotAuthorized,
                 format!(
                     "client id '{client_id}' is not allowed for a claim certificate (the claim policy admits '{}*')",
                     state.config.claim_client_prefix
@@ -388,11 +387,11 @@ fn admit(
             thing: thing.clone(),
         }),
         (CertificateStatus::Active, Some(thing)) => Err((
-            ConnectReturnCode::NotAuthorized,
+            Refusal::NotAuthorized,
             format!("client id '{client_id}' is not the thing name '{thing}' of its certificate"),
         )),
         _ => Err((
-            ConnectReturnCode::NotAuthorized,
+            Refusal::NotAuthorized,
             "certificate is not active (RegisterThing has not accepted it)".into(),
         )),
     }
@@ -413,86 +412,95 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     certificate_id: &str,
     state: &State,
 ) -> std::io::Result<()> {
-    let mut buf = BytesMut::with_capacity(8192);
-    let Some(Packet::Connect(connect)) = read_packet(&mut stream, &mut buf).await else {
+    let Some((mut connection, hello)) = ServerConnection::accept(stream).await else {
         return Ok(());
     };
-    let peer = match admit(state, certificate_id, &connect) {
+    let peer = match admit(state, certificate_id, &hello.client_id) {
         Ok(peer) => peer,
         Err((code, why)) => {
             refuse(state, format!("CONNECT: {why}"));
-            write_packet(&mut stream, Packet::ConnAck(ConnAck::new(code, false))).await?;
+            connection.refuse(code).await?;
             return Ok(());
         }
     };
-    write_packet(
-        &mut stream,
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-    )
-    .await?;
-    // AWS IoT drops a client silent for 1.5 keep-alive periods.
-    let idle = Duration::from_secs(u64::from(connect.keep_alive.max(1)) * 3 / 2 + 1);
-    let mut subscriptions: Vec<String> = Vec::new();
+    let (mut subscriptions, session_present) = state.sessions.resume(&hello);
+    connection.connack(session_present).await?;
+    let served = converse(&mut connection, &hello, &peer, &mut subscriptions, state).await;
+    state.sessions.keep(&hello, subscriptions);
+    served
+}
 
+/// The requests of one admitted connection, until it ends.
+async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
+    connection: &mut ServerConnection<S>,
+    hello: &Hello,
+    peer: &Peer,
+    subscriptions: &mut Subscriptions,
+    state: &State,
+) -> std::io::Result<()> {
+    // AWS IoT drops a client silent for 1.5 keep-alive periods.
+    let idle = Duration::from_secs(u64::from(hello.keep_alive.max(1)) * 3 / 2 + 1);
+    let mut packet_ids = 0u16;
     loop {
-        let packet = match tokio::time::timeout(idle, read_packet(&mut stream, &mut buf)).await {
-            Ok(Some(packet)) => packet,
-            _ => return Ok(()),
+        let Ok(Some(request)) = tokio::time::timeout(idle, connection.next()).await else {
+            return Ok(());
         };
-        match packet {
-            Packet::Subscribe(sub) => {
-                let codes = sub
-                    .filters
-                    .iter()
-                    .map(|f| {
-                        if peer.allows(&f.path) {
-                            subscriptions.push(f.path.clone());
-                            SubscribeReasonCode::Success(granted(f.qos))
-                        } else {
-                            SubscribeReasonCode::Failure
-                        }
-                    })
-                    .collect();
-                write_packet(&mut stream, Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+        match request {
+            Request::Subscribe { pkid, filters } => {
+                let mut granted_qos = Vec::new();
+                for (filter, qos) in filters {
+                    if peer.allows(&filter) {
+                        subscriptions.retain(|(f, _)| *f != filter);
+                        subscriptions.push((filter, granted(qos)));
+                        granted_qos.push(Some(granted(qos)));
+                    } else {
+                        granted_qos.push(None);
+                    }
+                }
+                connection.suback(pkid, &granted_qos).await?;
             }
-            Packet::Publish(publish) => {
+            Request::Publish(publish) => {
                 if !peer.allows(&publish.topic) {
                     // A policy violation: AWS IoT disconnects the client.
                     return Ok(());
                 }
                 if publish.qos == QoS::AtLeastOnce {
-                    write_packet(&mut stream, Packet::PubAck(PubAck::new(publish.pkid))).await?;
+                    connection.puback(publish.pkid).await?;
                 }
-                let client_id = connect.client_id.as_str();
-                if let Some(reply) = answer(state, &peer, client_id, &publish, &subscriptions).await
-                {
-                    write_packet(&mut stream, Packet::Publish(reply)).await?;
+                let reply = answer(state, peer, &hello.client_id, &publish, subscriptions).await;
+                if let Some(mut reply) = reply {
+                    if reply.qos == QoS::AtLeastOnce {
+                        packet_ids = packet_ids.checked_add(1).unwrap_or(1);
+                        reply.pkid = packet_ids;
+                    }
+                    connection.publish(reply).await?;
                 }
             }
-            Packet::Unsubscribe(unsub) => {
-                subscriptions.retain(|s| !unsub.topics.contains(s));
-                write_packet(&mut stream, Packet::UnsubAck(UnsubAck::new(unsub.pkid))).await?
+            Request::Unsubscribe { pkid, filters } => {
+                subscriptions.retain(|(f, _)| !filters.contains(f));
+                connection.unsuback(pkid, filters.len()).await?
             }
-            Packet::PingReq => write_packet(&mut stream, Packet::PingResp).await?,
-            Packet::Disconnect => return Ok(()),
-            _ => {}
+            Request::Ping => connection.pong().await?,
+            Request::Disconnect => return Ok(()),
+            Request::Other => {}
         }
     }
 }
 
 /// The reply to a claim connection's request, on `<topic>/accepted` or `/rejected`, if the
-/// client subscribed to it (AWS IoT publishes either way; unsubscribed, it is lost).
+/// client subscribed to it (AWS IoT publishes either way; unsubscribed, it is lost), at the
+/// QoS the subscription was granted, with the request's MQTT 5 correlation data.
 async fn answer(
     state: &State,
     peer: &Peer,
     client_id: &str,
-    publish: &Publish,
-    subscriptions: &[String],
-) -> Option<Publish> {
+    publish: &Message,
+    subscriptions: &Subscriptions,
+) -> Option<Message> {
     let Peer::Claim {
         certificate_id: claim_id,
     } = peer
@@ -505,10 +513,14 @@ async fn answer(
     }
     let verdict = if accepted { "accepted" } else { "rejected" };
     let topic = format!("{}/{verdict}", publish.topic);
-    subscriptions
+    let qos = subscriptions
         .iter()
-        .any(|f| topic_matches(f, &topic))
-        .then(|| Publish::new(topic, QoS::AtMostOnce, body.to_string()))
+        .filter(|(f, _)| topic_matches(f, &topic))
+        .map(|(_, qos)| *qos)
+        .max_by_key(|qos| *qos as u8)?;
+    let mut reply = Message::new(topic, qos, body.to_string());
+    reply.correlation_data = publish.correlation_data.clone();
+    Some(reply)
 }
 
 fn rejected(status: u16, code: &str, message: &str) -> (bool, Value) {
@@ -523,14 +535,16 @@ async fn respond(
     state: &State,
     claim_id: &str,
     client_id: &str,
-    publish: &Publish,
+    publish: &Message,
 ) -> Option<(bool, Value)> {
     let topic = publish.topic.as_str();
     let body: Option<Value> = serde_json::from_slice(&publish.payload).ok();
     let invalid = || rejected(400, "InvalidPayload", "the payload is not a JSON object");
     Some(match topic {
+        // The request has no fields: `{}` or, as AWS IoT also takes it, an empty payload.
         "$aws/certificates/create/json" => match body {
             Some(Value::Object(_)) => create_certificate(state, None),
+            None if publish.payload.is_empty() => create_certificate(state, None),
             _ => invalid(),
         },
         "$aws/certificates/create-from-csr/json" => {

@@ -21,6 +21,8 @@ pub mod lambda_watch;
 pub mod latency_proxy;
 pub mod local_aws;
 pub mod mqtt_io;
+pub mod mqtt_session;
+pub mod mqtt_wire;
 pub mod runtime_api;
 pub mod serve;
 pub mod stack;

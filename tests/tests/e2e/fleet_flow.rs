@@ -26,7 +26,7 @@ use shared::registry::{ClaimLog, ClaimRecord, DeviceId, DeviceRecord, DynamoRegi
 
 use crate::fleet_fixture::*;
 
-const TEMPLATE: &str = "fleet-template";
+pub(crate) const TEMPLATE: &str = "fleet-template";
 const PREFIX: &str = "fleet-";
 
 /// The real fleet-prehook handler, as the hook AWS IoT calls.
@@ -41,19 +41,19 @@ fn prehook(registry: &DynamoRegistry, extra: &[(&str, &str)]) -> Hook {
     })
 }
 
-struct Flow {
+pub(crate) struct Flow {
     _aws: LocalAws,
-    registry: DynamoRegistry,
-    iot: IotControlPlane,
+    pub(crate) registry: DynamoRegistry,
+    pub(crate) iot: IotControlPlane,
     issuer: IssuerState,
-    sim: IotMqttSimulator,
-    dir: TempDir,
+    pub(crate) sim: IotMqttSimulator,
+    pub(crate) dir: TempDir,
 }
 
 /// The local AWS endpoint seeded like the other fleet tests (SN-0001 allowed with a Location
 /// override, SN-0666 blocked, plus SN-0002 allowed), the control-plane double, claim-issuer's
 /// state, and the MQTT simulator with `hook` (the real hook requiring a claim record if `None`).
-async fn flow(hook: Option<Hook>) -> Flow {
+pub(crate) async fn flow(hook: Option<Hook>) -> Flow {
     flow_with(hook, |_| {}).await
 }
 
@@ -96,7 +96,7 @@ async fn flow_with(hook: Option<Hook>, configure: impl FnOnce(&mut IotMqttConfig
 impl Flow {
     /// An installer asks claim-issuer for a claim bound to `serial`; its certificate and key go
     /// to `claim.pem.crt` / `claim.pem.key`, as an installer app would hand them to the device.
-    async fn claim(&self, serial: &str) -> (PathBuf, PathBuf) {
+    pub(crate) async fn claim(&self, serial: &str) -> (PathBuf, PathBuf) {
         let mut event = fixtures::event("claim-issuer", "issue.json");
         event["body"] = Value::String(json!({ "serial": serial }).to_string());
         let response = issue(event, unix_now(), &self.issuer).await;

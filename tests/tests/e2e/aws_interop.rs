@@ -1,0 +1,183 @@
+//! The official AWS IoT Device SDK v2 for Python (`awsiotsdk`, pinned in tests/requirements.txt)
+//! provisioning by claim through the AWS IoT MQTT simulator and the real fleet-prehook handler,
+//! as its fleet provisioning sample does: what a developer testing firmware locally meets.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use local_emulators::local_aws::venv_bin;
+use serde_json::Value;
+
+use crate::fleet_flow::{flow, Flow, TEMPLATE};
+
+/// The SDK's provisioning with a claim for `serial` and the script's `flags` (`--csr`:
+/// CreateCertificateFromCsr instead of new keys; `--reuse-token`: RegisterThing twice); the
+/// script's JSON answer.
+async fn sdk_provision(
+    f: &Flow,
+    claim: &(PathBuf, PathBuf),
+    serial: &str,
+    flags: &[&str],
+) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aws_fleet_provisioning.py");
+    let mut command = tokio::process::Command::new(venv_bin("python"));
+    command
+        .arg(script)
+        .args(["--host", "localhost", "--port"])
+        .arg(f.sim.addr().port().to_string())
+        .arg("--ca")
+        .arg(f.dir.path().join("server-ca.pem"))
+        .arg("--cert")
+        .arg(&claim.0)
+        .arg("--key")
+        .arg(&claim.1)
+        .args(["--client-id", &format!("claim.{serial}")])
+        .args(["--template", TEMPLATE, "--serial", serial])
+        .args(flags)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the SDK finished within 60 s")
+        .expect("python from .venv (run `make tools`)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_provisions_an_allowed_serial_and_is_refused_an_unknown_one() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let done = sdk_provision(&f, &claim, "SN-0001", &[]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
+    let things = f.sim.things();
+    assert_eq!(things.len(), 1);
+    assert_eq!(
+        things[0].certificate_id,
+        done["certificateId"].as_str().unwrap()
+    );
+    assert_eq!(things[0].parameters["Location"], "tokyo-1");
+
+    // SN-0404 is not in the device table: the hook's denial, in AWS's rejected shape.
+    let claim = f.claim("SN-0404").await;
+    let refused = sdk_provision(&f, &claim, "SN-0404", &[]).await;
+    let rejected = &refused["rejected"];
+    assert_eq!(rejected["step"], "register-thing", "{refused}");
+    assert_eq!(rejected["statusCode"], 403);
+    assert_eq!(rejected["errorCode"], "AccessDenied");
+    assert_eq!(f.sim.things().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_provisions_from_a_csr_and_cannot_spend_a_token_twice() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0002").await;
+    let done = sdk_provision(&f, &claim, "SN-0002", &["--csr", "--reuse-token"]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0002", "{done}");
+    let again = &done["again"]["rejected"];
+    assert_eq!(again["step"], "register-thing", "{done}");
+    assert_eq!(again["statusCode"], 400);
+    assert_eq!(again["errorCode"], "InvalidCertificateOwnershipToken");
+    assert_eq!(f.sim.things().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_over_mqtt5_provisions_and_is_refused_as_over_mqtt3() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let done = sdk_provision(&f, &claim, "SN-0001", &["--api", "mqtt5", "--reuse-token"]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
+    assert_eq!(
+        done["again"]["rejected"]["errorCode"],
+        "InvalidCertificateOwnershipToken"
+    );
+
+    let claim = f.claim("SN-0002").await;
+    let done = sdk_provision(&f, &claim, "SN-0002", &["--api", "mqtt5", "--csr"]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0002", "{done}");
+
+    let claim = f.claim("SN-0404").await;
+    let refused = sdk_provision(&f, &claim, "SN-0404", &["--api", "mqtt5"]).await;
+    assert_eq!(refused["rejected"]["step"], "register-thing", "{refused}");
+    assert_eq!(refused["rejected"]["statusCode"], 403);
+    assert_eq!(refused["rejected"]["errorCode"], "AccessDenied");
+    assert_eq!(f.sim.things().len(), 2);
+}
+
+/// A claim connection with `clean_session=false` (as the SDK's sample connects) and its
+/// events: CONNACK's session-present flag, then what arrives.
+async fn persistent_claim_session(
+    f: &Flow,
+    claim: &(PathBuf, PathBuf),
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop, bool) {
+    use fleet_device::tls;
+    use rumqttc::{Event, Incoming, MqttOptions, TlsConfiguration, Transport};
+    let port = f.sim.addr().port();
+    let config = tls::client_config(
+        Some(&f.dir.path().join("server-ca.pem")),
+        tls::read_certificates(&claim.0).unwrap(),
+        tls::read_private_key(&claim.1).unwrap(),
+        port,
+    )
+    .unwrap();
+    let mut options = MqttOptions::new("claim.SN-0001", "localhost", port);
+    options
+        .set_clean_session(false)
+        .set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let present = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Event::Incoming(Incoming::ConnAck(ack)) = events.poll().await.unwrap() {
+                return ack.session_present;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (client, events, present)
+}
+
+/// What AWS IoT keeps of a persistent session: the second connection has its subscription
+/// (CONNACK says so) and gets the reply to a request it did not subscribe for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_its_subscriptions_across_connections() {
+    use rumqttc::{Event, Incoming, QoS};
+    let f = flow(None).await;
+    let claim = f.claim("SN-0001").await;
+    let (client, mut events, present) = persistent_claim_session(&f, &claim).await;
+    assert!(!present, "a new client has no session");
+    client
+        .subscribe("$aws/certificates/create/json/accepted", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await
+    .unwrap();
+
+    let (client, mut events, present) = persistent_claim_session(&f, &claim).await;
+    assert!(present, "the session was kept");
+    // CreateKeysAndCertificate with an empty payload, which AWS IoT takes like `{}`.
+    client
+        .publish("$aws/certificates/create/json", QoS::AtLeastOnce, false, "")
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Event::Incoming(Incoming::Publish(p)) = events.poll().await.unwrap() {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply.topic, "$aws/certificates/create/json/accepted");
+    // Delivered at the QoS the subscription was granted.
+    assert_eq!(reply.qos, QoS::AtLeastOnce);
+}
