@@ -171,6 +171,8 @@ pub struct Stats {
     pub hook_calls: AtomicU64,
     pub provisioned: AtomicU64,
     pub rejected: AtomicU64,
+    /// Requests made on the `.../cbor` topics.
+    pub cbor_requests: AtomicU64,
 }
 
 struct Certificate {
@@ -518,7 +520,7 @@ async fn answer(
         .filter(|(f, _)| topic_matches(f, &topic))
         .map(|(_, qos)| *qos)
         .max_by_key(|qos| *qos as u8)?;
-    let mut reply = Message::new(topic, qos, body.to_string());
+    let mut reply = Message::new(topic, qos, body);
     reply.correlation_data = publish.correlation_data.clone();
     Some(reply)
 }
@@ -531,23 +533,87 @@ fn rejected(status: u16, code: &str, message: &str) -> (bool, Value) {
 }
 
 /// The reply to a request topic: `(accepted, body)`, or `None` for a topic that is not a request.
+/// The payload encodings of the fleet provisioning topics, by their last level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Cbor,
+}
+
+impl Encoding {
+    /// A request topic's operation (the topic without its encoding) and encoding.
+    fn of(topic: &str) -> Option<(&str, Encoding)> {
+        if let Some(base) = topic.strip_suffix("/json") {
+            Some((base, Encoding::Json))
+        } else {
+            Some((topic.strip_suffix("/cbor")?, Encoding::Cbor))
+        }
+    }
+
+    fn decode(self, payload: &[u8]) -> Option<Value> {
+        match self {
+            Encoding::Json => serde_json::from_slice(payload).ok(),
+            Encoding::Cbor => ciborium::from_reader(payload).ok(),
+        }
+    }
+
+    fn encode(self, body: &Value) -> Vec<u8> {
+        match self {
+            Encoding::Json => body.to_string().into_bytes(),
+            Encoding::Cbor => {
+                let mut out = Vec::new();
+                // Into a Vec: no I/O to fail, and every JSON value has a CBOR form.
+                let _ = ciborium::into_writer(body, &mut out);
+                out
+            }
+        }
+    }
+}
+
+/// The reply to a request topic, JSON or CBOR as the request was: `(accepted, body)`, or
+/// `None` for a topic that is not a request.
 async fn respond(
     state: &State,
     claim_id: &str,
     client_id: &str,
     publish: &Message,
+) -> Option<(bool, Vec<u8>)> {
+    let (operation, encoding) = Encoding::of(&publish.topic)?;
+    if encoding == Encoding::Cbor {
+        state.stats.cbor_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    let (accepted, body) = reply(state, claim_id, client_id, publish, operation, encoding).await?;
+    Some((accepted, encoding.encode(&body)))
+}
+
+async fn reply(
+    state: &State,
+    claim_id: &str,
+    client_id: &str,
+    publish: &Message,
+    operation: &str,
+    encoding: Encoding,
 ) -> Option<(bool, Value)> {
-    let topic = publish.topic.as_str();
-    let body: Option<Value> = serde_json::from_slice(&publish.payload).ok();
-    let invalid = || rejected(400, "InvalidPayload", "the payload is not a JSON object");
-    Some(match topic {
+    let body = encoding.decode(&publish.payload);
+    let invalid = || {
+        let name = match encoding {
+            Encoding::Json => "JSON",
+            Encoding::Cbor => "CBOR",
+        };
+        rejected(
+            400,
+            "InvalidPayload",
+            &format!("the payload is not a {name} map"),
+        )
+    };
+    Some(match operation {
         // The request has no fields: `{}` or, as AWS IoT also takes it, an empty payload.
-        "$aws/certificates/create/json" => match body {
+        "$aws/certificates/create" => match body {
             Some(Value::Object(_)) => create_certificate(state, None),
             None if publish.payload.is_empty() => create_certificate(state, None),
             _ => invalid(),
         },
-        "$aws/certificates/create-from-csr/json" => {
+        "$aws/certificates/create-from-csr" => {
             match body
                 .as_ref()
                 .and_then(|b| b.get("certificateSigningRequest"))
@@ -562,9 +628,9 @@ async fn respond(
             }
         }
         _ => {
-            let template = topic
+            let template = operation
                 .strip_prefix("$aws/provisioning-templates/")?
-                .strip_suffix("/provision/json")?;
+                .strip_suffix("/provision")?;
             match body {
                 Some(Value::Object(request)) => {
                     register_thing(state, template, claim_id, client_id, &request).await

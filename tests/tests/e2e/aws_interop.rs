@@ -181,3 +181,47 @@ async fn a_persistent_session_keeps_its_subscriptions_across_connections() {
     // Delivered at the QoS the subscription was granted.
     assert_eq!(reply.qos, QoS::AtLeastOnce);
 }
+
+/// The CBOR topics driven by paho-mqtt and cbor2 (not the simulator's encoder), as constrained
+/// firmware uses them: an allowed serial becomes a thing, an unknown one gets the hook's denial
+/// as a CBOR map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cbor_topics_provision_with_another_cbor_encoder() {
+    let f = flow(None).await;
+    let run = |claim: (PathBuf, PathBuf), serial: &'static str| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aws_cbor_provisioning.py");
+        let mut command = tokio::process::Command::new(venv_bin("python"));
+        command
+            .arg(script)
+            .args(["--host", "localhost", "--port"])
+            .arg(f.sim.addr().port().to_string())
+            .arg("--ca")
+            .arg(f.dir.path().join("server-ca.pem"))
+            .arg("--cert")
+            .arg(&claim.0)
+            .arg("--key")
+            .arg(&claim.1)
+            .args(["--client-id", &format!("claim.{serial}")])
+            .args(["--template", TEMPLATE, "--serial", serial])
+            .kill_on_drop(true);
+        async move {
+            let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+                .await
+                .expect("finished within 60 s")
+                .expect("python from .venv (run `make tools`)");
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            serde_json::from_str::<Value>(stdout.trim()).unwrap()
+        }
+    };
+    let done = run(f.claim("SN-0001").await, "SN-0001").await;
+    assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
+    let refused = run(f.claim("SN-0404").await, "SN-0404").await;
+    assert_eq!(refused["rejected"]["statusCode"], 403, "{refused}");
+    assert_eq!(refused["rejected"]["errorCode"], "AccessDenied");
+    assert_eq!(f.sim.things().len(), 1);
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ::claim_issuer::config::Config as IssuerConfig;
 use ::claim_issuer::handler::{handle as issue, State as IssuerState};
 use fleet_device::session::Session;
-use fleet_device::{files, provision, tls, DeviceError, Options};
+use fleet_device::{files, provision, tls, DeviceError, Format, Options};
 use fleet_prehook::handler::handle;
 use local_emulators::fixtures::{self, temp_dir, TempDir};
 use local_emulators::iot_control::IotControlPlane;
@@ -132,6 +132,7 @@ impl Flow {
             force: false,
             timeout: Duration::from_secs(20),
             verify: true,
+            format: Format::Json,
         }
     }
 }
@@ -162,7 +163,8 @@ async fn create_keys(session: &mut Session) -> Value {
     session
         .request(
             "CreateKeysAndCertificate",
-            "$aws/certificates/create/json",
+            "$aws/certificates/create",
+            Format::Json,
             &json!({}),
         )
         .await
@@ -251,6 +253,19 @@ async fn an_allowed_serial_goes_from_installer_to_thing() {
         matches!(&again, Err(DeviceError::Setup(m)) if m.contains("already exists")),
         "{again:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_device_speaks_the_cbor_topics_too() {
+    let f = flow(None).await;
+    let claim = f.claim("SN-0002").await;
+    let mut options = f.options("SN-0002", &claim, true);
+    options.format = Format::Cbor;
+    let done = provision(&options, |_| {}).await.unwrap();
+    assert_eq!(done.thing_name, "fleet-SN-0002");
+    assert!(done.verified);
+    // CreateCertificateFromCsr and RegisterThing, both on the CBOR topics.
+    assert_eq!(f.sim.stats().cbor_requests.load(Ordering::Relaxed), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,13 +369,15 @@ async fn an_ownership_token_is_single_use_and_a_pending_certificate_cannot_conne
         "certificateOwnershipToken": created["certificateOwnershipToken"],
         "parameters": {"SerialNumber": "SN-0001"},
     });
-    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision/json");
+    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision");
     let accepted = session
-        .request("RegisterThing", &topic, &register)
+        .request("RegisterThing", &topic, Format::Json, &register)
         .await
         .unwrap();
     assert_eq!(accepted["thingName"], "fleet-SN-0001");
-    let reused = session.request("RegisterThing", &topic, &register).await;
+    let reused = session
+        .request("RegisterThing", &topic, Format::Json, &register)
+        .await;
     match reused {
         Err(DeviceError::Rejected {
             status,
@@ -379,7 +396,9 @@ async fn an_ownership_token_is_single_use_and_a_pending_certificate_cannot_conne
     let forged =
         json!({"certificateOwnershipToken": "forged", "parameters": {"SerialNumber": "SN-0001"}});
     assert!(matches!(
-        session.request("RegisterThing", &topic, &forged).await,
+        session
+            .request("RegisterThing", &topic, Format::Json, &forged)
+            .await,
         Err(DeviceError::Rejected { status: 400, .. })
     ));
     session.close().await;
@@ -471,7 +490,7 @@ async fn one_claim_cannot_provision_two_devices_over_one_connection() {
         issued["keyPair"]["PrivateKey"].as_str().unwrap(),
     );
     let mut session = f.claim_session(&claim, "claim.loop").await.unwrap();
-    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision/json");
+    let topic = format!("$aws/provisioning-templates/{TEMPLATE}/provision");
     let mut outcomes = Vec::new();
     for serial in ["SN-0001", "SN-0002"] {
         let created = create_keys(&mut session).await;
@@ -479,7 +498,11 @@ async fn one_claim_cannot_provision_two_devices_over_one_connection() {
             "certificateOwnershipToken": created["certificateOwnershipToken"],
             "parameters": {"SerialNumber": serial},
         });
-        outcomes.push(session.request("RegisterThing", &topic, &register).await);
+        outcomes.push(
+            session
+                .request("RegisterThing", &topic, Format::Json, &register)
+                .await,
+        );
     }
     session.close().await;
     assert_eq!(outcomes[0].as_ref().unwrap()["thingName"], "fleet-SN-0001");

@@ -5,6 +5,7 @@
 //! directory only the owner can read. Works against AWS IoT Core and the local simulator.
 
 pub mod files;
+pub mod payload;
 pub mod session;
 pub mod tls;
 
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::files::{CERTIFICATE_FILE, PRIVATE_KEY_FILE, THING_FILE};
+pub use crate::payload::Format;
 use crate::session::Session;
 
 /// Client ids of claim connections begin with this: the claim policy admits only such ids, and
@@ -81,6 +83,8 @@ pub struct Options {
     pub timeout: Duration,
     /// After provisioning, connect once with the new certificate as the thing.
     pub verify: bool,
+    /// The payload encoding: the `.../json` or the `.../cbor` topics.
+    pub format: Format,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +198,7 @@ async fn connect_as_thing(
 async fn create_certificate(
     session: &mut Session,
     local_key: Option<(String, String)>,
+    format: Format,
     progress: &mut impl FnMut(&str),
 ) -> Result<(Value, String), DeviceError> {
     match local_key {
@@ -202,7 +207,8 @@ async fn create_certificate(
             let created = session
                 .request(
                     "CreateCertificateFromCsr",
-                    "$aws/certificates/create-from-csr/json",
+                    "$aws/certificates/create-from-csr",
+                    format,
                     &json!({ "certificateSigningRequest": csr }),
                 )
                 .await?;
@@ -213,7 +219,8 @@ async fn create_certificate(
             let created = session
                 .request(
                     "CreateKeysAndCertificate",
-                    "$aws/certificates/create/json",
+                    "$aws/certificates/create",
+                    format,
                     &json!({}),
                 )
                 .await?;
@@ -230,7 +237,8 @@ async fn register(
     progress: &mut impl FnMut(&str),
 ) -> Result<Provisioned, DeviceError> {
     let dir = &options.out_dir;
-    let (created, private_key) = create_certificate(session, local_key, progress).await?;
+    let (created, private_key) =
+        create_certificate(session, local_key, options.format, progress).await?;
     let certificate_id = field(&created, "certificateId", "certificate creation")?;
     let certificate_pem = field(&created, "certificatePem", "certificate creation")?;
     let token = field(
@@ -254,10 +262,8 @@ async fn register(
     let registered = session
         .request(
             "RegisterThing",
-            &format!(
-                "$aws/provisioning-templates/{}/provision/json",
-                options.template
-            ),
+            &format!("$aws/provisioning-templates/{}/provision", options.template),
+            options.format,
             &json!({ "certificateOwnershipToken": token, "parameters": options.parameters }),
         )
         .await?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use fleet_device::{provision, Options, CLAIM_CLIENT_PREFIX};
+use fleet_device::{provision, Format, Options, CLAIM_CLIENT_PREFIX};
 
 /// Provisions this device with AWS IoT fleet provisioning by claim: connects with the claim
 /// certificate, gets a permanent certificate (CreateKeysAndCertificate, or with --csr
@@ -60,6 +60,9 @@ struct Args {
     /// Afterwards, connect once with the new certificate as the thing
     #[arg(long)]
     verify: bool,
+    /// Payload encoding: the .../json topics, or the .../cbor ones (as constrained firmware)
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
 }
 
 fn endpoint(value: &str) -> Result<(String, u16), String> {
@@ -104,6 +107,7 @@ impl Args {
             force: self.force,
             timeout: Duration::from_secs(self.timeout),
             verify: self.verify,
+            format: self.format,
         }
     }
 }

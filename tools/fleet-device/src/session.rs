@@ -14,7 +14,7 @@ use rustls::ClientConfig;
 use serde_json::Value;
 use tokio::time::{timeout_at, Instant};
 
-use crate::DeviceError;
+use crate::{DeviceError, Format};
 
 pub struct Session {
     client: AsyncClient,
@@ -68,14 +68,16 @@ impl Session {
         }
     }
 
-    /// Publishes `payload` to `topic` and returns the `/accepted` body, or the `/rejected` one
-    /// as [`DeviceError::Rejected`].
+    /// Publishes `payload` to the operation's topic (`base` in `format`) and returns the
+    /// `/accepted` body, or the `/rejected` one as [`DeviceError::Rejected`].
     pub async fn request(
         &mut self,
         step: &'static str,
-        topic: &str,
+        base: &str,
+        format: Format,
         payload: &Value,
     ) -> Result<Value, DeviceError> {
+        let topic = format.topic(base);
         let (accepted, rejected) = (format!("{topic}/accepted"), format!("{topic}/rejected"));
         let filters =
             [&accepted, &rejected].map(|t| SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
@@ -94,15 +96,18 @@ impl Session {
             }
         }
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
+            .publish(&topic, QoS::AtLeastOnce, false, format.encode(payload))
             .await
             .map_err(|e| DeviceError::Connection(format!("{step}: {e}")))?;
         loop {
             let Event::Incoming(Incoming::Publish(reply)) = self.next(step).await? else {
                 continue;
             };
-            let body: Value = serde_json::from_slice(&reply.payload).map_err(|_| {
-                DeviceError::Malformed(format!("{step}: the reply on {} is not JSON", reply.topic))
+            let body = format.decode(&reply.payload).ok_or_else(|| {
+                DeviceError::Malformed(format!(
+                    "{step}: the reply on {} is not {format:?}",
+                    reply.topic
+                ))
             })?;
             if reply.topic == accepted {
                 return Ok(body);
