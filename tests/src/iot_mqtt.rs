@@ -48,6 +48,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::mqtt_io::{granted, lock};
 use crate::mqtt_session::{Sessions, Subscriptions};
 use crate::mqtt_wire::{Hello, Message, Refusal, Request, ServerConnection};
+use crate::provisioning_template::{Applied, TemplateBody};
 use crate::tls::{certificate_authority, certificate_id, local_pki, roots_from_pem};
 
 /// How long AWS IoT waits for a pre-provisioning hook before denying.
@@ -97,22 +98,29 @@ impl Hook {
     }
 }
 
-/// A provisioning template as the simulator applies it.
+/// A provisioning template as the simulator applies it: its body and its hook.
 #[derive(Clone)]
 pub struct Template {
     pub name: String,
-    pub thing_name_prefix: String,
-    /// The parameter the thing name is built from (`SerialNumber` in infra/template.yaml).
-    pub serial_parameter: String,
+    pub body: TemplateBody,
     pub hook: Hook,
 }
 
 impl Template {
+    /// A template that names the thing `thing_name_prefix` + `SerialNumber` and does nothing
+    /// else; [`Template::with_body`] applies a full body (infra/template.yaml's).
     pub fn new(name: &str, thing_name_prefix: &str, hook: Hook) -> Self {
+        Self::with_body(
+            name,
+            TemplateBody::named(thing_name_prefix, "SerialNumber"),
+            hook,
+        )
+    }
+
+    pub fn with_body(name: &str, body: TemplateBody, hook: Hook) -> Self {
         Self {
             name: name.to_owned(),
-            thing_name_prefix: thing_name_prefix.to_owned(),
-            serial_parameter: "SerialNumber".to_owned(),
+            body,
             hook,
         }
     }
@@ -155,6 +163,10 @@ pub struct Thing {
     pub claim_certificate_id: String,
     /// The device's parameters with the hook's overrides merged over them.
     pub parameters: BTreeMap<String, String>,
+    /// What the template made of them.
+    pub attributes: BTreeMap<String, String>,
+    pub thing_type: Option<String>,
+    pub thing_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -737,9 +749,9 @@ async fn register_thing(
     request: &Map<String, Value>,
 ) -> (bool, Value) {
     match provision(state, template_name, claim_id, client_id, request).await {
-        Ok(thing_name) => (
+        Ok(applied) => (
             true,
-            json!({"deviceConfiguration": {}, "thingName": thing_name}),
+            json!({"deviceConfiguration": applied.device_configuration, "thingName": applied.thing_name}),
         ),
         Err(rejected) => rejected,
     }
@@ -753,7 +765,7 @@ async fn provision(
     claim_id: &str,
     client_id: &str,
     request: &Map<String, Value>,
-) -> Result<String, Rejected> {
+) -> Result<Applied, Rejected> {
     let template = state
         .config
         .templates
@@ -784,17 +796,21 @@ async fn provision(
         "parameters": parameters,
     });
     parameters.extend(call_hook(state, template, hook_request).await?);
-    let thing_name = thing_name(template, &parameters)?;
+    let applied = template
+        .body
+        .apply(&parameters)
+        .map_err(|m| rejected(400, "InvalidParameters", &m))?;
+    check_thing_name(&applied.thing_name)?;
     spend_token(state, token_value)?;
     record_thing(
         state,
         template,
         &certificate_id,
         claim_id,
-        &thing_name,
+        &applied,
         parameters,
     );
-    Ok(thing_name)
+    Ok(applied)
 }
 
 fn invalid_token(message: &str) -> Rejected {
@@ -884,18 +900,7 @@ async fn call_hook(
 }
 
 /// The thing name the template builds (prefix + serial parameter), if AWS IoT would take it.
-fn thing_name(
-    template: &Template,
-    parameters: &BTreeMap<String, String>,
-) -> Result<String, Rejected> {
-    let serial = parameters.get(&template.serial_parameter).ok_or_else(|| {
-        rejected(
-            400,
-            "InvalidParameters",
-            &format!("the template needs parameter {}", template.serial_parameter),
-        )
-    })?;
-    let thing_name = format!("{}{serial}", template.thing_name_prefix);
+fn check_thing_name(thing_name: &str) -> Result<(), Rejected> {
     let valid = !thing_name.is_empty()
         && thing_name.len() <= 128
         && thing_name
@@ -908,7 +913,7 @@ fn thing_name(
             "the thing name the template builds is not a valid thing name",
         ));
     }
-    Ok(thing_name)
+    Ok(())
 }
 
 /// Single use: the token is spent only after every check passed; a second RegisterThing
@@ -931,9 +936,10 @@ fn record_thing(
     template: &Template,
     certificate_id: &str,
     claim_id: &str,
-    thing_name: &str,
+    applied: &Applied,
     parameters: BTreeMap<String, String>,
 ) {
+    let thing_name = applied.thing_name.as_str();
     if let Some(certificate) = lock(&state.certificates).get_mut(certificate_id) {
         certificate.status = CertificateStatus::Active;
         certificate.thing = Some(thing_name.to_owned());
@@ -946,6 +952,9 @@ fn record_thing(
         certificate_id: certificate_id.to_owned(),
         claim_certificate_id: claim_id.to_owned(),
         parameters,
+        attributes: applied.attributes.clone(),
+        thing_type: applied.thing_type.clone(),
+        thing_groups: applied.thing_groups.clone(),
     });
     state.stats.provisioned.fetch_add(1, Ordering::Relaxed);
 }

@@ -23,6 +23,7 @@ pub mod local_aws;
 pub mod mqtt_io;
 pub mod mqtt_session;
 pub mod mqtt_wire;
+pub mod provisioning_template;
 pub mod runtime_api;
 pub mod serve;
 pub mod stack;

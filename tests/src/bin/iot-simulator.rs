@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use local_emulators::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
+use local_emulators::provisioning_template::TemplateBody;
 
 /// A TLS MQTT server that behaves like AWS IoT Core's fleet provisioning MQTT API: devices
 /// connect with a claim certificate signed by the --claim-ca (and unexpired) and a client id
@@ -23,7 +24,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     claim_ca: PathBuf,
     /// A provisioning template and its thing-name prefix (repeatable)
-    #[arg(long, value_name = "NAME[=PREFIX]", required = true)]
+    #[arg(
+        long,
+        value_name = "NAME[=PREFIX]",
+        required_unless_present = "template_body"
+    )]
     template: Vec<String>,
     /// The pre-provisioning hook's Lambda Invoke URL, e.g. cargo lambda watch's
     /// http://127.0.0.1:9000/2015-03-31/functions/fleet-prehook/invocations (without it every
@@ -33,6 +38,10 @@ struct Args {
     /// The parameter the thing name is built from
     #[arg(long, value_name = "NAME", default_value = "SerialNumber")]
     serial_parameter: String,
+    /// A template applied from its body, the JSON of the stack's TemplateBody: thing name,
+    /// attributes, thing type, thing groups, DeviceConfiguration (repeatable)
+    #[arg(long = "template-body", value_name = "NAME=FILE")]
+    template_body: Vec<String>,
     /// How long to wait for the hook (AWS IoT: 5 s)
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     hook_timeout_ms: u64,
@@ -56,16 +65,25 @@ impl Args {
             .clone()
             .map(Hook::Lambda)
             .unwrap_or(Hook::None);
-        let templates = self
+        let mut templates: Vec<Template> = self
             .template
             .iter()
             .map(|t| {
                 let (name, prefix) = t.split_once('=').unwrap_or((t, ""));
-                let mut template = Template::new(name, prefix, hook.clone());
-                template.serial_parameter = self.serial_parameter.clone();
-                template
+                let body = TemplateBody::named(prefix, &self.serial_parameter);
+                Template::with_body(name, body, hook.clone())
             })
             .collect();
+        for t in &self.template_body {
+            let (name, file) = t
+                .split_once('=')
+                .ok_or_else(|| format!("--template-body {t}: takes NAME=FILE"))?;
+            let json = std::fs::read_to_string(file)
+                .map_err(|e| format!("--template-body {file}: {e}"))?;
+            let body =
+                TemplateBody::parse(&json).map_err(|e| format!("--template-body {file}: {e}"))?;
+            templates.push(Template::with_body(name, body, hook.clone()));
+        }
         let mut config = IotMqttConfig::new(&claim_ca, templates);
         config.hook_timeout = Duration::from_millis(self.hook_timeout_ms);
         Ok(config)

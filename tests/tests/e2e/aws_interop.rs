@@ -8,7 +8,9 @@ use std::time::Duration;
 use local_emulators::local_aws::venv_bin;
 use serde_json::Value;
 
-use crate::fleet_flow::{flow, Flow, TEMPLATE};
+use local_emulators::provisioning_template::TemplateBody;
+
+use crate::fleet_flow::{flow, flow_with, Flow, PREFIX, TEMPLATE};
 
 /// The SDK's provisioning with a claim for `serial` and the script's `flags` (`--csr`:
 /// CreateCertificateFromCsr instead of new keys; `--reuse-token`: RegisterThing twice); the
@@ -224,4 +226,65 @@ async fn the_cbor_topics_provision_with_another_cbor_encoder() {
     assert_eq!(refused["rejected"]["statusCode"], 403, "{refused}");
     assert_eq!(refused["rejected"]["errorCode"], "AccessDenied");
     assert_eq!(f.sim.things().len(), 1);
+}
+
+/// The TemplateBody infra/template.yaml deploys, with its `${...}` filled as CloudFormation
+/// would: the stack parameters' defaults, the thing-name prefix this module's flow uses, and
+/// the device policy's name.
+fn deployed_template_body() -> TemplateBody {
+    let template = crate::infra::template();
+    let sub = &template["Resources"]["FleetProvisioningTemplate"]["Properties"]["TemplateBody"];
+    let serde_yaml::Value::Tagged(sub) = sub else {
+        panic!("TemplateBody is a !Sub");
+    };
+    let mut body = sub.value[0].as_str().expect("the !Sub's text").to_owned();
+    let mut values: Vec<(String, String)> = template["Parameters"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter_map(|(name, p)| {
+            let default = p.get("Default")?;
+            let default = default
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| default.as_u64().map(|n| n.to_string()))?;
+            Some((name.as_str()?.to_owned(), default))
+        })
+        .collect();
+    values.push(("ThingNamePrefix".into(), PREFIX.into()));
+    values.push(("DevicePolicyName".into(), "device-policy".into()));
+    // The prefix pushed last wins over the stack default.
+    for (name, value) in values.iter().rev() {
+        body = body.replace(&format!("${{{name}}}"), value);
+    }
+    assert!(!body.contains("${"), "unfilled: {body}");
+    TemplateBody::parse(&body).unwrap()
+}
+
+/// The deployed template applied by the simulator, through the official SDK over MQTT 5: the
+/// thing gets its attributes (the hook's `Location` override over the default), thing type and
+/// group, and the device its DeviceConfiguration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_template_gives_attributes_type_group_and_device_configuration() {
+    let body = deployed_template_body();
+    let f = flow_with(None, |config| config.templates[0].body = body).await;
+    let claim = f.claim("SN-0001").await;
+    let done = sdk_provision(&f, &claim, "SN-0001", &["--api", "mqtt5"]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
+    assert_eq!(done["deviceConfiguration"]["location"], "tokyo-1");
+    assert_eq!(done["deviceConfiguration"]["thingGroup"], "soracom-fleet");
+    let thing = &f.sim.things()[0];
+    assert_eq!(thing.attributes["serial"], "SN-0001");
+    assert_eq!(thing.attributes["location"], "tokyo-1");
+    assert_eq!(thing.thing_type.as_deref(), Some("soracom-fleet-device"));
+    assert_eq!(thing.thing_groups, ["soracom-fleet"]);
+
+    // SN-0002 has no override: the template's default stands.
+    let claim = f.claim("SN-0002").await;
+    let done = sdk_provision(&f, &claim, "SN-0002", &[]).await;
+    assert_eq!(
+        done["deviceConfiguration"]["location"], "unassigned",
+        "{done}"
+    );
+    assert_eq!(f.sim.things()[1].attributes["location"], "unassigned");
 }

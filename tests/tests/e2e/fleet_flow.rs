@@ -27,7 +27,7 @@ use shared::registry::{ClaimLog, ClaimRecord, DeviceId, DeviceRecord, DynamoRegi
 use crate::fleet_fixture::*;
 
 pub(crate) const TEMPLATE: &str = "fleet-template";
-const PREFIX: &str = "fleet-";
+pub(crate) const PREFIX: &str = "fleet-";
 
 /// The real fleet-prehook handler, as the hook AWS IoT calls.
 fn prehook(registry: &DynamoRegistry, extra: &[(&str, &str)]) -> Hook {
@@ -58,7 +58,10 @@ pub(crate) async fn flow(hook: Option<Hook>) -> Flow {
 }
 
 /// [`flow`] with the simulator's configuration adjusted (its hook timeout, say).
-async fn flow_with(hook: Option<Hook>, configure: impl FnOnce(&mut IotMqttConfig)) -> Flow {
+pub(crate) async fn flow_with(
+    hook: Option<Hook>,
+    configure: impl FnOnce(&mut IotMqttConfig),
+) -> Flow {
     let (aws, registry) = setup().await;
     registry
         .put(&DeviceRecord::allowed(DeviceId::Serial("SN-0002".into())))

@@ -9,7 +9,7 @@ use serde_yaml::Value;
 /// Statements allowed a full `*` resource, with the reason AWS requires it. Empty today.
 const FULL_WILDCARD_EXCEPTIONS: &[(&str, &str)] = &[];
 
-fn template() -> Value {
+pub(crate) fn template() -> Value {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../infra/template.yaml");
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
