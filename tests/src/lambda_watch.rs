@@ -28,7 +28,7 @@ pub enum WatchError {
     Invoke(String, String),
 }
 
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 

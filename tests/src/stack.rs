@@ -86,7 +86,9 @@ impl LocalStack {
         serial.overrides.insert("Location".into(), "tokyo-1".into());
         let mut blocked_serial = DeviceRecord::allowed(DeviceId::Serial("SN-0666".into()));
         blocked_serial.status = DeviceStatus::Blocked;
-        for record in [blocked_sim, expired_sim, serial, blocked_serial] {
+        // The demo's second device, provisioned by the official AWS IoT Device SDK.
+        let sdk_serial = DeviceRecord::allowed(DeviceId::Serial("SN-0002".into()));
+        for record in [blocked_sim, expired_sim, serial, blocked_serial, sdk_serial] {
             registry.put(&record).await.map_err(err)?;
         }
 

@@ -143,36 +143,18 @@ fn function_invocations(stack: &LocalStack) -> Vec<Invocation> {
                 _ => Err(format!("expected 403 sim-blocked, got {v}")),
             }),
         },
-        Invocation {
-            title: "a signed-in installer gets a 5-minute claim certificate bound to SN-0001",
-            function: "claim-issuer",
-            data: events().join("claim-issuer/issue.json"),
-            context: None,
-            logged_reason: None,
-            // The installer app hands the claim to the device: kept as files for fleet-device.
-            check: Box::new(move |v| {
-                let body: Value = serde_json::from_str(field(v, "body")).unwrap_or(Value::Null);
-                if v["statusCode"] == 200
-                    && body["certificateId"].is_string()
-                    && field(&body, "privateKey").contains("PRIVATE KEY")
-                {
-                    save_claim(&claim_dir, &body)?;
-                    Ok(format!(
-                        "200 certificateId {}… serial {} privateKey [not shown]",
-                        field(&body, "certificateId")
-                            .chars()
-                            .take(12)
-                            .collect::<String>(),
-                        field(&body, "serial")
-                    ))
-                } else {
-                    Err(format!(
-                        "expected 200 with a certificate, got {}",
-                        v["statusCode"]
-                    ))
-                }
-            }),
-        },
+        claim_invocation(
+            "a signed-in installer gets a 5-minute claim certificate bound to SN-0001",
+            "issue.json",
+            claim_dir.join(device::CLAIM_CERT),
+            claim_dir.join(device::CLAIM_KEY),
+        ),
+        claim_invocation(
+            "another claim, bound to SN-0002, for a device running the official AWS IoT Device SDK",
+            "issue-sn-0002.json",
+            claim_dir.join(device::SDK_CLAIM_CERT),
+            claim_dir.join(device::SDK_CLAIM_KEY),
+        ),
         Invocation {
             title: "a user outside the installers group is refused",
             function: "claim-issuer",
@@ -193,6 +175,7 @@ async fn device_steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
     match device::Device::start(stack, watch).await {
         Ok(device) => vec![
             device.provisions_sn_0001(watch).await,
+            device.official_sdk_provisions_sn_0002(watch).await,
             device.unknown_serial_is_rejected(watch).await,
         ],
         Err(e) => vec![Step {
@@ -296,18 +279,51 @@ fn logged_reason_is(watch: &LambdaWatch, detail: String, expected: &str) -> (boo
     }
 }
 
-/// Keeps the claim certificate and key where fleet-device reads them; the key owner-only.
-fn save_claim(dir: &std::path::Path, body: &Value) -> Result<(), String> {
+/// claim-issuer for the installer with `event`; the claim is handed to the device as the
+/// files `cert` and `key` (as the installer app would).
+fn claim_invocation(title: &'static str, event: &str, cert: PathBuf, key: PathBuf) -> Invocation {
+    Invocation {
+        title,
+        function: "claim-issuer",
+        data: events().join("claim-issuer").join(event),
+        context: None,
+        logged_reason: None,
+        check: Box::new(move |v| {
+            let body: Value = serde_json::from_str(field(v, "body")).unwrap_or(Value::Null);
+            if v["statusCode"] == 200
+                && body["certificateId"].is_string()
+                && field(&body, "privateKey").contains("PRIVATE KEY")
+            {
+                save_claim(&cert, &key, &body)?;
+                Ok(format!(
+                    "200 certificateId {}… serial {} privateKey [not shown]",
+                    field(&body, "certificateId")
+                        .chars()
+                        .take(12)
+                        .collect::<String>(),
+                    field(&body, "serial")
+                ))
+            } else {
+                Err(format!(
+                    "expected 200 with a certificate, got {}",
+                    v["statusCode"]
+                ))
+            }
+        }),
+    }
+}
+
+/// Keeps the claim certificate and key where the device reads them; the key owner-only.
+fn save_claim(cert: &std::path::Path, key: &std::path::Path, body: &Value) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::write(dir.join(device::CLAIM_CERT), field(body, "certificatePem"))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(cert, field(body, "certificatePem")).map_err(|e| e.to_string())?;
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(dir.join(device::CLAIM_KEY))
+        .open(key)
         .and_then(|mut f| f.write_all(field(body, "privateKey").as_bytes()))
         .map_err(|e| e.to_string())
 }
@@ -373,6 +389,10 @@ pub fn secrets(stack: &LocalStack) -> Vec<(String, String)> {
     // PEM keys: every full base64 line of the body, so a re-wrapped leak is caught too.
     for (name, file) in [
         ("claim private key", stack.dir().join(device::CLAIM_KEY)),
+        (
+            "second claim private key",
+            stack.dir().join(device::SDK_CLAIM_KEY),
+        ),
         (
             "device private key",
             stack.dir().join("device-SN-0001/private.pem.key"),

@@ -576,6 +576,7 @@ mod tests {
         let s = state(&[("PROVISIONING_TEMPLATE", "fleet-template")]);
         for (name, expected) in [
             ("issue.json", (200, "")),
+            ("issue-sn-0002.json", (200, "")),
             ("bad-body.json", (400, "bad-request")),
             ("no-claims.json", (401, "unauthenticated")),
             ("not-in-group.json", (403, "not-an-installer")),

@@ -1,5 +1,6 @@
-//! The device's part of the story: the `fleet-device` program, run as a user runs it, against
-//! the AWS IoT simulator whose pre-provisioning hook is fleet-prehook in `cargo lambda watch`.
+//! The device's part of the story: the `fleet-device` program, and the official AWS IoT Device
+//! SDK for Python (its fleet provisioning over MQTT 5), run as a user runs them, against the AWS
+//! IoT simulator whose pre-provisioning hook is fleet-prehook in `cargo lambda watch`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -9,11 +10,14 @@ use tokio::process::Command;
 
 use super::{logged_reason_is, Step};
 use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
-use crate::lambda_watch::{fleet_device_bin, LambdaWatch};
+use crate::lambda_watch::{fleet_device_bin, workspace, LambdaWatch};
+use crate::local_aws::venv_bin;
 use crate::stack::{LocalStack, TEMPLATE};
 
 pub const CLAIM_CERT: &str = "claim.pem.crt";
 pub const CLAIM_KEY: &str = "claim.pem.key";
+pub const SDK_CLAIM_CERT: &str = "sdk-claim.pem.crt";
+pub const SDK_CLAIM_KEY: &str = "sdk-claim.pem.key";
 const SERVER_CA: &str = "iot-ca.pem";
 pub const THING_PREFIX: &str = "fleet-";
 
@@ -64,9 +68,50 @@ impl Device {
             "--out".into(),
             format!("device-{serial}"),
         ];
-        let command = format!("fleet-device {}", args.join(" "));
-        let output = Command::new(fleet_device_bin())
-            .args(&args)
+        self.run_program(&fleet_device_bin(), "fleet-device", &args)
+            .await
+    }
+
+    /// The official SDK's fleet provisioning (tests/interop/aws_fleet_provisioning.py, MQTT 5
+    /// and `IotIdentityClientV2`) for `serial` with the second claim.
+    async fn run_sdk(&self, serial: &str) -> Run {
+        let script = workspace().join("tests/interop/aws_fleet_provisioning.py");
+        let args = [
+            script.display().to_string(),
+            "--api".into(),
+            "mqtt5".into(),
+            "--host".into(),
+            "localhost".into(),
+            "--port".into(),
+            self.sim.addr().port().to_string(),
+            "--ca".into(),
+            SERVER_CA.into(),
+            "--cert".into(),
+            SDK_CLAIM_CERT.into(),
+            "--key".into(),
+            SDK_CLAIM_KEY.into(),
+            "--client-id".into(),
+            format!("claim.{serial}"),
+            "--template".into(),
+            TEMPLATE.into(),
+            "--serial".into(),
+            serial.into(),
+        ];
+        self.run_program(&venv_bin("python"), "python", &args).await
+    }
+
+    async fn run_program(&self, program: &std::path::Path, name: &str, args: &[String]) -> Run {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.strip_prefix(&format!("{}/", workspace().display()))
+                    .unwrap_or(a)
+                    .to_owned()
+            })
+            .collect();
+        let command = format!("{name} {}", shown.join(" "));
+        let output = Command::new(program)
+            .args(args)
             .current_dir(&self.dir)
             .kill_on_drop(true)
             .output();
@@ -81,7 +126,7 @@ impl Device {
                 command,
                 code: None,
                 stdout: String::new(),
-                stderr: format!("cannot run {}: {e}", fleet_device_bin().display()),
+                stderr: format!("cannot run {}: {e}", program.display()),
             },
             Err(_) => Run {
                 command,
@@ -117,6 +162,40 @@ impl Device {
                 false,
                 format!(
                     "exit {:?}, stdout '{}', key mode {key_mode:o}: {}",
+                    run.code, run.stdout, run.stderr
+                ),
+            ),
+        };
+        Step {
+            title,
+            command: run.command,
+            ok,
+            detail,
+        }
+    }
+
+    pub async fn official_sdk_provisions_sn_0002(&self, watch: &LambdaWatch) -> Step {
+        let title = "a device running the official AWS IoT Device SDK (Python, MQTT 5) provisions itself the same way";
+        let run = self.run_sdk("SN-0002").await;
+        let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        let thing = self
+            .sim
+            .things()
+            .into_iter()
+            .find(|t| t.thing_name == "fleet-SN-0002");
+        let (ok, detail) = match (&run.code, &thing) {
+            (Some(0), Some(thing)) if answer["thingName"] == thing.thing_name.as_str() => {
+                let detail = format!(
+                    "IotIdentityClientV2: thing {}, certificate {}… active",
+                    thing.thing_name,
+                    thing.certificate_id.chars().take(12).collect::<String>(),
+                );
+                logged_reason_is(watch, detail, "allowed")
+            }
+            _ => (
+                false,
+                format!(
+                    "exit {:?}, stdout '{}': {}",
                     run.code, run.stdout, run.stderr
                 ),
             ),
