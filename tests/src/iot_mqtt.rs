@@ -138,6 +138,9 @@ pub struct IotMqttConfig {
     /// What a claim connection's client id must start with (the claim policy's
     /// `iot:Connect` resource `client/claim.*` in infra/template.yaml).
     pub claim_client_prefix: String,
+    /// RegisterThing calls allowed per window, as the account's fleet provisioning quota
+    /// throttles them (`None`: unthrottled); beyond it the device gets `429 ThrottlingException`.
+    pub register_thing_limit: Option<(u32, Duration)>,
 }
 
 impl IotMqttConfig {
@@ -150,6 +153,7 @@ impl IotMqttConfig {
             account_id: "123456789012".to_owned(),
             region: "us-east-1".to_owned(),
             claim_client_prefix: "claim.".to_owned(),
+            register_thing_limit: None,
         }
     }
 }
@@ -210,6 +214,8 @@ struct State {
     /// for the record instead of reading it at once.
     refusals: tokio::sync::watch::Sender<Vec<String>>,
     sessions: Sessions,
+    /// RegisterThing calls in the current throttling window, and when it started.
+    register_window: Mutex<(tokio::time::Instant, u32)>,
     stats: Stats,
 }
 
@@ -241,6 +247,7 @@ impl IotMqttSimulator {
             things: Mutex::new(Vec::new()),
             refusals: tokio::sync::watch::Sender::new(Vec::new()),
             sessions: Sessions::default(),
+            register_window: Mutex::new((tokio::time::Instant::now(), 0)),
             stats: Stats::default(),
         });
         let shared = Arc::clone(&state);
@@ -766,6 +773,7 @@ async fn provision(
     client_id: &str,
     request: &Map<String, Value>,
 ) -> Result<Applied, Rejected> {
+    throttle(state)?;
     let template = state
         .config
         .templates
@@ -900,6 +908,23 @@ async fn call_hook(
 }
 
 /// The thing name the template builds (prefix + serial parameter), if AWS IoT would take it.
+/// The account's RegisterThing quota: refused before anything else is looked at.
+fn throttle(state: &State) -> Result<(), Rejected> {
+    let Some((limit, window)) = state.config.register_thing_limit else {
+        return Ok(());
+    };
+    let mut current = lock(&state.register_window);
+    let now = tokio::time::Instant::now();
+    if now.duration_since(current.0) >= window {
+        *current = (now, 0);
+    }
+    current.1 += 1;
+    if current.1 > limit {
+        return Err(rejected(429, "ThrottlingException", "Rate exceeded"));
+    }
+    Ok(())
+}
+
 fn check_thing_name(thing_name: &str) -> Result<(), Rejected> {
     let valid = !thing_name.is_empty()
         && thing_name.len() <= 128

@@ -42,6 +42,10 @@ struct Args {
     /// attributes, thing type, thing groups, DeviceConfiguration (repeatable)
     #[arg(long = "template-body", value_name = "NAME=FILE")]
     template_body: Vec<String>,
+    /// RegisterThing calls allowed per second, as an account's fleet provisioning quota throttles
+    /// them (default: unthrottled)
+    #[arg(long, value_name = "N")]
+    register_things_per_second: Option<u32>,
     /// How long to wait for the hook (AWS IoT: 5 s)
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     hook_timeout_ms: u64,
@@ -86,6 +90,9 @@ impl Args {
         }
         let mut config = IotMqttConfig::new(&claim_ca, templates);
         config.hook_timeout = Duration::from_millis(self.hook_timeout_ms);
+        config.register_thing_limit = self
+            .register_things_per_second
+            .map(|n| (n, Duration::from_secs(1)));
         Ok(config)
     }
 }

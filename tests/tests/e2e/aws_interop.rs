@@ -288,3 +288,29 @@ async fn the_deployed_template_gives_attributes_type_group_and_device_configurat
     );
     assert_eq!(f.sim.things()[1].attributes["location"], "unassigned");
 }
+
+/// Past the account's RegisterThing quota the device is refused as AWS IoT refuses it (429
+/// ThrottlingException), the hook is not asked, and nothing is provisioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_thing_beyond_the_quota_is_throttled() {
+    // One call per hour: the second is over the quota whenever the test runs.
+    let f = flow_with(None, |config| {
+        config.register_thing_limit = Some((1, Duration::from_secs(3600)))
+    })
+    .await;
+    let claim = f.claim("SN-0001").await;
+    let done = sdk_provision(&f, &claim, "SN-0001", &[]).await;
+    assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
+    let claim = f.claim("SN-0002").await;
+    let refused = sdk_provision(&f, &claim, "SN-0002", &["--api", "mqtt5"]).await;
+    assert_eq!(refused["rejected"]["statusCode"], 429, "{refused}");
+    assert_eq!(refused["rejected"]["errorCode"], "ThrottlingException");
+    assert_eq!(f.sim.things().len(), 1);
+    assert_eq!(
+        f.sim
+            .stats()
+            .hook_calls
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
