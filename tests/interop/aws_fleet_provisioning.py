@@ -77,27 +77,21 @@ def rejected(step, error):
 
 
 def create_certificate(client, args):
-    replies = Replies()
     if args.csr:
-        subscribe(client, [
-            (client.subscribe_to_create_certificate_from_csr_accepted,
-             iotidentity.CreateCertificateFromCsrSubscriptionRequest(), replies.accepted),
-            (client.subscribe_to_create_certificate_from_csr_rejected,
-             iotidentity.CreateCertificateFromCsrSubscriptionRequest(), replies.rejected),
-        ])
-        request = iotidentity.CreateCertificateFromCsrRequest(
-            certificate_signing_request=device_csr(args.serial))
-        client.publish_create_certificate_from_csr(request, mqtt.QoS.AT_LEAST_ONCE).result(TIMEOUT)
+        operation = (client.subscribe_to_create_certificate_from_csr_accepted,
+                     client.subscribe_to_create_certificate_from_csr_rejected,
+                     iotidentity.CreateCertificateFromCsrSubscriptionRequest(),
+                     client.publish_create_certificate_from_csr)
     else:
-        subscribe(client, [
-            (client.subscribe_to_create_keys_and_certificate_accepted,
-             iotidentity.CreateKeysAndCertificateSubscriptionRequest(), replies.accepted),
-            (client.subscribe_to_create_keys_and_certificate_rejected,
-             iotidentity.CreateKeysAndCertificateSubscriptionRequest(), replies.rejected),
-        ])
-        client.publish_create_keys_and_certificate(
-            iotidentity.CreateKeysAndCertificateRequest(), mqtt.QoS.AT_LEAST_ONCE
-        ).result(TIMEOUT)
+        operation = (client.subscribe_to_create_keys_and_certificate_accepted,
+                     client.subscribe_to_create_keys_and_certificate_rejected,
+                     iotidentity.CreateKeysAndCertificateSubscriptionRequest(),
+                     client.publish_create_keys_and_certificate)
+    on_accepted, on_rejected, subscription, publish = operation
+    replies = Replies()
+    subscribe(client, [(on_accepted, subscription, replies.accepted),
+                       (on_rejected, subscription, replies.rejected)])
+    publish(create_request(args), mqtt.QoS.AT_LEAST_ONCE).result(TIMEOUT)
     return replies.wait()
 
 
@@ -108,12 +102,8 @@ def register_thing(client, args, token):
         (client.subscribe_to_register_thing_accepted, subscription, replies.accepted),
         (client.subscribe_to_register_thing_rejected, subscription, replies.rejected),
     ])
-    request = iotidentity.RegisterThingRequest(
-        template_name=args.template,
-        certificate_ownership_token=token,
-        parameters={"SerialNumber": args.serial},
-    )
-    client.publish_register_thing(request, mqtt.QoS.AT_LEAST_ONCE).result(TIMEOUT)
+    client.publish_register_thing(
+        register_request(args, token), mqtt.QoS.AT_LEAST_ONCE).result(TIMEOUT)
     return replies.wait()
 
 
@@ -131,24 +121,42 @@ def device_csr(serial):
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def provision(client, args):
-    outcome, created = create_certificate(client, args)
-    if outcome == "rejected":
-        return rejected("create-certificate", created)
-    token = created.certificate_ownership_token
-    outcome, registered = register_thing(client, args, token)
-    if outcome == "rejected":
-        return rejected("register-thing", registered)
-    result = {
-        "certificateId": created.certificate_id,
-        "thingName": registered.thing_name,
-        "deviceConfiguration": registered.device_configuration,
-    }
-    if args.reuse_token:
-        outcome, again = register_thing(client, args, token)
-        result["again"] = rejected("register-thing", again) if outcome == "rejected" else {
-            "thingName": again.thing_name}
-    return result
+class ClientV1:
+    """IotIdentityClient (MQTT 3.1.1): subscribe to accepted/rejected, then publish."""
+
+    def __init__(self, client, args):
+        self.client, self.args = client, args
+
+    def create(self):
+        return create_certificate(self.client, self.args)
+
+    def register(self, token):
+        return register_thing(self.client, self.args, token)
+
+
+class ClientV2:
+    """IotIdentityClientV2 (the request-response client): one call per operation."""
+
+    def __init__(self, identity, args):
+        self.identity, self.args = identity, args
+
+    def create(self):
+        create = (self.identity.create_certificate_from_csr if self.args.csr
+                  else self.identity.create_keys_and_certificate)
+        return self.call(create(create_request(self.args)))
+
+    def register(self, token):
+        return self.call(self.identity.register_thing(register_request(self.args, token)))
+
+    @staticmethod
+    def call(future):
+        """("accepted", response), or ("rejected", AWS IoT's rejection); else it failed."""
+        try:
+            return "accepted", future.result(TIMEOUT)
+        except awsiot.V2ServiceException as e:
+            if isinstance(e.modeled_error, iotidentity.V2ErrorResponse):
+                return "rejected", e.modeled_error
+            raise
 
 
 def create_request(args):
@@ -166,36 +174,30 @@ def register_request(args, token):
     )
 
 
-def modeled(step, error):
-    """A V2 client's failure: AWS IoT's rejection if it was one, else the conversation failed."""
-    if isinstance(error.modeled_error, iotidentity.V2ErrorResponse):
-        return rejected(step, error.modeled_error)
-    raise error
-
-
-def provision_v2(identity, args):
-    create = identity.create_certificate_from_csr if args.csr else identity.create_keys_and_certificate
-    try:
-        created = create(create_request(args)).result(TIMEOUT)
-    except awsiot.V2ServiceException as e:
-        return modeled("create-certificate", e)
+def provision(api, args):
+    outcome, created = api.create()
+    if outcome == "rejected":
+        return rejected("create-certificate", created)
     token = created.certificate_ownership_token
-    try:
-        registered = identity.register_thing(register_request(args, token)).result(TIMEOUT)
-    except awsiot.V2ServiceException as e:
-        return modeled("register-thing", e)
+    outcome, registered = api.register(token)
+    if outcome == "rejected":
+        return rejected("register-thing", registered)
     result = {
         "certificateId": created.certificate_id,
         "thingName": registered.thing_name,
         "deviceConfiguration": registered.device_configuration,
     }
     if args.reuse_token:
-        try:
-            again = identity.register_thing(register_request(args, token)).result(TIMEOUT)
-            result["again"] = {"thingName": again.thing_name}
-        except awsiot.V2ServiceException as e:
-            result["again"] = modeled("register-thing", e)
+        outcome, again = api.register(token)
+        result["again"] = rejected("register-thing", again) if outcome == "rejected" else {
+            "thingName": again.thing_name}
     return result
+
+
+def connection_settings(args):
+    """Where and as whom both builders connect: the claim certificate over mutual TLS."""
+    return {"endpoint": args.host, "port": args.port, "cert_filepath": args.cert,
+            "pri_key_filepath": args.key, "ca_filepath": args.ca, "client_id": args.client_id}
 
 
 def main_mqtt5(args):
@@ -206,12 +208,7 @@ def main_mqtt5(args):
             connected.set_exception(data.exception)
 
     client = mqtt5_client_builder.mtls_from_path(
-        endpoint=args.host,
-        port=args.port,
-        cert_filepath=args.cert,
-        pri_key_filepath=args.key,
-        ca_filepath=args.ca,
-        client_id=args.client_id,
+        **connection_settings(args),
         on_lifecycle_connection_success=lambda _: connected.done() or connected.set_result(True),
         on_lifecycle_connection_failure=failed,
         on_lifecycle_stopped=lambda _: stopped.set_result(True),
@@ -224,7 +221,7 @@ def main_mqtt5(args):
             max_streaming_subscriptions=0,
             operation_timeout_in_seconds=TIMEOUT,
         )
-        result = provision_v2(iotidentity.IotIdentityClientV2(client, options), args)
+        result = provision(ClientV2(iotidentity.IotIdentityClientV2(client, options), args), args)
     finally:
         client.stop()
         stopped.result(TIMEOUT)
@@ -236,18 +233,13 @@ def main():
     if args.api == "mqtt5":
         return main_mqtt5(args)
     connection = mqtt_connection_builder.mtls_from_path(
-        endpoint=args.host,
-        port=args.port,
-        cert_filepath=args.cert,
-        pri_key_filepath=args.key,
-        ca_filepath=args.ca,
-        client_id=args.client_id,
+        **connection_settings(args),
         clean_session=False,
         keep_alive_secs=30,
     )
     connection.connect().result(TIMEOUT)
     try:
-        result = provision(iotidentity.IotIdentityClient(connection), args)
+        result = provision(ClientV1(iotidentity.IotIdentityClient(connection), args), args)
     finally:
         connection.disconnect().result(TIMEOUT)
     print(json.dumps(result))

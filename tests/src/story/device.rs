@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::{logged_reason_is, Step};
-use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
+use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template, Thing};
 use crate::lambda_watch::{fleet_device_bin, workspace, LambdaWatch};
 use crate::local_aws::venv_bin;
 use crate::stack::{LocalStack, TEMPLATE};
@@ -143,60 +143,66 @@ impl Device {
         let key_mode = std::fs::metadata(self.dir.join("device-SN-0001/private.pem.key"))
             .map(|m| m.permissions().mode() & 0o777)
             .unwrap_or(0);
-        let thing = self
-            .sim
-            .things()
-            .into_iter()
-            .find(|t| t.thing_name == "fleet-SN-0001");
-        let (ok, detail) = match (&run.code, &thing) {
-            (Some(0), Some(thing)) if run.stdout == thing.thing_name && key_mode == 0o600 => {
-                let detail = format!(
+        self.provisioned(watch, title, run, "fleet-SN-0001", |run, thing| {
+            (run.stdout == thing.thing_name && key_mode == 0o600).then(|| {
+                format!(
                     "thing {} (Location={} from the hook), certificate {}… active, private.pem.key mode {key_mode:o}; the new certificate connects",
                     thing.thing_name,
                     thing.parameters.get("Location").map(String::as_str).unwrap_or("-"),
-                    thing.certificate_id.chars().take(12).collect::<String>(),
-                );
-                logged_reason_is(watch, detail, "allowed")
-            }
-            _ => (
-                false,
-                format!(
-                    "exit {:?}, stdout '{}', key mode {key_mode:o}: {}",
-                    run.code, run.stdout, run.stderr
-                ),
-            ),
-        };
-        Step {
-            title,
-            command: run.command,
-            ok,
-            detail,
-        }
+                    short(&thing.certificate_id),
+                )
+            })
+        })
     }
 
     pub async fn official_sdk_provisions_sn_0002(&self, watch: &LambdaWatch) -> Step {
         let title = "a device running the official AWS IoT Device SDK (Python, MQTT 5) provisions itself the same way";
         let run = self.run_sdk("SN-0002").await;
-        let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        self.provisioned(watch, title, run, "fleet-SN-0002", |run, thing| {
+            let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+            (answer["thingName"] == thing.thing_name.as_str()).then(|| {
+                format!(
+                    "IotIdentityClientV2: thing {}, certificate {}… active",
+                    thing.thing_name,
+                    short(&thing.certificate_id),
+                )
+            })
+        })
+    }
+
+    /// The step of a run that should have provisioned `thing_name`: the thing exists, `check`
+    /// accepts the run and says what to show, and the hook logged `allowed`.
+    fn provisioned(
+        &self,
+        watch: &LambdaWatch,
+        title: &'static str,
+        run: Run,
+        thing_name: &str,
+        check: impl Fn(&Run, &Thing) -> Option<String>,
+    ) -> Step {
         let thing = self
             .sim
             .things()
             .into_iter()
-            .find(|t| t.thing_name == "fleet-SN-0002");
-        let (ok, detail) = match (&run.code, &thing) {
-            (Some(0), Some(thing)) if answer["thingName"] == thing.thing_name.as_str() => {
-                let detail = format!(
-                    "IotIdentityClientV2: thing {}, certificate {}… active",
-                    thing.thing_name,
-                    thing.certificate_id.chars().take(12).collect::<String>(),
-                );
-                logged_reason_is(watch, detail, "allowed")
-            }
-            _ => (
+            .find(|t| t.thing_name == thing_name);
+        let checked = match (&run.code, &thing) {
+            (Some(0), Some(thing)) => check(&run, thing),
+            _ => None,
+        };
+        let (ok, detail) = match checked {
+            Some(detail) => logged_reason_is(watch, detail, "allowed"),
+            None => (
                 false,
                 format!(
-                    "exit {:?}, stdout '{}': {}",
-                    run.code, run.stdout, run.stderr
+                    "exit {:?}, stdout '{}', thing {}: {}",
+                    run.code,
+                    run.stdout,
+                    if thing.is_some() {
+                        "recorded"
+                    } else {
+                        "missing"
+                    },
+                    run.stderr
                 ),
             ),
         };
@@ -237,4 +243,9 @@ impl Device {
             detail,
         }
     }
+}
+
+/// The first characters of an id, enough to recognise it.
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
 }

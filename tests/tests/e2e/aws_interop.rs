@@ -21,7 +21,21 @@ async fn sdk_provision(
     serial: &str,
     flags: &[&str],
 ) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aws_fleet_provisioning.py");
+    run_device_script(f, "aws_fleet_provisioning.py", claim, serial, flags).await
+}
+
+/// One of the device scripts in tests/interop, connected with `claim` as `claim.<serial>`; its
+/// JSON answer (a rejection is an answer; a failed conversation fails the test).
+async fn run_device_script(
+    f: &Flow,
+    script: &str,
+    claim: &(PathBuf, PathBuf),
+    serial: &str,
+    flags: &[&str],
+) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("interop")
+        .join(script);
     let mut command = tokio::process::Command::new(venv_bin("python"));
     command
         .arg(script)
@@ -39,7 +53,7 @@ async fn sdk_provision(
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
-        .expect("the SDK finished within 60 s")
+        .expect("the device script finished within 60 s")
         .expect("python from .venv (run `make tools`)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -191,34 +205,8 @@ async fn a_persistent_session_keeps_its_subscriptions_across_connections() {
 async fn the_cbor_topics_provision_with_another_cbor_encoder() {
     let f = flow(None).await;
     let run = |claim: (PathBuf, PathBuf), serial: &'static str| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aws_cbor_provisioning.py");
-        let mut command = tokio::process::Command::new(venv_bin("python"));
-        command
-            .arg(script)
-            .args(["--host", "localhost", "--port"])
-            .arg(f.sim.addr().port().to_string())
-            .arg("--ca")
-            .arg(f.dir.path().join("server-ca.pem"))
-            .arg("--cert")
-            .arg(&claim.0)
-            .arg("--key")
-            .arg(&claim.1)
-            .args(["--client-id", &format!("claim.{serial}")])
-            .args(["--template", TEMPLATE, "--serial", serial])
-            .kill_on_drop(true);
-        async move {
-            let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-                .await
-                .expect("finished within 60 s")
-                .expect("python from .venv (run `make tools`)");
-            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-            assert!(
-                output.status.success(),
-                "{stdout}\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            serde_json::from_str::<Value>(stdout.trim()).unwrap()
-        }
+        let f = &f;
+        async move { run_device_script(f, "aws_cbor_provisioning.py", &claim, serial, &[]).await }
     };
     let done = run(f.claim("SN-0001").await, "SN-0001").await;
     assert_eq!(done["thingName"], "fleet-SN-0001", "{done}");
