@@ -32,6 +32,10 @@ pub enum Grant {
 /// What a caller needs of a fleet-wide budget: one start, now, if the window has room.
 pub trait Budget: Send + Sync {
     fn take(&self, now: u64) -> impl Future<Output = Result<Grant, QuotaError>> + Send;
+
+    /// Returns a unit granted by `take(now)` that will not be used after all (the caller was
+    /// refused for another reason), so that it is not lost to the window.
+    fn give_back(&self, now: u64) -> impl Future<Output = Result<(), QuotaError>> + Send;
 }
 
 /// The window `now` falls in: its start.
@@ -113,6 +117,27 @@ impl Budget for DynamoBudget {
             .and_then(|c| c.as_n().ok()?.parse::<u64>().ok())
             .ok_or_else(|| QuotaError::Unavailable("budget count not returned".into()))?;
         Ok(grant(count, self.limit, start, self.window_secs, now))
+    }
+
+    async fn give_back(&self, now: u64) -> Result<(), QuotaError> {
+        let start = window_start(now, self.window_secs);
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(
+                KEY_ATTRIBUTE,
+                AttributeValue::S(format!("budget#{}#{start}", self.name)),
+            )
+            .update_expression("ADD #count :minus_one")
+            .expression_attribute_names("#count", "count")
+            .expression_attribute_values(":minus_one", AttributeValue::N("-1".into()))
+            // Only a window that exists: a unit cannot be given back to a window nobody took
+            // from (an expired item would otherwise be recreated without its TTL).
+            .condition_expression("attribute_exists(#count)")
+            .send()
+            .await
+            .map_err(|e| QuotaError::from_failure(classify(&e)))?;
+        Ok(())
     }
 }
 

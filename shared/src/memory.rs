@@ -304,4 +304,15 @@ impl Budget for MemoryBudget {
         *count += 1;
         Ok(grant(*count, self.limit, start, self.window_secs, now))
     }
+
+    async fn give_back(&self, now: u64) -> Result<(), QuotaError> {
+        if let Some(failure) = lock(&self.failure).clone() {
+            return Err(failure);
+        }
+        let start = window_start(now, self.window_secs);
+        if let Some(count) = lock(&self.counts).get_mut(&start) {
+            *count = count.saturating_sub(1);
+        }
+        Ok(())
+    }
 }

@@ -77,8 +77,9 @@ pub enum Admission {
     },
 }
 
-/// The limits on DPS registrations: one SIM's share, then the whole fleet's (in that order, so
-/// that a looping device cannot spend the fleet's budget).
+/// The limits on DPS registrations: the whole fleet's budget and one SIM's share. Only an
+/// admitted registration counts against either: a call the fleet refuses spends nothing of its
+/// SIM's hour, and a SIM past its share takes nothing from the fleet's budget.
 pub trait DpsLimits: Send + Sync {
     /// Whether a registration asked for now would likely be admitted, as far as this instance
     /// knows without asking: false while the fleet's budget is known spent. A connection to

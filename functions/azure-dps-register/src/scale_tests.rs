@@ -316,3 +316,49 @@ async fn over_budget_no_connection_is_opened_for_the_rest_of_the_minute() {
     assert_eq!(r.error, Some("dps-budget"));
     assert_eq!(opened(&s), (2, 1));
 }
+
+/// In a storm a device may be refused by the fleet's budget many times: none of those calls
+/// spends its SIM's hour, so it is not locked out for an hour once the budget has room.
+#[tokio::test]
+async fn budget_refusals_spend_nothing_of_the_sims_hour() {
+    let mut s = state(&[("DPS_PER_SIM_PER_HOUR", "2")]);
+    s.limits.fleet = MemoryBudget::new(1, 1 << 40);
+    let first = call_as(&s, "440103000000201", json!({})).await;
+    assert_eq!(first.status_code, 200, "{}", first.outline());
+    for _ in 0..5 {
+        let r = call(&s, json!({})).await;
+        assert_eq!(r.error, Some("dps-budget"), "{}", r.outline());
+    }
+    // The budget has room again (a new window): the SIM's share is untouched.
+    s.limits.fleet = MemoryBudget::new(1, 1 << 40);
+    let r = call(&s, json!({})).await;
+    assert_eq!(
+        (r.status_code, r.source),
+        (200, Some(Source::Dps)),
+        "{}",
+        r.outline()
+    );
+}
+
+/// A SIM past its hourly share gives its unit of the fleet's budget back: a looping device
+/// cannot spend the fleet's registrations.
+#[tokio::test]
+async fn a_sim_past_its_share_takes_nothing_from_the_fleet_budget() {
+    let mut s = state(&[("DPS_PER_SIM_PER_HOUR", "1")]);
+    s.limits.fleet = MemoryBudget::new(2, 1 << 40);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    // Past its share, its record answers (limits only ever hold back DPS).
+    for _ in 0..3 {
+        let looping = call(&s, json!({"reprovision": true})).await;
+        assert_eq!(
+            looping.source,
+            Some(Source::Record),
+            "{}",
+            looping.outline()
+        );
+    }
+    let other = call_as(&s, "440103000000202", json!({})).await;
+    assert_eq!(other.source, Some(Source::Dps), "{}", other.outline());
+    let third = call_as(&s, "440103000000203", json!({})).await;
+    assert_eq!(third.error, Some("dps-budget"), "{}", third.outline());
+}

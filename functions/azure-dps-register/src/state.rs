@@ -88,21 +88,30 @@ impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
         now >= self.spent_until.load(Ordering::Relaxed)
     }
 
+    /// The fleet's budget first, then the SIM's share: a call the fleet refuses spends none of
+    /// its SIM's hour (in a storm, a device refused six times by the budget would otherwise be
+    /// locked out for an hour), and a SIM past its share gives its unit of the fleet's budget
+    /// back (a looping device cannot spend the fleet's budget).
     async fn admit(&self, imsi: &str, now: u64) -> Result<Admission, QuotaError> {
-        if let Verdict::Exceeded { retry_after } = self.per_sim.consume(imsi, now).await? {
-            return Ok(Admission::SimLimited {
+        if let Grant::Spent { retry_after } = self.fleet.take(now).await? {
+            let window_ends = now - now % FLEET_WINDOW_SECS + FLEET_WINDOW_SECS;
+            self.spent_until.fetch_max(window_ends, Ordering::Relaxed);
+            return Ok(Admission::OverBudget {
                 retry_after: Duration::from_secs(retry_after),
             });
         }
-        Ok(match self.fleet.take(now).await? {
-            Grant::Granted => Admission::Admitted,
-            Grant::Spent { retry_after } => {
-                let window_ends = now - now % FLEET_WINDOW_SECS + FLEET_WINDOW_SECS;
-                self.spent_until.fetch_max(window_ends, Ordering::Relaxed);
-                Admission::OverBudget {
-                    retry_after: Duration::from_secs(retry_after),
-                }
+        let share = self.per_sim.consume(imsi, now).await;
+        if !matches!(share, Ok(Verdict::Allowed { .. })) {
+            if let Err(e) = self.fleet.give_back(now).await {
+                // Lost to this window only: the budget errs on the side of fewer registrations.
+                tracing::warn!(error = %e, "a unit of the fleet's DPS budget could not be given back");
             }
+        }
+        Ok(match share? {
+            Verdict::Allowed { .. } => Admission::Admitted,
+            Verdict::Exceeded { retry_after } => Admission::SimLimited {
+                retry_after: Duration::from_secs(retry_after),
+            },
         })
     }
 }

@@ -483,3 +483,20 @@ async fn a_fleet_budget_is_exact_under_concurrency_and_renews_each_window() {
     assert!(returns.iter().all(|t| *t >= 1_800_000_060), "{returns:?}");
     assert_eq!(budget.take(now + 60).await, Ok(Grant::Granted));
 }
+
+/// A unit given back is granted again in the same window; a window nobody took from cannot be
+/// given to (its item would be recreated without its TTL).
+#[tokio::test]
+async fn a_unit_given_back_to_the_fleet_budget_is_granted_again() {
+    let aws = aws().await;
+    aws.create_devices_table(TABLE).await.unwrap();
+    let budget = DynamoBudget::new(aws.dynamodb().await, TABLE, "dps", 1, 60);
+    let now = 1_800_000_010;
+    assert_eq!(budget.take(now).await, Ok(Grant::Granted));
+    assert!(matches!(budget.take(now).await, Ok(Grant::Spent { .. })));
+    budget.give_back(now).await.unwrap();
+    budget.give_back(now).await.unwrap();
+    assert_eq!(budget.take(now).await, Ok(Grant::Granted));
+    assert!(matches!(budget.take(now).await, Ok(Grant::Spent { .. })));
+    assert!(budget.give_back(now + 3600).await.is_err());
+}

@@ -153,7 +153,28 @@ async fn reboot<R: SimRegistry, K: DeviceKeys, D: Dps, L: Limiting>(
     let devices = sims
         .iter()
         .map(|imsi| device(imsi, state, &instances, &tally));
-    futures::future::join_all(devices).await;
+    // Progress every 30 s: how many SIMs have their 200, and the answers so far.
+    let progress = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let t = tally.lock().unwrap_or_else(|p| p.into_inner());
+            eprintln!(
+                "    {:>5.0} s: {} of {} SIMs answered 200; {}",
+                started.elapsed().as_secs_f64(),
+                t.devices.len(),
+                sims.len(),
+                t.answers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join_all(devices) => {}
+        _ = progress => {}
+    }
     let tally = tally.into_inner().unwrap_or_else(|p| p.into_inner());
     Outcome {
         label,
