@@ -118,6 +118,7 @@ pub(crate) fn state(extra: &[(&str, &str)]) -> TestState {
         limits: Limits::new(
             MemoryQuota::new(config.dps_per_sim_per_hour, SIM_WINDOW_SECS),
             MemoryBudget::new(config.dps_registrations_per_minute, FLEET_WINDOW_SECS),
+            FLEET_WINDOW_SECS,
         ),
         config,
         registry: MemoryTable::new(),

@@ -64,15 +64,18 @@ impl<R, K, D, L> State<R, K, D, L> {
 pub struct Limits<Q = DynamoQuota, B = DynamoBudget> {
     pub per_sim: Q,
     pub fleet: B,
+    /// The length of `fleet`'s windows, seconds.
+    fleet_window: u64,
     /// Until when (Unix seconds) this instance last saw the fleet's budget spent.
     spent_until: AtomicU64,
 }
 
 impl<Q, B> Limits<Q, B> {
-    pub fn new(per_sim: Q, fleet: B) -> Self {
+    pub fn new(per_sim: Q, fleet: B, fleet_window: u64) -> Self {
         Self {
             per_sim,
             fleet,
+            fleet_window: fleet_window.max(1),
             spent_until: AtomicU64::new(0),
         }
     }
@@ -81,7 +84,22 @@ impl<Q, B> Limits<Q, B> {
 /// The per-SIM window: an hour.
 pub const SIM_WINDOW_SECS: u64 = 3600;
 /// The fleet budget's window: a minute, as DPS counts its own limit.
+#[cfg(test)]
 pub const FLEET_WINDOW_SECS: u64 = 60;
+
+/// The fleet budget's windows for `per_minute` registrations a minute: (limit, seconds).
+///
+/// DPS enforces its quota per minute, and the DPS simulator over any sixty seconds, as the
+/// safe reading; a budget counted per calendar minute lets twice its size through across a
+/// minute's boundary (the 10,000-SIM storm met DPS's 429 that way). So the budget is counted in
+/// windows of about 5 s of a twelfth of it each: no sixty seconds hold more than thirteen
+/// windows, 13/12 of the budget (the default 900: at most 975, under DPS's 1,000).
+pub fn fleet_windows(per_minute: u32) -> (u32, u64) {
+    let per_minute = per_minute.max(1);
+    let limit = (per_minute / 12).max(1);
+    let seconds = (60 * u64::from(limit) + u64::from(per_minute) / 2) / u64::from(per_minute);
+    (limit, seconds.max(1))
+}
 
 impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
     fn likely_admitted(&self, now: u64) -> bool {
@@ -94,7 +112,7 @@ impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
     /// back (a looping device cannot spend the fleet's budget).
     async fn admit(&self, imsi: &str, now: u64) -> Result<Admission, QuotaError> {
         if let Grant::Spent { retry_after } = self.fleet.take(now).await? {
-            let window_ends = now - now % FLEET_WINDOW_SECS + FLEET_WINDOW_SECS;
+            let window_ends = now - now % self.fleet_window + self.fleet_window;
             self.spent_until.fetch_max(window_ends, Ordering::Relaxed);
             return Ok(Admission::OverBudget {
                 retry_after: Duration::from_secs(retry_after),
@@ -277,6 +295,7 @@ impl State {
                 shared::registry::DEVICE_KEY_ATTRIBUTE,
             )),
         };
+        let (limit, window) = fleet_windows(config.dps_registrations_per_minute);
         Ok(Self {
             keys: ConfiguredKeys {
                 source: config.key_source.clone(),
@@ -294,9 +313,10 @@ impl State {
                     dynamodb.clone(),
                     &config.devices_table,
                     "dps",
-                    config.dps_registrations_per_minute,
-                    FLEET_WINDOW_SECS,
+                    limit,
+                    window,
                 ),
+                window,
             ),
             registry: DynamoRegistry::new(dynamodb, &config.devices_table),
             dps: MqttDps {
@@ -312,6 +332,25 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_windows_keep_any_sixty_seconds_near_the_budget() {
+        assert_eq!(fleet_windows(900), (75, 5));
+        for per_minute in [1, 6, 12, 100, 900, 1000, 5000] {
+            let (limit, seconds) = fleet_windows(per_minute);
+            // Windows touching any sixty seconds, each full.
+            let worst = (60 / seconds + 1) * u64::from(limit);
+            let rate = f64::from(limit) * 60.0 / seconds as f64;
+            assert!(
+                rate <= f64::from(per_minute) * 1.05 && rate >= f64::from(per_minute) * 0.9,
+                "{per_minute}: {limit} per {seconds} s"
+            );
+            assert!(
+                worst as f64 <= f64::from(per_minute) * 1.1 + 1.0,
+                "{per_minute}: {worst}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_caller_dropped_while_the_tls_setup_builds_leaves_it_to_the_next() {

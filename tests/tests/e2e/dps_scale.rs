@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aws_sdk_ssm::types::ParameterType;
 use azure_dps_register::handler::{handle, Response, Source};
-use azure_dps_register::state::State;
+use azure_dps_register::state::{fleet_windows, State};
 use lambda_runtime::Context;
 use local_emulators::local_aws::random_key_base64;
 use serde_json::{json, Value};
@@ -117,9 +117,12 @@ async fn a_sim_without_a_record_is_told_when_its_hour_has_room() {
 /// is told when to come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_fleet_budget_without_overshoot() {
-    let s = setup_with(|_| {}, None, &[("DPS_REGISTRATIONS_PER_MINUTE", "5")]).await;
+    // 60 a minute: counted as 5 per 5-second window (see `fleet_windows`).
+    let s = setup_with(|_| {}, None, &[("DPS_REGISTRATIONS_PER_MINUTE", "60")]).await;
+    let (limit, seconds) = fleet_windows(60);
+    assert_eq!((limit, seconds), (5, 5));
     let other = State::new(s.config.clone(), &s._aws.sdk_config().await).unwrap();
-    let minute = shared::clock::unix_now() / 60;
+    let window = shared::clock::unix_now() / seconds;
     let calls = (0..12).map(|n| {
         let state = if n % 2 == 0 { &s.state } else { &other };
         async move { call(state, &format!("4401030000100{n:02}"), json!({})).await }
@@ -135,10 +138,10 @@ async fn two_instances_share_the_fleet_budget_without_overshoot() {
         .iter()
         .all(|r| r.status_code == 503 && r.retry_after.is_some()));
     assert_eq!(assigned(&s), granted);
-    if shared::clock::unix_now() / 60 == minute {
-        assert_eq!(granted, 5, "the budget, exactly");
+    if shared::clock::unix_now() / seconds == window {
+        assert_eq!(granted, 5, "the window's budget, exactly");
     } else {
-        assert!(granted <= 10, "two minutes' budgets at most");
+        assert!(granted <= 10, "two windows' budgets at most");
     }
 }
 

@@ -23,7 +23,7 @@ use azure_dps_register::config::Config;
 use azure_dps_register::handler::handle;
 use azure_dps_register::ports::{DeviceKeys, Dps, DpsLimits as Limiting};
 use azure_dps_register::state::{
-    ConfiguredKeys, Limits, MqttDps, State, FLEET_WINDOW_SECS, SIM_WINDOW_SECS,
+    fleet_windows, ConfiguredKeys, Limits, MqttDps, State, SIM_WINDOW_SECS,
 };
 use lambda_runtime::Context;
 use local_emulators::bench::{millis, percentile};
@@ -278,9 +278,11 @@ async fn in_memory(
         }
     }
     let state = state(stack, dps, &[]).await?;
+    let (limit, window) = fleet_windows(state.config.dps_registrations_per_minute);
     let limits = Limits::new(
         MemoryQuota::new(state.config.dps_per_sim_per_hour, SIM_WINDOW_SECS),
-        MemoryBudget::new(state.config.dps_registrations_per_minute, FLEET_WINDOW_SECS),
+        MemoryBudget::new(limit, window),
+        window,
     );
     // Warm, as (b)'s state is from (a): the group key in its cache. (Lambda instances handle
     // one call at a time, so each reads it once; here one process plays them all at once.)
