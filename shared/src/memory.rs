@@ -31,6 +31,8 @@ pub struct MemoryTable {
     /// Every call waits this long first (a slow or hanging table).
     delay: Mutex<Option<Duration>>,
     calls: AtomicUsize,
+    /// The next this many registration records fail as an overloaded table's do.
+    failing_records: AtomicUsize,
 }
 
 impl MemoryTable {
@@ -63,6 +65,11 @@ impl MemoryTable {
     /// From now on every call waits `delay` first.
     pub fn delay(&self, delay: Option<Duration>) {
         *lock(&self.delay) = delay;
+    }
+
+    /// The next `n` registration records fail with `Unavailable`, then they work again.
+    pub fn fail_next_records(&self, n: usize) {
+        self.failing_records.store(n, Ordering::Relaxed);
     }
 
     /// Calls made so far (reads and writes).
@@ -136,6 +143,12 @@ impl SimRegistry for MemoryTable {
         registration: &Registration,
     ) -> Result<(), RegistryError> {
         self.enter().await?;
+        let failing =
+            self.failing_records
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(RegistryError::Unavailable("RequestTimeout".into()));
+        }
         let id = DeviceId::Sim(imsi.to_owned());
         let mut devices = lock(&self.devices);
         let entry = devices.entry(id.clone()).or_insert_with(|| DeviceRecord {

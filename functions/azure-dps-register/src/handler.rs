@@ -31,6 +31,9 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(700);
 const UNBOUNDED_EXTRA: Duration = Duration::from_secs(4);
 /// Retry hint when the cause says nothing better.
 const RETRY_SOON: Duration = Duration::from_secs(2);
+/// Attempts at recording a registration, and the pause between them.
+const RECORD_ATTEMPTS: u32 = 3;
+const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A refusal, with the detail that only the log sees.
 #[derive(Debug)]
@@ -476,16 +479,32 @@ async fn record<R: SimRegistry, K, D, L>(
         key_fingerprint: Some(sim.fingerprint.clone()),
         return_data: assignment.payload.as_ref().map(Value::to_string),
     };
-    let write = state.registry.record_registration(imsi, &recorded);
-    match timeout_at(deadlines.answer_by, write).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(imsi = %imsi, error = %e, "registration not recorded in the device table")
+    // Retried while the invocation has time: a registration not recorded costs a DPS
+    // registration at the device's next boot (the 10,000-SIM storm lost some to the local
+    // endpoint's queue). A blocked SIM's refusal (a conflict) is final.
+    for attempt in 1..=RECORD_ATTEMPTS {
+        let write = state.registry.record_registration(imsi, &recorded);
+        let (passing, error) = match timeout_at(deadlines.answer_by, write).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => (
+                matches!(e, RegistryError::Throttled | RegistryError::Unavailable(_)),
+                e.to_string(),
+            ),
+            Err(_) => (
+                true,
+                "the device table did not answer before the deadline".to_owned(),
+            ),
+        };
+        let retry = passing
+            && attempt < RECORD_ATTEMPTS
+            && Instant::now() + RECORD_RETRY_PAUSE < deadlines.answer_by;
+        if !retry {
+            tracing::error!(imsi = %imsi, attempt, error = %error,
+                "registration not recorded in the device table");
+            return;
         }
-        Err(_) => tracing::error!(
-            imsi = %imsi,
-            "registration not recorded: the device table did not answer before the deadline"
-        ),
+        tracing::warn!(imsi = %imsi, attempt, error = %error, "recording the registration again");
+        tokio::time::sleep(RECORD_RETRY_PAUSE).await;
     }
 }
 

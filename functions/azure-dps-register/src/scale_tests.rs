@@ -362,3 +362,19 @@ async fn a_sim_past_its_share_takes_nothing_from_the_fleet_budget() {
     let third = call_as(&s, "440103000000203", json!({})).await;
     assert_eq!(third.error, Some("dps-budget"), "{}", third.outline());
 }
+
+/// A record write the table fails is tried again while the invocation has time: the next boot
+/// is answered from the record; only when every attempt fails does the next boot go to DPS.
+#[tokio::test]
+async fn a_record_write_that_fails_is_tried_again() {
+    let s = state(&[]);
+    s.registry.fail_next_records(2);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Record));
+
+    let s = state(&[]);
+    s.registry.fail_next_records(3);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    assert_eq!(dps_calls(&s), 2);
+}
