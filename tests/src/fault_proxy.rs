@@ -27,6 +27,9 @@ pub enum Mode {
     Slow(Duration),
     /// Answer every request `400 ThrottlingException`.
     Throttle,
+    /// Forward this many more requests, then throttle every one (a table whose capacity runs
+    /// out part way through a long job).
+    ThrottleAfter(u64),
     /// Forward after `delay` the requests for one operation (`X-Amz-Target`, such as
     /// `DynamoDB_20120810.UpdateItem`) whose body contains `containing` (an attribute name,
     /// say, to tell one item's writes from another's), the others at once.
@@ -41,6 +44,8 @@ struct State {
     upstream: SocketAddr,
     mode: Mutex<Mode>,
     requests: AtomicU64,
+    /// With `ThrottleAfter`: the first request number that is throttled.
+    throttle_from: AtomicU64,
 }
 
 pub struct FaultProxy {
@@ -63,6 +68,7 @@ impl FaultProxy {
             upstream,
             mode: Mutex::new(Mode::Pass),
             requests: AtomicU64::new(0),
+            throttle_from: AtomicU64::new(u64::MAX),
         });
         let gate = Arc::clone(&state);
         let shared = Arc::clone(&state);
@@ -83,6 +89,11 @@ impl FaultProxy {
     }
 
     pub fn set(&self, mode: Mode) {
+        if let Mode::ThrottleAfter(n) = mode {
+            self.state
+                .throttle_from
+                .store(self.requests() + n, Ordering::Relaxed);
+        }
         *lock(&self.state.mode) = mode;
     }
 
@@ -105,8 +116,15 @@ fn answer(status: StatusCode, kind: Option<&str>, body: String) -> Response<Full
 }
 
 async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    state.requests.fetch_add(1, Ordering::Relaxed);
-    let mode = *lock(&state.mode);
+    let number = state.requests.fetch_add(1, Ordering::Relaxed);
+    let mut mode = *lock(&state.mode);
+    if matches!(mode, Mode::ThrottleAfter(_)) {
+        mode = if number >= state.throttle_from.load(Ordering::Relaxed) {
+            Mode::Throttle
+        } else {
+            Mode::Pass
+        };
+    }
     match mode {
         Mode::Stopped => {
             // Stopped mid-connection: fail the request as a dead peer would.
@@ -121,7 +139,7 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
         }
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
-        Mode::SlowOperation { .. } | Mode::Pass => {}
+        Mode::SlowOperation { .. } | Mode::Pass | Mode::ThrottleAfter(_) => {}
     }
     let (parts, body) = req.into_parts();
     let body = body

@@ -34,10 +34,20 @@ pub fn workspace() -> PathBuf {
 
 /// The device CLI as [`prebuild`] builds it.
 pub fn fleet_device_bin() -> PathBuf {
+    debug_bin("fleet-device")
+}
+
+/// The operators' CLI, as `prebuild` builds it.
+pub fn admin_bin() -> PathBuf {
+    debug_bin("provisioning-admin")
+}
+
+fn debug_bin(name: &str) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"))
-        .join("debug/fleet-device")
+        .join("debug")
+        .join(name)
 }
 
 /// `cargo` with the project's `.venv/bin` first on PATH, so that `cargo lambda` resolves.
@@ -56,13 +66,17 @@ fn cargo() -> Result<Command, WatchError> {
 }
 
 /// Builds each function the way `cargo lambda watch` will run it (`--bin NAME --features
-/// local-replay`), so the first invocation does not wait for a compiler, and the device CLI.
+/// local-replay`), so the first invocation does not wait for a compiler, the device CLI and the operators' CLI.
 pub async fn prebuild() -> Result<(), WatchError> {
     let mut builds: Vec<(&str, Vec<&str>)> = FUNCTIONS
         .iter()
         .map(|f| (*f, vec!["--bin", f, "--features", "local-replay"]))
         .collect();
     builds.push(("fleet-device", vec!["--package", "fleet-device"]));
+    builds.push((
+        "provisioning-admin",
+        vec!["--package", "provisioning-admin"],
+    ));
     for (name, args) in builds {
         let out = cargo()?
             .args(["build", "--quiet"])

@@ -185,7 +185,12 @@ impl LocalAws {
 /// The production SDK configuration (shared::aws) pointed at a local endpoint, with dummy
 /// credentials so that requests are SigV4-signed as in production.
 pub async fn local_sdk_config(endpoint: &str) -> SdkConfig {
-    shared::aws::loader(&CallLimits::default())
+    local_sdk_config_with(endpoint, &CallLimits::default()).await
+}
+
+/// [`local_sdk_config`] with other bounds on each call (an operator's tool's, say).
+pub async fn local_sdk_config_with(endpoint: &str, limits: &CallLimits) -> SdkConfig {
+    shared::aws::loader(limits)
         .endpoint_url(endpoint)
         .region(Region::new("us-east-1"))
         .credentials_provider(aws_sdk_ssm::config::Credentials::new(

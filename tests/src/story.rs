@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use crate::lambda_watch::{LambdaWatch, WatchError};
 
 mod device;
+mod operator;
 use crate::stack::{LocalStack, HUBS};
 
 /// One step's outcome.
@@ -67,6 +68,10 @@ pub async fn run(
     for invocation in hook_invocations(stack) {
         record(invoke(watch, invocation).await);
     }
+    for step in operator::steps(stack).await {
+        record(step);
+    }
+    record(invoke(watch, operator::blocked_sim_boots()).await);
     record(dps_statistics(stack));
     steps
 }

@@ -12,8 +12,8 @@ use crate::aws::classify;
 /// The DynamoDB adapter.
 #[derive(Clone, Debug)]
 pub struct DynamoRegistry {
-    client: aws_sdk_dynamodb::Client,
-    table: String,
+    pub(super) client: aws_sdk_dynamodb::Client,
+    pub(super) table: String,
 }
 
 /// A serial qualifies for a new certificate while it is allowed and within its validity,

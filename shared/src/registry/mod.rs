@@ -30,6 +30,7 @@
 //! L of N), a `version` and `expires_at` (N, TTL) (see `quota`); fleet-wide budgets are
 //! `pk = budget#<name>#<window start>` with `count` (N) and `expires_at` (N, TTL).
 
+mod admin;
 mod dynamo;
 mod item;
 
@@ -38,6 +39,7 @@ use std::future::Future;
 
 use crate::aws::Failure;
 
+pub use admin::{device_id, Kind, Listing};
 pub use dynamo::DynamoRegistry;
 
 /// Device serial numbers unless configured otherwise: letters, digits and `_:-`, 1 to 64
@@ -141,7 +143,7 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
             Self::Blocked => "blocked",

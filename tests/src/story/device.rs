@@ -26,11 +26,58 @@ pub struct Device {
     dir: PathBuf,
 }
 
-struct Run {
-    command: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+/// What a program the story ran did.
+pub(super) struct Run {
+    pub command: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program` (shown as `name` and its arguments, paths relative to the workspace) in
+/// `dir` with `env` added, for at most 60 s.
+pub(super) async fn run_program(
+    program: &std::path::Path,
+    name: &str,
+    args: &[String],
+    dir: &std::path::Path,
+    env: &[(String, String)],
+) -> Run {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            a.strip_prefix(&format!("{}/", workspace().display()))
+                .unwrap_or(a)
+                .to_owned()
+        })
+        .collect();
+    let command = format!("{name} {}", shown.join(" "));
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(60), output).await {
+        Ok(Ok(out)) => Run {
+            command,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        },
+        Ok(Err(e)) => Run {
+            command,
+            code: None,
+            stdout: String::new(),
+            stderr: format!("cannot run {}: {e}", program.display()),
+        },
+        Err(_) => Run {
+            command,
+            code: None,
+            stdout: String::new(),
+            stderr: "no exit within 60 s".into(),
+        },
+    }
 }
 
 impl Device {
@@ -101,40 +148,7 @@ impl Device {
     }
 
     async fn run_program(&self, program: &std::path::Path, name: &str, args: &[String]) -> Run {
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| {
-                a.strip_prefix(&format!("{}/", workspace().display()))
-                    .unwrap_or(a)
-                    .to_owned()
-            })
-            .collect();
-        let command = format!("{name} {}", shown.join(" "));
-        let output = Command::new(program)
-            .args(args)
-            .current_dir(&self.dir)
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(Duration::from_secs(60), output).await {
-            Ok(Ok(out)) => Run {
-                command,
-                code: out.status.code(),
-                stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            },
-            Ok(Err(e)) => Run {
-                command,
-                code: None,
-                stdout: String::new(),
-                stderr: format!("cannot run {}: {e}", program.display()),
-            },
-            Err(_) => Run {
-                command,
-                code: None,
-                stdout: String::new(),
-                stderr: "no exit within 60 s".into(),
-            },
-        }
+        run_program(program, name, args, &self.dir, &[]).await
     }
 
     pub async fn provisions_sn_0001(&self, watch: &LambdaWatch) -> Step {

@@ -4,6 +4,8 @@
 //! (`cargo lambda watch`, release builds) is the other binary, `tests/replay.rs`, so that it
 //! never competes for the two cores with the tests that measure deadlines.
 
+/// The operators' CLI (provisioning-admin) against the device table in moto.
+mod admin;
 /// The official AWS IoT Device SDK (Python) provisioning by claim through the AWS IoT simulator.
 mod aws_interop;
 /// azure-dps-register's handler against moto and the DPS simulator.
