@@ -14,7 +14,12 @@ use tokio::process::{Child, Command};
 
 use crate::local_aws::venv_bin;
 
-pub const FUNCTIONS: [&str; 3] = ["azure-dps-register", "claim-issuer", "fleet-prehook"];
+pub const FUNCTIONS: [&str; 4] = [
+    "azure-dps-register",
+    "claim-issuer",
+    "fleet-prehook",
+    "sim-lifecycle",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {

@@ -16,6 +16,7 @@ pub mod dps_sim;
 pub mod fault_proxy;
 pub mod fixtures;
 pub mod iot_control;
+pub mod iot_hub;
 pub mod iot_mqtt;
 pub mod lambda_watch;
 pub mod latency_proxy;

@@ -10,12 +10,15 @@ use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, DynamoRegistry};
 
 use crate::dps_sim::{DpsLimits, DpsSimConfig, DpsSimulator};
 use crate::iot_control::IotControlPlane;
+use crate::iot_hub::IotHubRegistry;
 use crate::local_aws::{random_key_base64, LocalAws};
 
 pub const TABLE: &str = "devices";
 pub const GROUP_KEY_PARAMETER: &str = "/soracom-dps/group-key";
 pub const ID_SCOPE: &str = "0ne00DEMO01";
 pub const TEMPLATE: &str = "fleet-template";
+/// Where sim-lifecycle finds each hub's service connection string (`<prefix><hub>`).
+pub const HUB_CREDENTIALS_PREFIX: &str = "/soracom-dps/iot-hub/";
 pub const HUBS: [&str; 2] = [
     "demo-hub-1.azure-devices.net",
     "demo-hub-2.azure-devices.net",
@@ -47,6 +50,8 @@ pub struct LocalStack {
     pub aws: LocalAws,
     pub dps: DpsSimulator,
     pub iot: IotControlPlane,
+    /// The IoT Hub registry of both demo hubs (sim-lifecycle disables devices there).
+    pub hubs: IotHubRegistry,
     pub group_key: SymmetricKey,
     pub registry: DynamoRegistry,
     dir: TempDir,
@@ -68,6 +73,7 @@ impl LocalStack {
             .await
             .map_err(err)?;
         let iot = IotControlPlane::start(&[TEMPLATE]).await.map_err(err)?;
+        let hubs = IotHubRegistry::start(&HUBS).await.map_err(err)?;
 
         aws.create_devices_table(TABLE).await.map_err(err)?;
         aws.put_parameter(
@@ -77,6 +83,16 @@ impl LocalStack {
         )
         .await
         .map_err(err)?;
+        for hub in HUBS {
+            let connection = hubs.connection_string(hub).unwrap_or_default();
+            aws.put_parameter(
+                &format!("{HUB_CREDENTIALS_PREFIX}{hub}"),
+                &connection,
+                ParameterType::SecureString,
+            )
+            .await
+            .map_err(err)?;
+        }
         let registry = DynamoRegistry::new(aws.dynamodb().await, TABLE);
         let mut blocked_sim = DeviceRecord::allowed(DeviceId::Sim(BLOCKED_IMSI.into()));
         blocked_sim.status = DeviceStatus::Blocked;
@@ -94,10 +110,12 @@ impl LocalStack {
 
         let dir = temp_dir("local-stack").map_err(err)?;
         std::fs::write(dir.path().join("dps-ca.pem"), dps.ca_pem()).map_err(err)?;
+        std::fs::write(dir.path().join("iot-hub-ca.pem"), hubs.ca_pem()).map_err(err)?;
         Ok(Self {
             aws,
             dps,
             iot,
+            hubs,
             group_key,
             registry,
             dir,
@@ -128,6 +146,12 @@ impl LocalStack {
             (
                 "IOT_DATA_ENDPOINT",
                 "local-ats.iot.us-east-1.amazonaws.com".to_owned(),
+            ),
+            ("HUB_CREDENTIALS_PREFIX", HUB_CREDENTIALS_PREFIX.to_owned()),
+            ("IOT_HUB_ENDPOINT", self.hubs.endpoint()),
+            (
+                "IOT_HUB_TRUSTED_CA_FILE",
+                self.dir.path().join("iot-hub-ca.pem").display().to_string(),
             ),
             ("RUST_LOG", "info".to_owned()),
         ]

@@ -71,6 +71,10 @@ pub async fn run(
     for step in operator::steps(stack).await {
         record(step);
     }
+    let (terminated, device) = operator::sim_terminated(stack).await;
+    record(invoke(watch, terminated).await);
+    record(operator::hub_shows_disabled(stack, device));
+    record(invoke(watch, operator::unfilled_event()).await);
     record(invoke(watch, operator::blocked_sim_boots()).await);
     record(dps_statistics(stack));
     steps

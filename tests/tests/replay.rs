@@ -29,6 +29,7 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         "cargo lambda invoke azure-dps-register",
         "cargo lambda invoke claim-issuer",
         "cargo lambda invoke fleet-prehook",
+        "cargo lambda invoke sim-lifecycle",
         "fleet-device ",
         "provisioning-admin ",
         "--client-context-file",
@@ -73,6 +74,8 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         ("azure-dps-register", "sim-blocked"),
         ("fleet-prehook", "allowed"),
         ("claim-issuer", "issued"),
+        ("sim-lifecycle", "blocked"),
+        ("sim-lifecycle", "ignored"),
     ] {
         assert!(
             metrics
@@ -188,6 +191,7 @@ fn local_replay_is_enabled_by_no_workspace_member() {
             "azure-dps-register",
             "fleet-prehook",
             "claim-issuer",
+            "sim-lifecycle",
         ]
         .iter()
         .any(|name| id.contains(&format!("/{name}#")) || id.contains(&format!("#{name}@")));

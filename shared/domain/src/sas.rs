@@ -55,6 +55,19 @@ pub fn registration_token(
     ))
 }
 
+/// The token an IoT Hub service client presents in the registry REST API's `Authorization`
+/// header: `sr` is the hub's host name (lower case), `skn` the hub's shared access policy
+/// (`registryReadWrite`, say) whose key signs it.
+pub fn service_token(hub_host: &str, policy: &str, key: &SymmetricKey, expiry: u64) -> SasToken {
+    let resource = percent_encode(&hub_host.to_ascii_lowercase());
+    let expiry = expiry.to_string();
+    let sig = percent_encode(&signature(key, &resource, &expiry));
+    let policy = percent_encode(policy);
+    SasToken(format!(
+        "SharedAccessSignature sr={resource}&sig={sig}&se={expiry}&skn={policy}"
+    ))
+}
+
 fn string_to_sign(resource: &str, expiry: &str) -> String {
     format!("{resource}\n{expiry}")
 }

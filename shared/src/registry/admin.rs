@@ -90,7 +90,9 @@ impl DynamoRegistry {
     pub async fn list_device(&self, id: &DeviceId, listing: &Listing) -> Result<(), RegistryError> {
         let key = id.key();
         let mut set = vec!["#status = :status"];
-        let mut remove = Vec::new();
+        // The operator's word replaces SORACOM's: a SIM the operator lists is never unblocked
+        // (or re-blocked on its own) by a lifecycle event's mark.
+        let mut remove = vec!["blocked_by"];
         let mut values = HashMap::from([(":status".to_owned(), s(listing.status.as_str()))]);
         match listing.valid_until {
             Some(until) => {

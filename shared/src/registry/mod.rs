@@ -15,6 +15,7 @@
 //! | `registered_at` | N | Unix time of that registration |
 //! | `key_fingerprint` | S | which device key that registration used (a hash, not the key) |
 //! | `return_data` | S | the allocation data DPS returned with it (JSON text), if any |
+//! | `blocked_by` | S | `soracom:<status>` when sim-lifecycle blocked the SIM (only such a block is lifted by an event) |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
 //! | `provisioning_state` | S | `pending` (the hook said yes; nothing confirmed the device since) or `confirmed` |
@@ -33,6 +34,7 @@
 mod admin;
 mod dynamo;
 mod item;
+mod lifecycle;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -41,6 +43,7 @@ use crate::aws::Failure;
 
 pub use admin::{device_id, Kind, Listing};
 pub use dynamo::DynamoRegistry;
+pub use lifecycle::{Change, LIFECYCLE_ATTRIBUTES};
 
 /// Device serial numbers unless configured otherwise: letters, digits and `_:-`, 1 to 64
 /// characters, starting alphanumeric. AWS IoT thing names allow `[a-zA-Z0-9:_-]` only (no `.`),

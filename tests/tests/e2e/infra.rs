@@ -143,7 +143,7 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
         })
         .collect();
     let functions = functions(&t);
-    assert_eq!(functions.len(), 3);
+    assert_eq!(functions.len(), 4);
     for (binary, env) in &functions {
         for (name, value) in env {
             if let Some(target) = value
@@ -191,6 +191,7 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
             }
             "fleet-prehook" => fleet_prehook::config::Config::from_env(&dummy).map(|_| ()),
             "claim-issuer" => claim_issuer::config::Config::from_env(&dummy).map(|_| ()),
+            "sim-lifecycle" => sim_lifecycle::config::Config::from_env(&dummy).map(|_| ()),
             other => panic!("unknown function binary {other}"),
         };
         assert!(loaded.is_ok(), "{binary}: {loaded:?}");
@@ -229,6 +230,29 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
     assert_eq!(
         list(funk[0].1.get("Resource")),
         vec!["!Ref AzureDpsRegisterFunction.Alias"]
+    );
+    // SORACOM's Event Handler: its own role, the same trust, sim-lifecycle's alias only.
+    let trust =
+        &r["SoracomEventHandlerRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert!(trust["Condition"]["StringEquals"]
+        .get("sts:ExternalId")
+        .is_some());
+    let handler = statements(&t)
+        .into_iter()
+        .filter(|(o, s)| o == "SoracomEventHandlerRole" && s.get("Principal").is_none())
+        .collect::<Vec<_>>();
+    assert_eq!(handler.len(), 1);
+    assert_eq!(
+        list(handler[0].1.get("Action")),
+        vec!["lambda:InvokeFunction"]
+    );
+    assert_eq!(
+        list(handler[0].1.get("Resource")),
+        vec!["!Ref SimLifecycleFunction.Alias"]
+    );
+    assert_eq!(
+        r["SimLifecycleFunction"]["Properties"]["AutoPublishAlias"].as_str(),
+        Some("live")
     );
     let azure = &r["AzureDpsRegisterFunction"]["Properties"];
     assert_eq!(azure["AutoPublishAlias"].as_str(), Some("live"));
@@ -400,8 +424,8 @@ fn each_function_touches_only_its_own_items_and_attributes() {
     use shared::budget::BUDGET_ATTRIBUTES;
     use shared::quota::RATE_ATTRIBUTES;
     use shared::registry::{
-        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, SERIAL_ATTRIBUTES,
-        SIM_ATTRIBUTES,
+        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, LIFECYCLE_ATTRIBUTES,
+        SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
     };
     let t = template();
     let azure: Vec<&str> = SIM_ATTRIBUTES
@@ -423,7 +447,7 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         .collect();
     // (role, attributes its code uses, keys it must reach, keys it must not reach)
     type Expectation<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let roles: [Expectation; 3] = [
+    let roles: [Expectation; 4] = [
         (
             "AzureDpsRegisterRole",
             &azure,
@@ -437,6 +461,18 @@ fn each_function_touches_only_its_own_items_and_attributes() {
             &[
                 "sim#1",
                 "simid#1",
+                "rate#dps#1",
+                "rate#installer#1",
+                "budget#dps#1",
+            ],
+        ),
+        (
+            "SimLifecycleRole",
+            LIFECYCLE_ATTRIBUTES,
+            &["sim#1", "simid#1"],
+            &[
+                "serial#1",
+                "claim#1",
                 "rate#dps#1",
                 "rate#installer#1",
                 "budget#dps#1",
@@ -544,6 +580,7 @@ fn alarms_watch_what_the_functions_emit() {
         .iter()
         .map(|r| r.code())
         .chain(fleet_prehook::handler::Reason::ALL.iter().map(|r| r.code()))
+        .chain(sim_lifecycle::handler::OUTCOMES.iter().copied())
         .collect();
     let mut watched = Vec::new();
     for (name, resource) in t["Resources"].as_mapping().unwrap() {
@@ -584,6 +621,7 @@ fn alarms_watch_what_the_functions_emit() {
         "registry-unavailable",
         "registry-throttled",
         "registry-malformed",
+        "failed",
     ] {
         assert!(
             watched.iter().any(|w| w == required),

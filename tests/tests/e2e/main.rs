@@ -24,6 +24,8 @@ mod hook;
 mod infra;
 /// The official Azure IoT device SDKs against the DPS simulator.
 mod interop;
+/// sim-lifecycle (SORACOM Event Handler) against moto and the IoT Hub registry stand-in.
+mod lifecycle;
 /// The AWS stores (SSM, DynamoDB) against moto.
 mod stores;
 
