@@ -19,6 +19,10 @@ pub const ID_SCOPE: &str = "0ne00DEMO01";
 pub const TEMPLATE: &str = "fleet-template";
 /// Where sim-lifecycle finds each hub's service connection string (`<prefix><hub>`).
 pub const HUB_CREDENTIALS_PREFIX: &str = "/soracom-dps/iot-hub/";
+/// Where azure-dps-register finds SORACOM Beam's pre-shared key.
+pub const BEAM_PSK_PARAMETER: &str = "/soracom-dps/beam-psk";
+/// The demo's SORACOM operator (the sample client contexts name it).
+pub const OPERATOR_ID: &str = "OP0012345678";
 pub const HUBS: [&str; 2] = [
     "demo-hub-1.azure-devices.net",
     "demo-hub-2.azure-devices.net",
@@ -53,6 +57,8 @@ pub struct LocalStack {
     /// The IoT Hub registry of both demo hubs (sim-lifecycle disables devices there).
     pub hubs: IotHubRegistry,
     pub group_key: SymmetricKey,
+    /// The key SORACOM Beam signs with (made at start, kept in SSM).
+    pub beam_psk: String,
     pub registry: DynamoRegistry,
     dir: TempDir,
 }
@@ -93,6 +99,10 @@ impl LocalStack {
             .await
             .map_err(err)?;
         }
+        let beam_psk = random_key_base64();
+        aws.put_parameter(BEAM_PSK_PARAMETER, &beam_psk, ParameterType::SecureString)
+            .await
+            .map_err(err)?;
         let registry = DynamoRegistry::new(aws.dynamodb().await, TABLE);
         let mut blocked_sim = DeviceRecord::allowed(DeviceId::Sim(BLOCKED_IMSI.into()));
         blocked_sim.status = DeviceStatus::Blocked;
@@ -117,6 +127,7 @@ impl LocalStack {
             iot,
             hubs,
             group_key,
+            beam_psk,
             registry,
             dir,
         })
@@ -147,6 +158,8 @@ impl LocalStack {
                 "IOT_DATA_ENDPOINT",
                 "local-ats.iot.us-east-1.amazonaws.com".to_owned(),
             ),
+            ("BEAM_PSK_PARAMETER", BEAM_PSK_PARAMETER.to_owned()),
+            ("BEAM_OPERATOR_ID", OPERATOR_ID.to_owned()),
             ("HUB_CREDENTIALS_PREFIX", HUB_CREDENTIALS_PREFIX.to_owned()),
             ("IOT_HUB_ENDPOINT", self.hubs.endpoint()),
             (

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use crate::lambda_watch::{LambdaWatch, WatchError};
 
+mod beam;
 mod device;
 mod operator;
 use crate::stack::{LocalStack, HUBS};
@@ -71,6 +72,8 @@ pub async fn run(
     for step in operator::steps(stack).await {
         record(step);
     }
+    record(invoke(watch, beam::signed_request(stack)).await);
+    record(invoke(watch, beam::replayed_request(stack)).await);
     let (terminated, device) = operator::sim_terminated(stack).await;
     record(invoke(watch, terminated).await);
     record(operator::hub_shows_disabled(stack, device));
@@ -247,9 +250,9 @@ fn hook_invocations(stack: &LocalStack) -> Vec<Invocation> {
 fn dps_statistics(stack: &LocalStack) -> Step {
     let dps_connections = stack.dps.stats().connections.load(Ordering::Relaxed);
     Step {
-        title: "DPS saw exactly one device connect (the reboot was answered from the record, the blocked SIM never got there)",
+        title: "DPS saw two devices connect, the Funk SIM's first boot and the Beam SIM's (the reboot was answered from the record, the blocked SIM never got there)",
         command: "dps-simulator statistics".into(),
-        ok: dps_connections == 1,
+        ok: dps_connections == 2,
         detail: format!(
             "{dps_connections} connection(s), {} assigned",
             stack.dps.assigned().len()
@@ -389,6 +392,14 @@ pub fn secrets(stack: &LocalStack) -> Vec<(String, String)> {
                 .to_base64(),
         ),
     ];
+    secrets.push(("Beam PSK".to_owned(), stack.beam_psk.clone()));
+    secrets.push((
+        "Beam SIM's device key".to_owned(),
+        stack
+            .group_key
+            .derive_device_key(beam::BEAM_IMSI)
+            .to_base64(),
+    ));
     for sig in stack.dps.accepted_signatures() {
         if let Some(decoded) = shared::sas::percent_decode(&sig) {
             secrets.push(("SAS signature".to_owned(), decoded));

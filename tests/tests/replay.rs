@@ -208,8 +208,8 @@ fn local_replay_is_enabled_by_no_workspace_member() {
         assert!(!features.contains(&"local-replay"), "{id}: {features:?}");
     }
     assert_eq!(
-        checked, 4,
-        "found {checked} of the four crates in the metadata"
+        checked, 5,
+        "found {checked} of the five crates in the metadata"
     );
 }
 

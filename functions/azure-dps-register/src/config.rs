@@ -72,6 +72,26 @@ pub struct Config {
     pub dps_registrations_per_minute: u32,
     /// IoT Plug and Play model id sent in the registration payload unless the device sends one.
     pub model_id: Option<String>,
+    /// SORACOM Beam as a second front door (`POST /register` through the HTTP API).
+    pub beam: BeamConfig,
+}
+
+/// Where Beam's pre-shared key is, whose SIMs Beam forwards, and how old a signed request may
+/// be. Without a key parameter and an operator, every Beam request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeamConfig {
+    /// SSM SecureString holding the PSK SORACOM Beam signs with.
+    pub psk_parameter: Option<String>,
+    /// The operator whose Beam holds that key: `BEAM_OPERATOR_ID`, else the one operator in
+    /// `ALLOWED_OPERATOR_IDS`.
+    pub operator_id: Option<String>,
+    /// A signed request older or newer than this (by its `x-soracom-timestamp`) is refused.
+    pub max_skew: Duration,
+}
+
+fn is_operator_id(id: &str) -> bool {
+    id.strip_prefix("OP")
+        .is_some_and(|d| (8..=16).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Digital Twins model ids as DPS accepts them: `dtmi:` then segments of letters, digits and
@@ -115,14 +135,40 @@ impl Config {
                 name: "REGISTRATION_ID_TEMPLATE",
                 expected: "text with {imsi} or {simId}, e.g. 'soracom-{imsi}'",
             })?;
+        let allowed_operators = config::list(env, "ALLOWED_OPERATOR_IDS");
+        let beam_operator = match config::optional(env, "BEAM_OPERATOR_ID") {
+            Some(id) if !is_operator_id(&id) => {
+                return Err(ConfigError::Invalid {
+                    name: "BEAM_OPERATOR_ID",
+                    expected: "a SORACOM operator id (OP and digits)",
+                })
+            }
+            Some(id) => Some(id),
+            None if allowed_operators.len() == 1 => allowed_operators.first().cloned(),
+            None => None,
+        };
+        let beam = BeamConfig {
+            psk_parameter: config::optional(env, "BEAM_PSK_PARAMETER"),
+            operator_id: beam_operator,
+            max_skew: Duration::from_secs(
+                config::positive(
+                    env,
+                    "BEAM_MAX_SKEW_SECONDS",
+                    300,
+                    "a whole number of seconds of at least 1",
+                )?
+                .into(),
+            ),
+        };
         Ok(Self {
+            beam,
             id_scope: config::required(env, "DPS_ID_SCOPE")?,
             endpoint: config::host_port(env, "DPS_ENDPOINT", DEFAULT_DPS_ENDPOINT, 8883)?,
             trusted_ca_file: config::optional(env, "DPS_TRUSTED_CA_FILE").map(PathBuf::from),
             key_source,
             devices_table: config::required(env, "DEVICES_TABLE")?,
             registration_id,
-            allowed_operators: config::list(env, "ALLOWED_OPERATOR_IDS"),
+            allowed_operators,
             require_allowlist: config::parsed(
                 env,
                 "REQUIRE_SIM_ALLOWLIST",

@@ -121,15 +121,31 @@ pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     context: &Context,
     state: &State<R, K, D, L>,
 ) -> Response {
+    let sim = identify(context);
+    answer(event, sim, context, state).await
+}
+
+/// Handles a SIM that SORACOM Beam identified (its signature verified by `beam`): the same
+/// checks, limits and answers as a Funk invocation from here on.
+pub async fn handle_identified<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+    event: Value,
+    sim: SimIdentity,
+    context: &Context,
+    state: &State<R, K, D, L>,
+) -> Response {
+    answer(event, Ok(sim), context, state).await
+}
+
+async fn answer<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+    event: Value,
+    sim: Result<SimIdentity, Refusal>,
+    context: &Context,
+    state: &State<R, K, D, L>,
+) -> Response {
     let started = Instant::now();
-    let imsi = context
-        .client_context
-        .as_ref()
-        .and_then(|c| c.custom.get("imsi"))
-        .cloned()
-        .unwrap_or_default();
+    let imsi = sim.as_ref().map(|s| s.imsi.clone()).unwrap_or_default();
     // Boxed: the registration's future nests deep enough to exceed the compiler's layout depth.
-    match Box::pin(register(event, context, state)).await {
+    match Box::pin(register(event, sim, context, state)).await {
         Ok(r) => {
             emit_metrics(r.source.as_str(), r.dps_ms);
             tracing::info!(
@@ -184,6 +200,7 @@ fn deadlines(context: &Context, budget: Duration) -> Deadlines {
 
 async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     event: Value,
+    sim: Result<SimIdentity, Refusal>,
     context: &Context,
     state: &State<R, K, D, L>,
 ) -> Result<Registered, Refusal> {
@@ -196,7 +213,8 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
         )
         .retry_in(RETRY_SOON));
     }
-    let sim = identify(context, config)?;
+    let sim = sim?;
+    operator_allowed(&sim, config)?;
     let request = device_request(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
     let registration_id = registration_id(config, &sim)?;
 
@@ -368,15 +386,18 @@ async fn admit_or_record<R, K, D, L: DpsLimits>(
 
 /// The SIM as SORACOM identifies it, from the client context only (never the body), of an
 /// allowed operator.
-fn identify(context: &Context, config: &Config) -> Result<SimIdentity, Refusal> {
+/// The SIM Funk names in the client context (only Funk, through its role, can invoke with one).
+fn identify(context: &Context) -> Result<SimIdentity, Refusal> {
     let custom = context
         .client_context
         .as_ref()
         .map(|c| &c.custom)
         .filter(|c| !c.is_empty())
         .ok_or_else(|| refuse(Refused::NoIdentity, "no client context"))?;
-    let sim = SimIdentity::from_custom(custom)
-        .map_err(|e| refuse(Refused::BadIdentity, e.to_string()))?;
+    SimIdentity::from_custom(custom).map_err(|e| refuse(Refused::BadIdentity, e.to_string()))
+}
+
+fn operator_allowed(sim: &SimIdentity, config: &Config) -> Result<(), Refusal> {
     if !config.allowed_operators.is_empty() && !config.allowed_operators.contains(&sim.operator_id)
     {
         return Err(refuse(
@@ -387,7 +408,7 @@ fn identify(context: &Context, config: &Config) -> Result<SimIdentity, Refusal> 
             ),
         ));
     }
-    Ok(sim)
+    Ok(())
 }
 
 fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal> {
@@ -887,11 +908,16 @@ mod tests {
                     ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
                 ]).unwrap();
                 if let Some(context) = client_context(custom) {
-                    if let Err(refusal) = identify(&context, &config) {
-                        checked(refusal)?;
+                    match identify(&context) {
+                        Err(refusal) => checked(refusal)?,
+                        Ok(sim) => {
+                            if let Err(refusal) = operator_allowed(&sim, &config) {
+                                checked(refusal)?;
+                            }
+                        }
                     }
                 }
-                if let Err(refusal) = identify(&Context::default(), &config) {
+                if let Err(refusal) = identify(&Context::default()) {
                     checked(refusal)?;
                 }
                 if let Err(reason) = device_payload(&body) {

@@ -5,6 +5,7 @@
 //! the cold-start state, [`config::Config`] the environment.
 
 pub mod answer;
+pub mod beam;
 pub mod config;
 pub mod handler;
 #[cfg(test)]

@@ -29,12 +29,14 @@
 //! `used_at` (N), in the same transaction that records the serial's provisioning.
 //! Rate limits are `pk = rate#<scope>#<subject>` with the times of the subject's recent uses (`uses`,
 //! L of N), a `version` and `expires_at` (N, TTL) (see `quota`); fleet-wide budgets are
-//! `pk = budget#<name>#<window start>` with `count` (N) and `expires_at` (N, TTL).
+//! `pk = budget#<name>#<window start>` with `count` (N) and `expires_at` (N, TTL). A SORACOM
+//! Beam signature azure-dps-register accepted is `pk = beam#<signature>` with `expires_at`.
 
 mod admin;
 mod dynamo;
 mod item;
 mod lifecycle;
+mod once;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,6 +46,7 @@ use crate::aws::Failure;
 pub use admin::{device_id, Kind, Listing};
 pub use dynamo::DynamoRegistry;
 pub use lifecycle::{Change, LIFECYCLE_ATTRIBUTES};
+pub use once::{beam_key, OnceLog, ONCE_ATTRIBUTES};
 
 /// Device serial numbers unless configured otherwise: letters, digits and `_:-`, 1 to 64
 /// characters, starting alphanumeric. AWS IoT thing names allow `[a-zA-Z0-9:_-]` only (no `.`),

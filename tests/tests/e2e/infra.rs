@@ -256,6 +256,16 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
     );
     let azure = &r["AzureDpsRegisterFunction"]["Properties"];
     assert_eq!(azure["AutoPublishAlias"].as_str(), Some("live"));
+    // SORACOM Beam's route: POST /register on its own throttled API, no authorizer (the
+    // function verifies Beam's signature first), payload 2.0 (what `beam::is_http_event` reads).
+    let route = &azure["Events"]["Beam"]["Properties"];
+    assert_eq!(text(&route["ApiId"]).as_deref(), Some("!Ref BeamApi"));
+    assert_eq!(
+        (route["Method"].as_str(), route["Path"].as_str()),
+        (Some("POST"), Some("/register"))
+    );
+    assert_eq!(route["PayloadFormatVersion"].as_str(), Some("2.0"));
+    assert!(route.get("Auth").is_none());
     // A reboot storm cannot take the concurrency fleet-prehook needs within AWS IoT's 5 s.
     assert_eq!(
         text(&azure["ReservedConcurrentExecutions"]).as_deref(),
@@ -425,13 +435,14 @@ fn each_function_touches_only_its_own_items_and_attributes() {
     use shared::quota::RATE_ATTRIBUTES;
     use shared::registry::{
         CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, LIFECYCLE_ATTRIBUTES,
-        SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
+        ONCE_ATTRIBUTES, SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
     };
     let t = template();
     let azure: Vec<&str> = SIM_ATTRIBUTES
         .iter()
         .chain(RATE_ATTRIBUTES)
         .chain(BUDGET_ATTRIBUTES)
+        .chain(ONCE_ATTRIBUTES)
         .copied()
         .chain([DEVICE_KEY_ATTRIBUTE])
         .collect();
@@ -451,7 +462,7 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         (
             "AzureDpsRegisterRole",
             &azure,
-            &["sim#1", "simid#1", "rate#dps#1", "budget#dps#1"],
+            &["sim#1", "simid#1", "rate#dps#1", "budget#dps#1", "beam#1"],
             &["serial#1", "claim#1", "rate#installer#1"],
         ),
         (
@@ -550,9 +561,11 @@ fn provisioning_role_claim_policy_api_and_sign_in_are_locked_down() {
     assert!(!thing_name.is_match(prefix.trim_end_matches('*')));
     assert!(prefix.contains('.'));
 
-    let api = &r["ClaimsApi"]["Properties"]["DefaultRouteSettings"];
-    for limit in ["ThrottlingRateLimit", "ThrottlingBurstLimit"] {
-        assert!(api.get(limit).is_some(), "ClaimsApi lacks {limit}");
+    for api in ["ClaimsApi", "BeamApi"] {
+        let settings = &r[api]["Properties"]["DefaultRouteSettings"];
+        for limit in ["ThrottlingRateLimit", "ThrottlingBurstLimit"] {
+            assert!(settings.get(limit).is_some(), "{api} lacks {limit}");
+        }
     }
 
     let pool = &r["InstallersUserPool"]["Properties"];

@@ -10,6 +10,8 @@ mod admin;
 mod aws_interop;
 /// azure-dps-register's handler against moto and the DPS simulator.
 mod azure_dps_register;
+/// SORACOM Beam's front door of azure-dps-register: signed HTTP API events.
+mod beam;
 /// claim-issuer's handler against the IoT control-plane double and the device table.
 mod claim_issuer;
 /// The DPS client in a TLS MQTT conversation with the DPS simulator.
