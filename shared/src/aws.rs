@@ -86,6 +86,21 @@ where
     }
 }
 
+/// A conditional write's outcome: `Ok(true)` written, `Ok(false)` its condition did not hold
+/// (someone else got there first, or it is already so), else what went wrong.
+pub fn conditional<T, E, R>(result: Result<T, SdkError<E, R>>) -> Result<bool, Failure>
+where
+    E: ProvideErrorMetadata,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) => match classify(&e) {
+            Failure::Service(code) if code == "ConditionalCheckFailedException" => Ok(false),
+            other => Err(other),
+        },
+    }
+}
+
 fn is_throttling(code: &str) -> bool {
     matches!(
         code,

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::aws::{classify, Failure};
+use crate::aws::{classify, conditional, Failure};
 use crate::registry::KEY_ATTRIBUTE;
 
 /// The attributes of a rate-limit item (for the IAM policy of whoever counts).
@@ -174,13 +174,7 @@ impl DynamoQuota {
             .expression_attribute_values(":read", n(version))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => match classify(&e) {
-                Failure::Service(code) if code == "ConditionalCheckFailedException" => Ok(false),
-                other => Err(QuotaError::from_failure(other)),
-            },
-        }
+        conditional(result).map_err(QuotaError::from_failure)
     }
 }
 

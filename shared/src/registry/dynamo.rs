@@ -196,7 +196,7 @@ impl DynamoRegistry {
     }
 
     /// One item, strongly consistent, with only `attributes` (all the IAM policy allows).
-    async fn read(
+    pub(super) async fn read(
         &self,
         key: &str,
         attributes: &[&str],

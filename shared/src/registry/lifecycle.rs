@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 
-use super::item::{decode, projection, s};
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::item::{decode, s};
 use super::*;
-use crate::aws::classify;
+use crate::aws::conditional;
 
 /// The attributes sim-lifecycle reads and writes on a SIM's items (its IAM policy lists
 /// exactly these).
@@ -40,39 +42,58 @@ impl DynamoRegistry {
         id: &DeviceId,
         status: &str,
     ) -> Result<Change, RegistryError> {
-        let key = id.key();
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&key))
-            .update_expression("SET #status = :blocked, blocked_by = :by")
-            .condition_expression("attribute_not_exists(#status) OR #status <> :blocked")
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":blocked", s(DeviceStatus::Blocked.as_str()))
-            .expression_attribute_values(":by", s(&format!("{SORACOM_MARK}{status}")))
-            .send()
-            .await;
-        conditional(result.map(|_| ()))
+        self.set_status_if(
+            id,
+            "SET #status = :blocked, blocked_by = :by",
+            "attribute_not_exists(#status) OR #status <> :blocked",
+            (":by", s(&format!("{SORACOM_MARK}{status}"))),
+        )
+        .await
     }
 
     /// Allows `id` again if, and only if, SORACOM's event blocked it.
     pub async fn lift_soracom_block(&self, id: &DeviceId) -> Result<Change, RegistryError> {
-        let key = id.key();
+        self.set_status_if(
+            id,
+            "SET #status = :allowed REMOVE blocked_by",
+            "#status = :blocked AND begins_with(blocked_by, :mark)",
+            (":mark", s(SORACOM_MARK)),
+        )
+        .await
+    }
+
+    /// `update` on `id`'s item if `condition` holds (both may name `#status`, `:blocked`,
+    /// `:allowed` and the one `extra` value).
+    async fn set_status_if(
+        &self,
+        id: &DeviceId,
+        update: &str,
+        condition: &str,
+        extra: (&str, AttributeValue),
+    ) -> Result<Change, RegistryError> {
+        let mut values = HashMap::from([
+            (":blocked".to_owned(), s(DeviceStatus::Blocked.as_str())),
+            (":allowed".to_owned(), s(DeviceStatus::Allowed.as_str())),
+        ]);
+        values.insert(extra.0.to_owned(), extra.1);
+        // Only the placeholders the expressions use: DynamoDB refuses unused ones.
+        values
+            .retain(|name, _| update.contains(name.as_str()) || condition.contains(name.as_str()));
         let result = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&key))
-            .update_expression("SET #status = :allowed REMOVE blocked_by")
-            .condition_expression("#status = :blocked AND begins_with(blocked_by, :mark)")
+            .key(KEY_ATTRIBUTE, s(&id.key()))
+            .update_expression(update)
+            .condition_expression(condition)
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":blocked", s(DeviceStatus::Blocked.as_str()))
-            .expression_attribute_values(":allowed", s(DeviceStatus::Allowed.as_str()))
-            .expression_attribute_values(":mark", s(SORACOM_MARK))
+            .set_expression_attribute_values(Some(values))
             .send()
             .await;
-        conditional(result.map(|_| ()))
+        match conditional(result).map_err(RegistryError::from_failure)? {
+            true => Ok(Change::Done),
+            false => Ok(Change::AlreadySo),
+        }
     }
 
     /// The SIM's last DPS registration (where its IoT Hub identity lives), read with
@@ -83,43 +104,9 @@ impl DynamoRegistry {
     ) -> Result<Option<Registration>, RegistryError> {
         let id = DeviceId::Sim(imsi.to_owned());
         let key = id.key();
-        let (expression, names): (String, HashMap<String, String>) =
-            projection(LIFECYCLE_ATTRIBUTES);
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(&key))
-            .projection_expression(expression)
-            .set_expression_attribute_names(Some(names))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| RegistryError::from_failure(classify(&e)))?;
-        match out.item {
+        match self.read(&key, LIFECYCLE_ATTRIBUTES).await? {
             Some(item) => Ok(decode(id, &key, &item)?.registration),
             None => Ok(None),
         }
-    }
-}
-
-/// A conditional write's outcome: its condition failing means the item is already so.
-fn conditional<E>(
-    result: Result<
-        (),
-        aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-    >,
-) -> Result<Change, RegistryError>
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
-{
-    match result {
-        Ok(()) => Ok(Change::Done),
-        Err(e) => match classify(&e) {
-            Failure::Service(code) if code == "ConditionalCheckFailedException" => {
-                Ok(Change::AlreadySo)
-            }
-            other => Err(RegistryError::from_failure(other)),
-        },
     }
 }

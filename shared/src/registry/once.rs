@@ -4,7 +4,7 @@
 
 use super::item::{n, s};
 use super::*;
-use crate::aws::classify;
+use crate::aws::conditional;
 
 /// The item key of a used Beam signature.
 pub fn beam_key(signature: &str) -> String {
@@ -36,12 +36,6 @@ impl OnceLog for DynamoRegistry {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) => match classify(&e) {
-                Failure::Service(code) if code == "ConditionalCheckFailedException" => Ok(false),
-                other => Err(RegistryError::from_failure(other)),
-            },
-        }
+        conditional(result).map_err(RegistryError::from_failure)
     }
 }
