@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::mqtt_io::{granted, lock, read_packet, write_packet};
-use crate::tls::local_pki;
+use crate::tls::{common_name, local_pki, roots_from_pem};
 use shared::clock::unix_now;
 
 const API_VERSION: &str = "2019-03-31";
@@ -136,6 +136,10 @@ pub struct DpsSimConfig {
     /// How long after its register request an operation is assigned (DPS takes about 1–3 s in
     /// the cloud); polls before then answer `assigning`.
     pub assignment_delay: Duration,
+    /// X.509 enrollment groups: the PEM of each enrolled (root or intermediate) CA. A device
+    /// presenting a TLS client certificate that chains to one of them, within its validity,
+    /// registers as its certificate's CN, without a SAS token.
+    pub x509_cas: Vec<String>,
 }
 
 /// DPS's quotas ("Azure IoT Hub DPS limits"): device registrations per minute per service
@@ -174,6 +178,7 @@ impl DpsSimConfig {
             return_data: None,
             limits: DpsLimits::NONE,
             assignment_delay: Duration::ZERO,
+            x509_cas: Vec::new(),
         }
     }
 }
@@ -303,7 +308,15 @@ impl DpsSimulator {
             registrations: Mutex::new(Window::default()),
             polls: Mutex::new(HashMap::new()),
         });
-        let acceptor = TlsAcceptor::from(pki.server_config(None).map_err(std::io::Error::other)?);
+        // With X.509 enrollments a client certificate is asked for, and verified if presented
+        // (chain to an enrolled CA, validity); SAS devices present none.
+        let server = if shared.config.x509_cas.is_empty() {
+            pki.server_config(None)
+        } else {
+            let cas: Vec<&str> = shared.config.x509_cas.iter().map(String::as_str).collect();
+            roots_from_pem(&cas).and_then(|roots| pki.server_config_optional_clients(roots))
+        };
+        let acceptor = TlsAcceptor::from(server.map_err(std::io::Error::other)?);
         let counted = Arc::clone(&shared);
         let state = Arc::clone(&shared);
         let _task = crate::serve::tls(
@@ -320,7 +333,14 @@ impl DpsSimulator {
                 let state = Arc::clone(&state);
                 async move {
                     if let Ok(tls) = stream {
-                        let _ = serve(tls, &state).await;
+                        // The certificate was verified in the handshake; its CN is who it is.
+                        let client_cn = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(|leaf| common_name(leaf.as_ref()).unwrap_or_default());
+                        let _ = serve(tls, &state, client_cn).await;
                     }
                 }
             },
@@ -360,6 +380,7 @@ impl DpsSimulator {
 fn authenticate(
     config: &DpsSimConfig,
     connect: &rumqttc::mqttbytes::v4::Connect,
+    client_cn: Option<&str>,
 ) -> Result<String, ConnectReturnCode> {
     use ConnectReturnCode::*;
     let registration_id = connect.client_id.as_str();
@@ -382,6 +403,14 @@ fn authenticate(
             .any(|p| p == format!("api-version={API_VERSION}"));
     if !user_ok {
         return Err(BadUserNamePassword);
+    }
+    // X.509 attestation: the registration id is the certificate's CN, exactly; no token.
+    if let Some(cn) = client_cn {
+        return if cn == registration_id {
+            Ok(registration_id.to_owned())
+        } else {
+            Err(NotAuthorized)
+        };
     }
     let token = ParsedSas::parse(&login.password).map_err(|_| BadUserNamePassword)?;
     let (scope, token_id) = token.registration().ok_or(NotAuthorized)?;
@@ -427,11 +456,13 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     state: &Shared,
+    client_cn: Option<String>,
 ) -> std::io::Result<()> {
     let config = &state.config;
     let mut buf = BytesMut::with_capacity(4096);
     state.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let Some(registration_id) = accept(&mut stream, &mut buf, state).await? else {
+    let Some(registration_id) = accept(&mut stream, &mut buf, state, client_cn.as_deref()).await?
+    else {
         return Ok(());
     };
     if config.faults.contains(&Fault::DropAfterConnack) {
@@ -492,6 +523,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     state: &Shared,
+    client_cn: Option<&str>,
 ) -> std::io::Result<Option<String>> {
     let Some(Packet::Connect(connect)) = read_packet(stream, buf).await else {
         return Ok(None);
@@ -504,7 +536,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let verdict = if unavailable {
         Err(ConnectReturnCode::ServiceUnavailable)
     } else {
-        authenticate(&state.config, &connect)
+        authenticate(&state.config, &connect, client_cn)
     };
     let registration_id = match verdict {
         Ok(id) => id,
@@ -514,7 +546,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
-    if let Some(login) = &connect.login {
+    if let Some(login) = connect.login.as_ref().filter(|_| client_cn.is_none()) {
         let sig = login
             .password
             .split('&')

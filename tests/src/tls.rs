@@ -10,6 +10,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+#[derive(Debug, Clone, Copy)]
+enum ClientAuth {
+    Required,
+    Optional,
+}
+
 /// A CA and a server identity signed by it.
 pub struct LocalPki {
     pub ca_pem: String,
@@ -75,16 +81,35 @@ impl LocalPki {
         &self,
         client_roots: Option<RootCertStore>,
     ) -> Result<Arc<ServerConfig>, PkiError> {
+        self.server_config_for(client_roots.map(|roots| (roots, ClientAuth::Required)))
+    }
+
+    /// As [`Self::server_config`], with the client certificate asked for but optional: a
+    /// client that presents one must chain to `client_roots` and be within its validity, a
+    /// client that presents none proves itself otherwise (DPS: X.509 or SAS devices alike).
+    pub fn server_config_optional_clients(
+        &self,
+        client_roots: RootCertStore,
+    ) -> Result<Arc<ServerConfig>, PkiError> {
+        self.server_config_for(Some((client_roots, ClientAuth::Optional)))
+    }
+
+    fn server_config_for(
+        &self,
+        clients: Option<(RootCertStore, ClientAuth)>,
+    ) -> Result<Arc<ServerConfig>, PkiError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(err)?;
-        let builder = match client_roots {
-            Some(roots) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                    .build()
-                    .map_err(err)?;
-                builder.with_client_cert_verifier(verifier)
+        let builder = match clients {
+            Some((roots, auth)) => {
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+                let verifier = match auth {
+                    ClientAuth::Required => verifier,
+                    ClientAuth::Optional => verifier.allow_unauthenticated(),
+                };
+                builder.with_client_cert_verifier(verifier.build().map_err(err)?)
             }
             None => builder.with_no_client_auth(),
         };
@@ -94,6 +119,13 @@ impl LocalPki {
             .map_err(err)?;
         Ok(Arc::new(config))
     }
+}
+
+/// The common name of a DER certificate's subject, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }
 
 /// The certificates in a PEM text, as trust roots.

@@ -10,7 +10,8 @@ use shared::keys::SymmetricKey;
 
 /// A TLS MQTT server that behaves like the Azure DPS device registration API (api-version
 /// 2019-03-31). It verifies each device's SAS token against its group keys (device key =
-/// HMAC-SHA256(group key, registration id)) or its individual keys, answers register with 202
+/// HMAC-SHA256(group key, registration id)) or its individual keys, or its TLS client
+/// certificate against its X.509 enrollment groups (registration id = the certificate's CN), answers register with 202
 /// and polling with 200 assigned, assigning one of its hubs. When ready it prints one line:
 /// listening on HOST:PORT. Stop it with Ctrl-C.
 #[derive(Debug, Parser)]
@@ -52,6 +53,11 @@ struct Args {
     /// Polls accepted per device per 10 seconds, as DPS's quota (0: unlimited)
     #[arg(long, value_name = "N", default_value_t = 5)]
     polls_per_device: u32,
+    /// An X.509 enrollment group: the PEM file of the enrolled root or intermediate CA
+    /// (repeatable). Devices present their certificate (chain up to it) in the TLS handshake
+    /// and register as its CN, without a SAS token.
+    #[arg(long, value_name = "FILE")]
+    x509_ca: Vec<PathBuf>,
     /// Write the simulator's CA certificate (PEM) here; trust it on clients
     #[arg(long, value_name = "PATH")]
     ca_out: PathBuf,
@@ -68,10 +74,15 @@ fn device_key(value: &str) -> Result<(String, SymmetricKey), String> {
 
 impl Args {
     fn config(self) -> Result<(DpsSimConfig, SocketAddr, PathBuf), String> {
-        if self.group_key.is_empty() && self.device_key.is_empty() {
-            return Err("give at least one --group-key or --device-key".into());
+        if self.group_key.is_empty() && self.device_key.is_empty() && self.x509_ca.is_empty() {
+            return Err("give at least one --group-key, --device-key or --x509-ca".into());
         }
         let mut config = DpsSimConfig::new(&self.id_scope);
+        for path in &self.x509_ca {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --x509-ca {}: {e}", path.display()))?;
+            config.x509_cas.push(pem);
+        }
         config.group_keys = self.group_key;
         config.device_keys = self.device_key.into_iter().collect();
         if !self.hub.is_empty() {
