@@ -122,6 +122,33 @@ async fn allow_and_block_keep_what_the_functions_recorded() {
     let record = registry.serial("SN-1").await.unwrap().unwrap();
     assert!(record.allow_reprovision);
     assert_eq!(record.provisioning, serial.provisioning);
+
+    // What the operator sees of it, one and all; a blocked serial lists as blocked.
+    let shown = json(&registry, &["serials", "show", "SN-1", "--format", "json"]).await;
+    assert_eq!(shown["certificate_id"], "cert-1");
+    assert_eq!(shown["allow_reprovision"], true);
+    assert_eq!(shown["provisioning_state"], "confirmed");
+    admin(&registry, &["serials", "block", "SN-2"])
+        .await
+        .unwrap();
+    let blocked = json(
+        &registry,
+        &["serials", "list", "--status", "blocked", "--format", "json"],
+    )
+    .await;
+    let serials: Vec<&str> = blocked
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["serial"].as_str())
+        .collect();
+    assert_eq!(serials, ["SN-2"]);
+    let table = admin(&registry, &["serials", "list"]).await.unwrap();
+    assert_eq!(
+        table.lines().count(),
+        3,
+        "a header and two serials:\n{table}"
+    );
 }
 
 #[tokio::test]

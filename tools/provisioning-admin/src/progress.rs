@@ -36,3 +36,40 @@ impl<'a> Progress<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_redraws_in_place_and_ends_the_line() {
+        let mut out = Vec::new();
+        {
+            let mut progress = Progress::new(Some(&mut out));
+            progress.start(200);
+            progress.show(50);
+            progress.show(200);
+            progress.finish();
+        }
+        let text = String::from_utf8(out).unwrap();
+        let frames: Vec<&str> = text
+            .trim_end()
+            .split('\r')
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(
+            frames,
+            [
+                "[..............................] 0/200 written",
+                "[#######.......................] 50/200 written",
+                "[##############################] 200/200 written",
+            ]
+        );
+        assert!(text.ends_with('\n'));
+        // Nowhere to draw (not a terminal, or --quiet): nothing happens.
+        let mut silent = Progress::new(None);
+        silent.start(10);
+        silent.show(5);
+        silent.finish();
+    }
+}
