@@ -12,6 +12,7 @@
 //! - [`quota`]: per-subject sliding-window rate limits in the device table.
 //! - [`budget`]: fleet-wide budgets per fixed window, counted atomically in the device table.
 //! - [`aws`]: one SDK configuration on rustls + ring, bounded by timeouts.
+//! - `ca` (feature `kms`): the X.509 device CA whose key is held in AWS KMS.
 //! - `memory` (feature `memory`, tests only): in-memory stores with the adapters' conditions.
 
 #[cfg(feature = "test-strategies")]
@@ -20,6 +21,8 @@ pub use domain::{clock, config, keys, sas, soracom};
 
 pub mod aws;
 pub mod budget;
+#[cfg(feature = "kms")]
+pub mod ca;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod quota;

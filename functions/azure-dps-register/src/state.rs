@@ -205,7 +205,7 @@ impl Dps for MqttDps {
             endpoint: &self.endpoint,
             id_scope: &self.id_scope,
             registration_id: enrollment.registration_id,
-            device_key: enrollment.device_key,
+            attestation: dps_client::Attestation::SymmetricKey(enrollment.device_key),
             payload: enrollment.payload,
             tls: self.tls.get().await?,
         };

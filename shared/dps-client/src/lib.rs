@@ -101,12 +101,22 @@ pub struct Assignment {
     pub payload: Option<Value>,
 }
 
+/// How the device proves itself to DPS.
+#[derive(Clone, Copy)]
+pub enum Attestation<'a> {
+    /// A SAS token of this key (the group-derived or individual device key) as the password.
+    SymmetricKey(&'a SymmetricKey),
+    /// The client certificate `tls` presents in the handshake ([`tls_config_with_certificate`]);
+    /// no password. DPS takes the registration id from the certificate's CN.
+    X509,
+}
+
 /// What to register and where.
 pub struct RegistrationRequest<'a> {
     pub endpoint: &'a HostPort,
     pub id_scope: &'a str,
     pub registration_id: &'a str,
-    pub device_key: &'a SymmetricKey,
+    pub attestation: Attestation<'a>,
     /// Custom allocation data (`payload` of the register request).
     pub payload: Option<&'a Value>,
     pub tls: Arc<ClientConfig>,
@@ -115,6 +125,14 @@ pub struct RegistrationRequest<'a> {
 /// TLS client configuration trusting the system roots plus, for local simulators, the PEM
 /// certificates in `extra_roots_pem`. Certificate verification is never turned off.
 pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, DpsError> {
+    let config = client_builder(extra_roots_pem)?.with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The system roots plus `extra_roots_pem`, on ring with safe protocol versions.
+fn client_builder(
+    extra_roots_pem: Option<&[u8]>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, DpsError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
@@ -126,11 +144,28 @@ pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, D
         return Err(DpsError::Tls("no trusted root certificates found".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| DpsError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots))
+}
+
+/// [`tls_config`] presenting a client certificate: `chain_pem` (the device certificate, then
+/// the intermediates up to the enrolled CA) and its PKCS#8 `key_pem`. For X.509 attestation;
+/// one configuration per device.
+pub fn tls_config_with_certificate(
+    extra_roots_pem: Option<&[u8]>,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, DpsError> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| DpsError::Tls("device certificate chain is not PEM".into()))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|_| DpsError::Tls("device key is not a PEM private key".into()))?;
+    let config = client_builder(extra_roots_pem)?
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| DpsError::Tls(format!("device certificate unusable: {e}")))?;
     Ok(Arc::new(config))
 }
 
@@ -333,20 +368,26 @@ async fn session(
     outcome
 }
 
-/// The MQTT CONNECT of this device: DPS's user name and a SAS token good for one registration.
+/// The MQTT CONNECT of this device: DPS's user name and, with a symmetric key, a SAS token good
+/// for one registration (with X.509 the TLS handshake has proved the device; no password).
 fn connect_packet(request: &RegistrationRequest<'_>) -> Connect {
-    let token = sas::registration_token(
-        request.id_scope,
-        request.registration_id,
-        request.device_key,
-        unix_now() + TOKEN_LIFETIME.as_secs(),
-    );
+    let password = match request.attestation {
+        Attestation::SymmetricKey(key) => sas::registration_token(
+            request.id_scope,
+            request.registration_id,
+            key,
+            unix_now() + TOKEN_LIFETIME.as_secs(),
+        )
+        .as_str()
+        .to_owned(),
+        Attestation::X509 => String::new(),
+    };
     let mut connect = Connect::new(request.registration_id);
     connect.keep_alive = KEEP_ALIVE.as_secs() as u16;
     connect.clean_session = true;
     connect.set_login(
         username(request.id_scope, request.registration_id),
-        token.as_str(),
+        password,
     );
     connect
 }

@@ -213,7 +213,7 @@ async fn an_untrusted_certificate_is_refused() {
         endpoint: &f.endpoint,
         id_scope: SCOPE,
         registration_id: IMSI,
-        device_key: &key,
+        attestation: dps_client::Attestation::SymmetricKey(&key),
         payload: None,
         tls,
     };

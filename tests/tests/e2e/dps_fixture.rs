@@ -53,7 +53,7 @@ impl Fixture {
             endpoint: &self.endpoint,
             id_scope: SCOPE,
             registration_id: IMSI,
-            device_key: key,
+            attestation: dps_client::Attestation::SymmetricKey(key),
             payload,
             tls,
         };

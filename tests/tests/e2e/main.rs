@@ -26,6 +26,8 @@ mod hook;
 mod infra;
 /// The official Azure IoT device SDKs against the DPS simulator.
 mod interop;
+/// The X.509 device CA whose key stays in KMS (moto).
+mod kms_ca;
 /// sim-lifecycle (SORACOM Event Handler) against moto and the IoT Hub registry stand-in.
 mod lifecycle;
 /// The AWS stores (SSM, DynamoDB) against moto.

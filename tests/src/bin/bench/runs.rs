@@ -445,7 +445,7 @@ async fn rust_worker(
             endpoint: &endpoint,
             id_scope: ID_SCOPE,
             registration_id: &id,
-            device_key: &key,
+            attestation: dps_client::Attestation::SymmetricKey(&key),
             payload: None,
             tls: tls.clone(),
         };
