@@ -7,7 +7,7 @@
 //! captures the exact bytes to sign; those are signed by KMS; the second build, byte for byte
 //! the same, takes that signature (and refuses to sign anything else).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_kms::primitives::Blob;
@@ -81,7 +81,7 @@ impl PublicKeyData for P256PublicKey {
 /// answers with `signature` if it has one for exactly those bytes.
 struct Deferred {
     public: P256PublicKey,
-    asked: Mutex<Option<Vec<u8>>>,
+    asked: Arc<Mutex<Option<Vec<u8>>>>,
     signature: Option<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -109,6 +109,98 @@ impl SigningKey for Deferred {
     }
 }
 
+/// An `ECC_NIST_P256` signing key in KMS.
+#[derive(Clone)]
+pub struct KmsKey {
+    client: aws_sdk_kms::Client,
+    key_id: String,
+    public: P256PublicKey,
+}
+
+impl KmsKey {
+    /// The key `key_id`, with its public key read from KMS.
+    pub async fn new(client: aws_sdk_kms::Client, key_id: &str) -> Result<Self, CaError> {
+        let out = client
+            .get_public_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| CaError::from_failure(classify(&e)))?;
+        let spki = out
+            .public_key
+            .ok_or_else(|| CaError::Misconfigured("KMS returned no public key".into()))?;
+        Ok(Self {
+            client,
+            key_id: key_id.to_owned(),
+            public: P256PublicKey::from_spki(spki.as_ref())?,
+        })
+    }
+
+    pub fn public_key(&self) -> &P256PublicKey {
+        &self.public
+    }
+
+    /// A PKCS #10 request for a CA certificate of this key (`common_name`), signed in KMS: what
+    /// the operator's root signs to make the device CA (README: X.509 devices).
+    pub async fn certificate_request(&self, common_name: &str) -> Result<String, CaError> {
+        let params = || -> Result<CertificateParams, rcgen::Error> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            Ok(params)
+        };
+        let csr = self
+            .signed(|signer| params()?.serialize_request(&signer))
+            .await?;
+        csr.pem().map_err(|e| CaError::Build(e.to_string()))
+    }
+
+    /// Builds with `build` twice: once to learn the exact bytes to sign, then, after KMS has
+    /// signed them, again with that signature.
+    async fn signed<T>(
+        &self,
+        build: impl Fn(Deferred) -> Result<T, rcgen::Error>,
+    ) -> Result<T, CaError> {
+        let failed = |e: rcgen::Error| CaError::Build(e.to_string());
+        let asked = Arc::new(Mutex::new(None));
+        build(Deferred {
+            public: self.public.clone(),
+            asked: Arc::clone(&asked),
+            signature: None,
+        })
+        .map_err(failed)?;
+        let tbs = asked
+            .lock()
+            .ok()
+            .and_then(|a| a.clone())
+            .ok_or_else(|| CaError::Build("nothing to sign".into()))?;
+        let signature = self.sign(&tbs).await?;
+        build(Deferred {
+            public: self.public.clone(),
+            asked: Arc::new(Mutex::new(None)),
+            signature: Some((tbs, signature)),
+        })
+        .map_err(failed)
+    }
+
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
+        let out = self
+            .client
+            .sign()
+            .key_id(&self.key_id)
+            .message(Blob::new(message))
+            .message_type(MessageType::Raw)
+            .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
+            .send()
+            .await
+            .map_err(|e| CaError::from_failure(classify(&e)))?;
+        out.signature
+            .map(|s| s.into_inner())
+            .ok_or_else(|| CaError::Unavailable("KMS returned no signature".into()))
+    }
+}
+
 /// A device certificate and its key, as the device receives them.
 pub struct DeviceCertificate {
     pub certificate_pem: String,
@@ -132,10 +224,8 @@ impl std::fmt::Debug for DeviceCertificate {
 
 /// The intermediate CA: its certificate (configuration) and its KMS key.
 pub struct KmsCa {
-    client: aws_sdk_kms::Client,
-    key_id: String,
+    key: KmsKey,
     certificate_pem: String,
-    public: P256PublicKey,
 }
 
 impl KmsCa {
@@ -145,32 +235,21 @@ impl KmsCa {
         key_id: &str,
         certificate_pem: &str,
     ) -> Result<Self, CaError> {
-        let out = client
-            .get_public_key()
-            .key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| CaError::from_failure(classify(&e)))?;
-        let spki = out
-            .public_key
-            .ok_or_else(|| CaError::Misconfigured("KMS returned no public key".into()))?;
-        let public = P256PublicKey::from_spki(spki.as_ref())?;
+        let key = KmsKey::new(client, key_id).await?;
         let pem = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
             .map_err(|_| CaError::Misconfigured("CA certificate is not PEM".into()))?
             .1;
         let cert = pem
             .parse_x509()
             .map_err(|_| CaError::Misconfigured("CA certificate is not X.509".into()))?;
-        if cert.public_key().subject_public_key.data.as_ref() != public.der_bytes() {
+        if cert.public_key().subject_public_key.data.as_ref() != key.public.der_bytes() {
             return Err(CaError::Misconfigured(
                 "the CA certificate is not for this KMS key".into(),
             ));
         }
         Ok(Self {
-            client,
-            key_id: key_id.to_owned(),
+            key,
             certificate_pem: certificate_pem.to_owned(),
-            public,
         })
     }
 
@@ -185,8 +264,8 @@ impl KmsCa {
         common_name: &str,
         lifetime: Duration,
     ) -> Result<DeviceCertificate, CaError> {
-        let build = |e: rcgen::Error| CaError::Build(e.to_string());
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(build)?;
+        let failed = |e: rcgen::Error| CaError::Build(e.to_string());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(failed)?;
         let mut serial = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
             .map_err(|_| CaError::Build("no randomness".into()))?;
@@ -207,36 +286,13 @@ impl KmsCa {
             params.use_authority_key_identifier_extension = true;
             Ok(params)
         };
-        // First build: the bytes KMS must sign.
-        let capture = Deferred {
-            public: self.public.clone(),
-            asked: Mutex::new(None),
-            signature: None,
-        };
-        let capture = Issuer::from_ca_cert_pem(&self.certificate_pem, capture).map_err(build)?;
-        params()
-            .map_err(build)?
-            .signed_by(&key, &capture)
-            .map_err(build)?;
-        let tbs = capture
-            .key()
-            .asked
-            .lock()
-            .ok()
-            .and_then(|a| a.clone())
-            .ok_or_else(|| CaError::Build("nothing to sign".into()))?;
-        let signature = self.sign(&tbs).await?;
-        // Second build: the same bytes, now with KMS's signature.
-        let signer = Deferred {
-            public: self.public.clone(),
-            asked: Mutex::new(None),
-            signature: Some((tbs, signature)),
-        };
-        let issuer = Issuer::from_ca_cert_pem(&self.certificate_pem, signer).map_err(build)?;
-        let cert = params()
-            .map_err(build)?
-            .signed_by(&key, &issuer)
-            .map_err(build)?;
+        let cert = self
+            .key
+            .signed(|signer| {
+                let issuer = Issuer::from_ca_cert_pem(&self.certificate_pem, signer)?;
+                params()?.signed_by(&key, &issuer)
+            })
+            .await?;
         let digest = ring::digest::digest(&ring::digest::SHA256, cert.der());
         Ok(DeviceCertificate {
             certificate_pem: cert.pem(),
@@ -245,21 +301,5 @@ impl KmsCa {
             fingerprint: hex::encode(digest.as_ref()),
             not_after,
         })
-    }
-
-    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
-        let out = self
-            .client
-            .sign()
-            .key_id(&self.key_id)
-            .message(Blob::new(message))
-            .message_type(MessageType::Raw)
-            .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
-            .send()
-            .await
-            .map_err(|e| CaError::from_failure(classify(&e)))?;
-        out.signature
-            .map(|s| s.into_inner())
-            .ok_or_else(|| CaError::Unavailable("KMS returned no signature".into()))
     }
 }

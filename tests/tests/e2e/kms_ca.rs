@@ -10,16 +10,17 @@ use aws_sdk_kms::types::{KeySpec, KeyUsageType};
 use local_emulators::fault_proxy::{FaultProxy, Mode};
 use local_emulators::local_aws::{local_sdk_config, LocalAws};
 use local_emulators::tls::{certificate_authority, roots_from_pem};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use shared::ca::{CaError, KmsCa, P256PublicKey};
+use shared::ca::{CaError, KmsCa, KmsKey};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A KMS key and the intermediate CA certificate for it, signed by a fresh root; returns the
-/// key id, the intermediate's PEM and the root's PEM.
+/// A KMS key and the intermediate CA certificate for it, made as the README tells an operator:
+/// a certificate request signed in KMS (`KmsKey::certificate_request`), which the operator's
+/// root signs as a CA; returns the key id, the intermediate's PEM and the root's PEM.
 async fn intermediate(kms: &aws_sdk_kms::Client) -> (String, String, String) {
     let key = kms
         .create_key()
@@ -29,20 +30,21 @@ async fn intermediate(kms: &aws_sdk_kms::Client) -> (String, String, String) {
         .await
         .unwrap();
     let key_id = key.key_metadata.unwrap().key_id;
-    let spki = kms.get_public_key().key_id(&key_id).send().await.unwrap();
-    let public = P256PublicKey::from_spki(spki.public_key.unwrap().as_ref()).unwrap();
-    let (root, root_pem) = certificate_authority("operator root CA").unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "soracom-provisioning device CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
+    let kms_key = KmsKey::new(kms.clone(), &key_id).await.unwrap();
+    let request = kms_key
+        .certificate_request("soracom-provisioning device CA")
+        .await
+        .unwrap();
+    // Parsing verifies the request's signature: KMS signed exactly what rcgen built.
+    let mut csr = CertificateSigningRequestParams::from_pem(&request).unwrap();
+    csr.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    csr.params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let cert = params.signed_by(&public, &root).unwrap();
+    let (root, root_pem) = certificate_authority("operator root CA").unwrap();
+    let cert = csr.signed_by(&root).unwrap();
     (key_id, cert.pem(), root_pem)
 }
 
@@ -174,4 +176,75 @@ async fn the_dps_client_registers_a_kms_issued_certificate_by_x509_attestation()
         .await
         .is_err());
     assert_eq!(sim.assigned().len(), 1);
+}
+
+/// `provisioning-admin ca request`, as an operator types it: the request is KMS-signed (its
+/// signature verifies) and names the device CA.
+#[tokio::test]
+async fn the_operator_gets_a_kms_signed_request_for_the_device_ca() {
+    use clap::Parser;
+    use provisioning_admin::cli::{Cli, Command};
+
+    let aws = LocalAws::start().await.unwrap();
+    let kms = aws_sdk_kms::Client::new(&aws.sdk_config().await);
+    let key = kms
+        .create_key()
+        .key_spec(KeySpec::EccNistP256)
+        .key_usage(KeyUsageType::SignVerify)
+        .send()
+        .await
+        .unwrap();
+    let key_id = key.key_metadata.unwrap().key_id;
+    let cli = Cli::try_parse_from([
+        "provisioning-admin",
+        "ca",
+        "request",
+        "--kms-key-id",
+        &key_id,
+        "--common-name",
+        "Fleet 7 device CA",
+    ])
+    .unwrap();
+    let Command::Ca(ca) = &cli.command else {
+        panic!("not a ca command");
+    };
+    let mut out = Vec::new();
+    provisioning_admin::run_ca(ca, kms.clone(), &mut out)
+        .await
+        .unwrap();
+    let pem = String::from_utf8(out).unwrap();
+    let csr = CertificateSigningRequestParams::from_pem(&pem).expect("a valid, KMS-signed request");
+    let names: Vec<String> = csr
+        .params
+        .distinguished_name
+        .iter()
+        .map(|(_, v)| format!("{v:?}"))
+        .collect();
+    assert!(
+        names.iter().any(|n| n.contains("Fleet 7 device CA")),
+        "{names:?}"
+    );
+
+    // An RSA or encryption key is no P-256 signing key: a usage error, nothing printed.
+    let rsa = kms
+        .create_key()
+        .key_spec(KeySpec::Rsa2048)
+        .key_usage(KeyUsageType::SignVerify)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let cli =
+        Cli::try_parse_from(["provisioning-admin", "ca", "request", "--kms-key-id", &rsa]).unwrap();
+    let Command::Ca(ca) = &cli.command else {
+        panic!("not a ca command");
+    };
+    let mut out = Vec::new();
+    let err = provisioning_admin::run_ca(ca, kms, &mut out)
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(out.is_empty());
 }

@@ -47,6 +47,27 @@ pub enum Command {
     /// Azure DPS registrations the SIMs made.
     #[command(subcommand)]
     Registrations(Registrations),
+    /// The X.509 device CA whose key is in AWS KMS.
+    #[command(subcommand)]
+    Ca(Ca),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Ca {
+    /// Print a certificate request (PEM) for the device CA, signed by the KMS key, for your
+    /// root CA to sign (as a CA, path length 0).
+    Request {
+        /// The KMS key (ECC_NIST_P256, SIGN_VERIFY): id, ARN or alias.
+        #[arg(long, value_name = "KEY")]
+        kms_key_id: String,
+        /// The device CA's name.
+        #[arg(
+            long,
+            value_name = "NAME",
+            default_value = "SORACOM provisioning device CA"
+        )]
+        common_name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

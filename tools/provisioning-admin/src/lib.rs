@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shared::aws::CallLimits;
+use shared::ca::{CaError, KmsKey};
 
 use shared::registry::{
     DeviceId, DeviceStatus, DynamoRegistry, Kind, Listing, RegistryError, SerialRegistry,
@@ -54,6 +55,8 @@ pub enum AdminError {
     },
     #[error("{0}")]
     Table(#[from] RegistryError),
+    #[error("{0}")]
+    Kms(CaError),
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
 }
@@ -62,7 +65,7 @@ impl AdminError {
     /// The process exit code (see the CLI's help).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Table(_) | Self::Stopped { .. } | Self::Output(_) => 1,
+            Self::Table(_) | Self::Stopped { .. } | Self::Kms(_) | Self::Output(_) => 1,
             Self::Usage(_) => 2,
             Self::NotFound(_) => 3,
             Self::Input { .. } => 4,
@@ -116,6 +119,9 @@ pub async fn run(
             rows.write(*format, out)?;
             Ok(())
         }
+        Command::Ca(_) => Err(AdminError::Usage(
+            "ca commands use KMS, not the device table: see run_ca".into(),
+        )),
         Command::Registrations(Registrations::Report { since, format }) => {
             let since = since.as_deref().map(time_arg).transpose()?.unwrap_or(0);
             let sims = registry.devices(Kind::Sims).await?;
@@ -261,6 +267,35 @@ async fn run_serials(
             )
             .await
         }
+    }
+}
+
+/// Runs a `ca` command against KMS.
+pub async fn run_ca(
+    command: &cli::Ca,
+    kms: aws_sdk_kms::Client,
+    out: &mut dyn Write,
+) -> Result<(), AdminError> {
+    match command {
+        cli::Ca::Request {
+            kms_key_id,
+            common_name,
+        } => {
+            let key = KmsKey::new(kms, kms_key_id).await.map_err(ca_error)?;
+            let request = key
+                .certificate_request(common_name)
+                .await
+                .map_err(ca_error)?;
+            out.write_all(request.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+fn ca_error(e: CaError) -> AdminError {
+    match e {
+        CaError::Misconfigured(_) => AdminError::Usage(e.to_string()),
+        other => AdminError::Kms(other),
     }
 }
 

@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use provisioning_admin::cli::Cli;
-use provisioning_admin::{call_limits, run, AdminError, Progress};
+use provisioning_admin::cli::{Cli, Command};
+use provisioning_admin::{call_limits, run, run_ca, AdminError, Progress};
 use shared::aws::loader;
 use shared::registry::DynamoRegistry;
 
@@ -25,13 +25,6 @@ fn main() -> ExitCode {
 }
 
 async fn execute(cli: &Cli) -> Result<(), AdminError> {
-    let table = cli
-        .table
-        .as_deref()
-        .filter(|t| !t.trim().is_empty())
-        .ok_or_else(|| {
-            AdminError::Usage("no device table: give --table or set DEVICES_TABLE".into())
-        })?;
     let mut config = loader(&call_limits());
     if let Some(region) = &cli.region {
         config = config.region(aws_config::Region::new(region.clone()));
@@ -42,6 +35,19 @@ async fn execute(cli: &Cli) -> Result<(), AdminError> {
             "no AWS region: give --region or set AWS_REGION".into(),
         ));
     }
+    let mut stdout = std::io::stdout().lock();
+    if let Command::Ca(ca) = &cli.command {
+        run_ca(ca, aws_sdk_kms::Client::new(&config), &mut stdout).await?;
+        stdout.flush()?;
+        return Ok(());
+    }
+    let table = cli
+        .table
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| {
+            AdminError::Usage("no device table: give --table or set DEVICES_TABLE".into())
+        })?;
     let registry = DynamoRegistry::new(aws_sdk_dynamodb::Client::new(&config), table);
     let mut stderr = std::io::stderr();
     let bar: Option<&mut dyn Write> = if !cli.quiet && stderr.is_terminal() {
@@ -49,7 +55,6 @@ async fn execute(cli: &Cli) -> Result<(), AdminError> {
     } else {
         None
     };
-    let mut stdout = std::io::stdout().lock();
     run(
         &cli.command,
         &registry,
