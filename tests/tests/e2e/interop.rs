@@ -53,6 +53,19 @@ mod official_python_sdk {
             .expect("python from .venv (run `make tools`)")
     }
 
+    /// The script's JSON result of a registration the SDK reports `assigned`.
+    fn assigned(output: &std::process::Output) -> serde_json::Value {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(result["status"], "assigned");
+        result
+    }
+
     async fn listen_on_sdk_port(config: DpsSimConfig) -> DpsSimulator {
         let listen = std::net::SocketAddr::from(([127, 0, 0, 1], SDK_PORT));
         DpsSimulator::start(config, listen)
@@ -82,14 +95,7 @@ mod official_python_sdk {
             r#"{"modelId":"dtmi:demo;1"}"#,
         )
         .await;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(result["status"], "assigned");
+        let result = assigned(&output);
         assert_eq!(result["deviceId"], IMSI);
         assert_eq!(result["payload"], json!({"tier": "gold"}));
         assert_eq!(
@@ -153,15 +159,7 @@ mod official_python_sdk {
         let expired = issue("expired", device, enrolled, -30, -1);
 
         let output = run_sdk(ca, device, Proof::Certificate(&good.0, &good.1), "{}").await;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(result["status"], "assigned");
-        assert_eq!(result["deviceId"], device);
+        assert_eq!(assigned(&output)["deviceId"], device);
         // No SAS token was presented: no signature recorded for it.
         assert_eq!(sim.accepted_signatures().len(), signatures_before);
 

@@ -22,14 +22,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// a certificate request signed in KMS (`KmsKey::certificate_request`), which the operator's
 /// root signs as a CA; returns the key id, the intermediate's PEM and the root's PEM.
 async fn intermediate(kms: &aws_sdk_kms::Client) -> (String, String, String) {
-    let key = kms
-        .create_key()
-        .key_spec(KeySpec::EccNistP256)
-        .key_usage(KeyUsageType::SignVerify)
-        .send()
-        .await
-        .unwrap();
-    let key_id = key.key_metadata.unwrap().key_id;
+    let key_id = signing_key(kms, KeySpec::EccNistP256).await;
     let kms_key = KmsKey::new(kms.clone(), &key_id).await.unwrap();
     let request = kms_key
         .certificate_request("soracom-provisioning device CA")
@@ -46,6 +39,18 @@ async fn intermediate(kms: &aws_sdk_kms::Client) -> (String, String, String) {
     let (root, root_pem) = certificate_authority("operator root CA").unwrap();
     let cert = csr.signed_by(&root).unwrap();
     (key_id, cert.pem(), root_pem)
+}
+
+/// A new KMS signing key of `spec`; its id.
+async fn signing_key(kms: &aws_sdk_kms::Client, spec: KeySpec) -> String {
+    let key = kms
+        .create_key()
+        .key_spec(spec)
+        .key_usage(KeyUsageType::SignVerify)
+        .send()
+        .await
+        .unwrap();
+    key.key_metadata.unwrap().key_id
 }
 
 fn der(pem: &str) -> CertificateDer<'static> {
@@ -187,14 +192,7 @@ async fn the_operator_gets_a_kms_signed_request_for_the_device_ca() {
 
     let aws = LocalAws::start().await.unwrap();
     let kms = aws_sdk_kms::Client::new(&aws.sdk_config().await);
-    let key = kms
-        .create_key()
-        .key_spec(KeySpec::EccNistP256)
-        .key_usage(KeyUsageType::SignVerify)
-        .send()
-        .await
-        .unwrap();
-    let key_id = key.key_metadata.unwrap().key_id;
+    let key_id = signing_key(&kms, KeySpec::EccNistP256).await;
     let cli = Cli::try_parse_from([
         "provisioning-admin",
         "ca",
@@ -226,16 +224,7 @@ async fn the_operator_gets_a_kms_signed_request_for_the_device_ca() {
     );
 
     // An RSA or encryption key is no P-256 signing key: a usage error, nothing printed.
-    let rsa = kms
-        .create_key()
-        .key_spec(KeySpec::Rsa2048)
-        .key_usage(KeyUsageType::SignVerify)
-        .send()
-        .await
-        .unwrap()
-        .key_metadata
-        .unwrap()
-        .key_id;
+    let rsa = signing_key(&kms, KeySpec::Rsa2048).await;
     let cli =
         Cli::try_parse_from(["provisioning-admin", "ca", "request", "--kms-key-id", &rsa]).unwrap();
     let Command::Ca(ca) = &cli.command else {
