@@ -51,6 +51,8 @@ struct State {
     hubs: Mutex<HashMap<String, Hub>>,
     stats: Mutex<HubStats>,
     etags: std::sync::atomic::AtomicU64,
+    /// TCP connections accepted (counted before the TLS handshake).
+    connections: std::sync::atomic::AtomicU64,
 }
 
 pub struct IotHubRegistry {
@@ -86,12 +88,19 @@ impl IotHubRegistry {
             hubs: Mutex::new(map),
             stats: Mutex::new(HubStats::default()),
             etags: std::sync::atomic::AtomicU64::new(1),
+            connections: std::sync::atomic::AtomicU64::new(0),
         });
         let shared = Arc::clone(&state);
+        let counted = Arc::clone(&state);
         let _task = crate::serve::tls(
             listener,
             TlsAcceptor::from(tls),
-            || true,
+            move || {
+                counted
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            },
             move |stream| {
                 let state = Arc::clone(&shared);
                 async move {
@@ -173,6 +182,13 @@ impl IotHubRegistry {
 
     pub fn updates(&self) -> u64 {
         lock(&self.state.stats).updates
+    }
+
+    /// Connections clients opened (each costs a TLS handshake).
+    pub fn connections(&self) -> u64 {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn next_etag(&self) -> String {

@@ -12,7 +12,6 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use serde_json::Value;
 use shared::aws::CallLimits;
 use shared::config::ProcessEnv;
-use shared::registry::DynamoRegistry;
 use shared::secrets::{CachedSecretStore, SsmSecretStore};
 
 fn main() -> Result<(), Error> {
@@ -23,16 +22,17 @@ async fn run() -> Result<(), Error> {
     let config =
         lambda_support::startup::logged(Config::from_env(&ProcessEnv), "invalid configuration")?;
     let sdk = shared::aws::loader(&CallLimits::default()).load().await;
+    let state = lambda_support::startup::logged(State::new(config, &sdk), "cannot start")?;
     let gate = Gate {
-        config: config.beam.clone(),
+        config: state.config.beam.clone(),
         // The PSK changes rarely; a warm function asks SSM at most every 5 minutes.
         psk: CachedSecretStore::new(
             SsmSecretStore::new(aws_sdk_ssm::Client::new(&sdk)),
             Duration::from_secs(300),
         ),
-        used: DynamoRegistry::new(aws_sdk_dynamodb::Client::new(&sdk), &config.devices_table),
+        // The same device table client as the registrations: no second client at cold start.
+        used: state.registry.clone(),
     };
-    let state = lambda_support::startup::logged(State::new(config, &sdk), "cannot start")?;
     let (state, gate) = (&state, &gate);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         if beam::is_http_event(&event.payload) {

@@ -83,10 +83,6 @@ impl<Q, B> Limits<Q, B> {
 
 /// The per-SIM window: an hour.
 pub const SIM_WINDOW_SECS: u64 = 3600;
-/// The fleet budget's window: a minute, as DPS counts its own limit.
-#[cfg(test)]
-pub const FLEET_WINDOW_SECS: u64 = 60;
-
 /// The fleet budget's windows for `per_minute` registrations a minute: (limit, seconds).
 ///
 /// DPS enforces its quota per minute, and the DPS simulator over any sixty seconds, as the

@@ -13,12 +13,14 @@ use shared::secrets::SsmSecretStore;
 use shared::soracom::{beam_signature, BeamHeaders};
 
 use crate::azure_dps_register::{context, setup_with, Setup};
+use local_emulators::local_aws::random_key_base64;
 
 const PSK_PARAMETER: &str = "/soracom-dps/beam-psk";
-const PSK: &str = "beam-pre-shared-key-from-the-soracom-console";
 const IMSI: &str = "440103123456789";
 
-async fn beam_setup(store_psk: bool) -> (Setup, Gate<SsmSecretStore, DynamoRegistry>) {
+/// The function's state and its Beam gate, and the PSK (made for this test) if it is stored.
+async fn beam_setup(store_psk: bool) -> (Setup, Gate<SsmSecretStore, DynamoRegistry>, String) {
+    let psk = random_key_base64();
     let s = setup_with(
         |_| {},
         None,
@@ -30,7 +32,7 @@ async fn beam_setup(store_psk: bool) -> (Setup, Gate<SsmSecretStore, DynamoRegis
     .await;
     if store_psk {
         s._aws
-            .put_parameter(PSK_PARAMETER, PSK, ParameterType::SecureString)
+            .put_parameter(PSK_PARAMETER, &psk, ParameterType::SecureString)
             .await
             .unwrap();
     }
@@ -40,7 +42,7 @@ async fn beam_setup(store_psk: bool) -> (Setup, Gate<SsmSecretStore, DynamoRegis
         psk: SsmSecretStore::new(aws_sdk_ssm::Client::new(&sdk)),
         used: DynamoRegistry::new(aws_sdk_dynamodb::Client::new(&sdk), "devices"),
     };
-    (s, gate)
+    (s, gate, psk)
 }
 
 fn now_ms() -> u64 {
@@ -108,8 +110,8 @@ fn connections(s: &Setup) -> u64 {
 
 #[tokio::test]
 async fn a_beam_signed_request_registers_the_sim_once() {
-    let (s, gate) = beam_setup(true).await;
-    let event = request(signed(PSK, IMSI, Duration::ZERO), "{}");
+    let (s, gate, psk) = beam_setup(true).await;
+    let event = request(signed(&psk, IMSI, Duration::ZERO), "{}");
     let (status, answer) = send(&s, &gate, event.clone()).await;
     assert_eq!(status, 200, "{answer}");
     let expected = s.dps.group_key.derive_device_key(IMSI).to_base64();
@@ -132,28 +134,28 @@ async fn a_beam_signed_request_registers_the_sim_once() {
     assert_eq!(connections(&s), 1);
 
     // A fresh signed request for the same SIM: answered from its record, as through Funk.
-    let (status, again) = send(&s, &gate, request(signed(PSK, IMSI, Duration::ZERO), "")).await;
+    let (status, again) = send(&s, &gate, request(signed(&psk, IMSI, Duration::ZERO), "")).await;
     assert_eq!((status, again["source"].as_str()), (200, Some("record")));
 }
 
 #[tokio::test]
 async fn unsigned_badly_signed_and_stale_requests_get_403_and_nothing_else() {
-    let (s, gate) = beam_setup(true).await;
-    let mut unsigned = signed(PSK, IMSI, Duration::ZERO);
+    let (s, gate, psk) = beam_setup(true).await;
+    let mut unsigned = signed(&psk, IMSI, Duration::ZERO);
     unsigned
         .as_object_mut()
         .unwrap()
         .remove("x-soracom-signature");
-    let mut forged_imsi = signed(PSK, IMSI, Duration::ZERO);
+    let mut forged_imsi = signed(&psk, IMSI, Duration::ZERO);
     forged_imsi["x-soracom-imsi"] = json!("440103999999998");
     let cases = [
         (unsigned, "beam-signature"),
         (
-            signed("another-key", IMSI, Duration::ZERO),
+            signed(&random_key_base64(), IMSI, Duration::ZERO),
             "beam-signature",
         ),
         (forged_imsi, "beam-signature"),
-        (signed(PSK, IMSI, Duration::from_secs(600)), "beam-stale"),
+        (signed(&psk, IMSI, Duration::from_secs(600)), "beam-stale"),
     ];
     for (headers, code) in cases {
         let (status, answer) = send(&s, &gate, request(headers, "{}")).await;
@@ -175,11 +177,11 @@ async fn unsigned_badly_signed_and_stale_requests_get_403_and_nothing_else() {
 
 #[tokio::test]
 async fn through_beam_a_blocked_sim_is_refused_as_through_funk() {
-    let (s, gate) = beam_setup(true).await;
+    let (s, gate, psk) = beam_setup(true).await;
     let mut blocked = DeviceRecord::allowed(DeviceId::Sim(IMSI.into()));
     blocked.status = DeviceStatus::Blocked;
     s.state.registry.put(&blocked).await.unwrap();
-    let (status, answer) = send(&s, &gate, request(signed(PSK, IMSI, Duration::ZERO), "{}")).await;
+    let (status, answer) = send(&s, &gate, request(signed(&psk, IMSI, Duration::ZERO), "{}")).await;
     assert_eq!(
         (status, answer["error"].as_str()),
         (403, Some("sim-blocked")),
@@ -190,8 +192,8 @@ async fn through_beam_a_blocked_sim_is_refused_as_through_funk() {
 
 #[tokio::test]
 async fn without_its_key_the_front_door_stays_shut() {
-    let (s, gate) = beam_setup(false).await;
-    let (status, answer) = send(&s, &gate, request(signed(PSK, IMSI, Duration::ZERO), "{}")).await;
+    let (s, gate, psk) = beam_setup(false).await;
+    let (status, answer) = send(&s, &gate, request(signed(&psk, IMSI, Duration::ZERO), "{}")).await;
     assert_eq!(
         (status, answer["error"].as_str()),
         (403, Some("beam-not-configured")),

@@ -10,6 +10,20 @@ use shared::keys::SymmetricKey;
 
 use crate::dps_fixture::*;
 
+/// The JSON result an interop script prints for a registration the SDK reports `assigned`.
+fn assigned(output: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["status"], "assigned");
+    result
+}
+
+/// The official Azure IoT Python SDK (`azure-iot-device`) through the simulator, which
 /// must accept what real devices send (its `sr` encoding, no `skn`, TLS 1.2, persistent session).
 mod official_python_sdk {
     use super::*;
@@ -51,19 +65,6 @@ mod official_python_sdk {
             .await
             .expect("the SDK finished within 60 s")
             .expect("python from .venv (run `make tools`)")
-    }
-
-    /// The script's JSON result of a registration the SDK reports `assigned`.
-    fn assigned(output: &std::process::Output) -> serde_json::Value {
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(result["status"], "assigned");
-        result
     }
 
     async fn listen_on_sdk_port(config: DpsSimConfig) -> DpsSimulator {
@@ -235,14 +236,7 @@ mod official_node_sdk {
         std::fs::write(&ca, f.sim.ca_pem()).unwrap();
 
         let output = run_sdk(&f.sim, &ca, &f.group_key.derive_device_key(IMSI)).await;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        assert_eq!(result["status"], "assigned");
+        let result = assigned(&output);
         assert_eq!(result["deviceId"], IMSI);
         assert_eq!(result["payload"], json!({"tier": "gold"}));
         assert_eq!(

@@ -89,10 +89,17 @@ async fn device_certificates_signed_in_kms_chain_to_the_operators_root() {
     assert!(eku.client_auth && !eku.server_auth);
     let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
     assert_eq!(lifetime, (365 * DAY).as_secs() as i64 + 60);
-    assert!(issued
-        .private_key_pem
-        .starts_with("-----BEGIN PRIVATE KEY-----"));
-    assert!(!format!("{issued:?}").contains("PRIVATE KEY"));
+    // The key parses as the PKCS #8 key of the certificate's public key, and Debug hides it.
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.private_key_pem.as_bytes())
+        .expect("a PEM private key");
+    assert!(matches!(key, rustls::pki_types::PrivateKeyDer::Pkcs8(_)));
+    let pair = rcgen::KeyPair::from_pem(&issued.private_key_pem).unwrap();
+    assert_eq!(
+        pair.public_key_raw(),
+        cert.public_key().subject_public_key.data.as_ref()
+    );
+    let body = issued.private_key_pem.lines().nth(1).unwrap();
+    assert!(!format!("{issued:?}").contains(body));
 
     // Each device its own key and serial.
     let other = ca.issue("x509-kms-0002", DAY).await.unwrap();

@@ -125,12 +125,15 @@ async fn a_terminated_sim_is_blocked_and_its_iot_hub_device_disabled_once() {
     let device = f.hub.device(HUB, IMSI).unwrap();
     assert_eq!(device.status, "disabled");
     assert_eq!(device.status_reason, "SORACOM SIM terminated");
+    // The read and the conditional write share one connection (one TLS handshake).
+    assert_eq!(f.hub.connections(), 1);
 
     // SORACOM may deliver it again: nothing more changes.
     let again = handle(event("terminated"), &f.state, BUDGET).await.unwrap();
     assert_eq!(again["table"], "already-blocked", "{again}");
     assert_eq!(again["iotHub"], "already-disabled");
     assert_eq!(f.hub.updates(), 1);
+    assert_eq!(f.hub.connections(), 2);
     assert!(f.hub.refused().is_empty(), "{:?}", f.hub.refused());
 }
 
