@@ -37,7 +37,7 @@ pub enum CaError {
 }
 
 impl CaError {
-    fn from_failure(failure: Failure) -> Self {
+    pub fn from_failure(failure: Failure) -> Self {
         match failure {
             Failure::Throttled => Self::Unavailable("throttled".into()),
             Failure::Unavailable(what) => Self::Unavailable(what),
@@ -225,18 +225,23 @@ impl std::fmt::Debug for DeviceCertificate {
 /// The intermediate CA: its certificate (configuration) and its KMS key.
 pub struct KmsCa {
     key: KmsKey,
-    certificate_pem: String,
+    /// The CA's own certificate, DER.
+    certificate_der: Vec<u8>,
+    /// What devices present above their own certificate: the CA's certificate, then any
+    /// intermediates up to the CA enrolled in DPS, PEM.
+    chain_pem: String,
 }
 
 impl KmsCa {
-    /// Checks that `certificate_pem` is the certificate of `key_id`'s public key.
+    /// `chain_pem` starts with the certificate of `key_id`'s public key (checked), followed
+    /// by the certificates above it that devices must present, if any.
     pub async fn new(
         client: aws_sdk_kms::Client,
         key_id: &str,
-        certificate_pem: &str,
+        chain_pem: &str,
     ) -> Result<Self, CaError> {
         let key = KmsKey::new(client, key_id).await?;
-        let pem = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
+        let pem = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
             .map_err(|_| CaError::Misconfigured("CA certificate is not PEM".into()))?
             .1;
         let cert = pem
@@ -249,12 +254,14 @@ impl KmsCa {
         }
         Ok(Self {
             key,
-            certificate_pem: certificate_pem.to_owned(),
+            certificate_der: pem.contents.clone(),
+            chain_pem: chain_pem.trim().to_owned() + "\n",
         })
     }
 
-    pub fn certificate_pem(&self) -> &str {
-        &self.certificate_pem
+    /// The chain devices present above their own certificate, PEM.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
     }
 
     /// A client certificate for `common_name` (the DPS registration id) with a fresh P-256
@@ -289,7 +296,8 @@ impl KmsCa {
         let cert = self
             .key
             .signed(|signer| {
-                let issuer = Issuer::from_ca_cert_pem(&self.certificate_pem, signer)?;
+                let ca = rustls_pki_types::CertificateDer::from(self.certificate_der.as_slice());
+                let issuer = Issuer::from_ca_cert_der(&ca, signer)?;
                 params()?.signed_by(&key, &issuer)
             })
             .await?;

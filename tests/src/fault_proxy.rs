@@ -38,6 +38,9 @@ pub enum Mode {
         containing: &'static str,
         delay: Duration,
     },
+    /// Answer the requests for one operation (`X-Amz-Target`, such as `TrentService.Sign`)
+    /// `400 AccessDeniedException`, as IAM does when a policy lacks it; forward the others.
+    DenyOperation(&'static str),
 }
 
 struct State {
@@ -115,6 +118,18 @@ fn answer(status: StatusCode, kind: Option<&str>, body: String) -> Response<Full
         .unwrap_or_default()
 }
 
+/// The AWS JSON protocol's operation name of a request.
+fn operation_of(headers: &hyper::HeaderMap) -> &str {
+    headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn operation(req: &Request<Incoming>) -> &str {
+    operation_of(req.headers())
+}
+
 async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let number = state.requests.fetch_add(1, Ordering::Relaxed);
     let mut mode = *lock(&state.mode);
@@ -139,7 +154,17 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
         }
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
-        Mode::SlowOperation { .. } | Mode::Pass | Mode::ThrottleAfter(_) => {}
+        Mode::DenyOperation(target) if operation(&req) == target => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                Some("AccessDeniedException"),
+                r#"{"__type":"AccessDeniedException","message":"not authorized"}"#.into(),
+            );
+        }
+        Mode::SlowOperation { .. }
+        | Mode::DenyOperation(_)
+        | Mode::Pass
+        | Mode::ThrottleAfter(_) => {}
     }
     let (parts, body) = req.into_parts();
     let body = body
@@ -153,11 +178,7 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
         delay,
     } = mode
     {
-        let operation = parts
-            .headers
-            .get("x-amz-target")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let operation = operation_of(&parts.headers);
         let marked = containing.is_empty()
             || body
                 .windows(containing.len())

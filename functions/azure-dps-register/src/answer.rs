@@ -1,5 +1,5 @@
-//! What Funk hands back to the device: the connection string, or a refusal with a stable code
-//! and one fixed sentence. What exactly went wrong (rumqttc, TLS and I/O texts, host names,
+//! What Funk hands back to the device: the connection string (with X.509 attestation: the
+//! certificate and its key), or a refusal with a stable code and one fixed sentence. What exactly went wrong (rumqttc, TLS and I/O texts, host names,
 //! table keys, AWS error codes) goes to the log only: the caller is a device, or whoever holds
 //! its SIM.
 
@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
+
+use shared::clock::unix_seconds;
+
+use crate::ports::Credentials;
 
 /// How a connection string was had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,13 +54,26 @@ pub struct Response {
     /// What a custom allocation policy returned to the device through DPS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub return_data: Option<Value>,
+    /// X.509 attestation: the device's certificate, PEM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    /// X.509 attestation: the certificate's private key (PKCS#8 PEM), made for this answer
+    /// and kept nowhere else.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+    /// X.509 attestation: the certificates to present above the device's own, PEM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_chain_pem: Option<String>,
+    /// X.509 attestation: the certificate's `notAfter`, Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 impl Response {
     /// What may be shown of the answer (logs, test failures): never the connection string.
     pub fn outline(&self) -> String {
         let body = if self.status_code == 200 {
-            "[connection string]"
+            "[connection]"
         } else {
             &self.body
         };
@@ -88,6 +105,29 @@ impl Response {
             device_id: Some(device_id),
             source: Some(source),
             return_data,
+            certificate_pem: None,
+            private_key_pem: None,
+            ca_chain_pem: None,
+            expires_at: None,
+        }
+    }
+
+    /// An X.509 device's connection: its hub and id (as the Azure IoT SDKs' connection string
+    /// for certificate devices: `x509=true` instead of a key), its certificate, key and chain.
+    pub fn certificate(
+        assigned_hub: String,
+        device_id: String,
+        credentials: &Credentials,
+        return_data: Option<Value>,
+    ) -> Self {
+        let certificate = &credentials.certificate;
+        Self {
+            body: format!("HostName={assigned_hub};DeviceId={device_id};x509=true"),
+            certificate_pem: Some(certificate.certificate_pem.clone()),
+            private_key_pem: Some(certificate.private_key_pem.to_string()),
+            ca_chain_pem: Some(credentials.chain_pem.clone()),
+            expires_at: Some(unix_seconds(certificate.not_after)),
+            ..Self::connection(assigned_hub, device_id, "", Source::Dps, return_data)
         }
     }
 
@@ -101,6 +141,10 @@ impl Response {
             device_id: None,
             source: None,
             return_data: None,
+            certificate_pem: None,
+            private_key_pem: None,
+            ca_chain_pem: None,
+            expires_at: None,
         }
     }
 }
@@ -126,11 +170,14 @@ pub enum Refused {
     DpsBudget,
     KeyStoreUnavailable,
     RegistryUnavailable,
+    CertificateCurrent,
+    CertificateRefused,
+    CaUnavailable,
 }
 
 impl Refused {
     /// Every refusal, for tests that check answers against the fixed sentences.
-    pub const ALL: [Refused; 18] = [
+    pub const ALL: [Refused; 21] = [
         Self::BadRequest,
         Self::NoIdentity,
         Self::BadIdentity,
@@ -149,6 +196,9 @@ impl Refused {
         Self::DpsBudget,
         Self::KeyStoreUnavailable,
         Self::RegistryUnavailable,
+        Self::CertificateCurrent,
+        Self::CertificateRefused,
+        Self::CaUnavailable,
     ];
 
     pub fn status(self) -> u16 {
@@ -163,10 +213,12 @@ impl Refused {
             | Self::NoEnrollment
             | Self::EnrollmentRefused
             | Self::EnrollmentNotAssigned => 403,
+            Self::CertificateCurrent => 409,
             Self::SimRateLimited => 429,
             Self::Misconfigured => 500,
-            Self::DpsFailed => 502,
-            Self::DpsThrottled
+            Self::DpsFailed | Self::CertificateRefused => 502,
+            Self::CaUnavailable
+            | Self::DpsThrottled
             | Self::DpsTimeout
             | Self::DpsBudget
             | Self::KeyStoreUnavailable
@@ -194,6 +246,9 @@ impl Refused {
             Self::DpsBudget => "dps-budget",
             Self::KeyStoreUnavailable => "key-store-unavailable",
             Self::RegistryUnavailable => "registry-unavailable",
+            Self::CertificateCurrent => "certificate-current",
+            Self::CertificateRefused => "certificate-refused",
+            Self::CaUnavailable => "ca-unavailable",
         }
     }
 
@@ -218,6 +273,9 @@ impl Refused {
             Self::DpsBudget => "Too many devices are registering at once; try again after retryAfter seconds.",
             Self::KeyStoreUnavailable => "The key store is unavailable; try again after retryAfter seconds.",
             Self::RegistryUnavailable => "The device table is unavailable; try again after retryAfter seconds.",
+            Self::CertificateCurrent => "This device's certificate is still valid: keep using it, renew after retryAfter seconds, or ask with \"rotate\": true.",
+            Self::CertificateRefused => "The provisioning service refused the device certificate; try again later.",
+            Self::CaUnavailable => "The certificate authority is unavailable; try again after retryAfter seconds.",
         }
     }
 }

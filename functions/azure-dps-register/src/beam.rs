@@ -22,7 +22,7 @@ use shared::soracom::{verify_beam, BeamError, BeamHeaders, SimIdentity};
 use crate::answer::Response;
 use crate::config::BeamConfig;
 use crate::handler::handle_identified;
-use crate::ports::{DeviceKeys, Dps, DpsLimits};
+use crate::ports::{DeviceCa, DeviceKeys, Dps, DpsLimits};
 use crate::state::State;
 
 /// The route Beam's requests arrive on.
@@ -205,10 +205,10 @@ fn refused(status: u16, code: &str, sentence: &str, retry_after: Option<u64>) ->
 }
 
 /// Handles one request on the Beam route.
-pub async fn handle<R, K, D, L, S, G>(
+pub async fn handle<R, K, D, L, C, S, G>(
     event: Value,
     context: &Context,
-    state: &State<R, K, D, L>,
+    state: &State<R, K, D, L, C>,
     gate: &Gate<S, G>,
 ) -> Value
 where
@@ -216,6 +216,7 @@ where
     K: DeviceKeys,
     D: Dps,
     L: DpsLimits,
+    C: DeviceCa,
     S: SecretStore,
     G: OnceLog,
 {

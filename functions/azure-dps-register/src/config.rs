@@ -18,6 +18,32 @@ pub enum KeySource {
     IndividualDynamoDb,
 }
 
+/// How devices prove themselves to DPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attestation {
+    /// A SAS token of the device key (`KEY_SOURCE`): the answer is a connection string.
+    SymmetricKey(KeySource),
+    /// A client certificate this function issues from a CA whose key is in KMS: the answer
+    /// is the certificate and its key.
+    X509(X509Settings),
+}
+
+/// The device CA of X.509 attestation, and the certificates it issues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509Settings {
+    /// The KMS key (id, ARN or alias) that is the CA's private key.
+    pub kms_key_id: String,
+    /// SSM parameter (String) with the CA's certificate, PEM, followed by any certificates
+    /// above it devices must present up to the CA enrolled in DPS.
+    pub ca_certificate_parameter: String,
+    pub lifetime: Duration,
+    /// A device asking again while its certificate has longer than this to live is refused
+    /// (it should have kept it) unless it asks to rotate.
+    pub renew_before: Duration,
+}
+
+const DAY_SECONDS: u64 = 86_400;
+
 /// How the registration id is made from the SIM identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrationIdTemplate(String);
@@ -54,7 +80,7 @@ pub struct Config {
     pub id_scope: String,
     pub endpoint: HostPort,
     pub trusted_ca_file: Option<PathBuf>,
-    pub key_source: KeySource,
+    pub attestation: Attestation,
     pub devices_table: String,
     pub registration_id: RegistrationIdTemplate,
     /// Empty: any operator. Otherwise only SIMs of these SORACOM operators.
@@ -111,20 +137,60 @@ fn is_model_id(id: &str) -> bool {
         })
 }
 
+fn key_source(env: &impl Env) -> Result<KeySource, ConfigError> {
+    Ok(match config::optional(env, "KEY_SOURCE").as_deref() {
+        None | Some("group") => KeySource::Group {
+            parameter: config::required(env, "GROUP_KEY_PARAMETER")?,
+        },
+        Some("individual-ssm") => KeySource::IndividualSsm {
+            prefix: config::required(env, "DEVICE_KEY_PARAMETER_PREFIX")?,
+        },
+        Some("individual-dynamodb") => KeySource::IndividualDynamoDb,
+        Some(_) => {
+            return Err(ConfigError::Invalid {
+                name: "KEY_SOURCE",
+                expected: "group, individual-ssm or individual-dynamodb",
+            })
+        }
+    })
+}
+
+fn x509_settings(env: &impl Env) -> Result<X509Settings, ConfigError> {
+    let days = |name, default| -> Result<u64, ConfigError> {
+        Ok(u64::from(config::positive(
+            env,
+            name,
+            default,
+            "a whole number of days of at least 1",
+        )?))
+    };
+    let lifetime = days("DEVICE_CERT_DAYS", 365)?;
+    let renew_before = days("RENEW_BEFORE_DAYS", 30)?;
+    // A renewal window as long as the certificate would refuse nobody: every device could
+    // ask for a new certificate every time.
+    if renew_before >= lifetime {
+        return Err(ConfigError::Invalid {
+            name: "RENEW_BEFORE_DAYS",
+            expected: "fewer days than DEVICE_CERT_DAYS",
+        });
+    }
+    Ok(X509Settings {
+        kms_key_id: config::required(env, "CA_KMS_KEY_ID")?,
+        ca_certificate_parameter: config::required(env, "CA_CERTIFICATE_PARAMETER")?,
+        lifetime: Duration::from_secs(lifetime * DAY_SECONDS),
+        renew_before: Duration::from_secs(renew_before * DAY_SECONDS),
+    })
+}
+
 impl Config {
     pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
-        let key_source = match config::optional(env, "KEY_SOURCE").as_deref() {
-            None | Some("group") => KeySource::Group {
-                parameter: config::required(env, "GROUP_KEY_PARAMETER")?,
-            },
-            Some("individual-ssm") => KeySource::IndividualSsm {
-                prefix: config::required(env, "DEVICE_KEY_PARAMETER_PREFIX")?,
-            },
-            Some("individual-dynamodb") => KeySource::IndividualDynamoDb,
+        let attestation = match config::optional(env, "ATTESTATION").as_deref() {
+            None | Some("symmetric-key") => Attestation::SymmetricKey(key_source(env)?),
+            Some("x509") => Attestation::X509(x509_settings(env)?),
             Some(_) => {
                 return Err(ConfigError::Invalid {
-                    name: "KEY_SOURCE",
-                    expected: "group, individual-ssm or individual-dynamodb",
+                    name: "ATTESTATION",
+                    expected: "symmetric-key or x509",
                 })
             }
         };
@@ -165,7 +231,7 @@ impl Config {
             id_scope: config::required(env, "DPS_ID_SCOPE")?,
             endpoint: config::host_port(env, "DPS_ENDPOINT", DEFAULT_DPS_ENDPOINT, 8883)?,
             trusted_ca_file: config::optional(env, "DPS_TRUSTED_CA_FILE").map(PathBuf::from),
-            key_source,
+            attestation,
             devices_table: config::required(env, "DEVICES_TABLE")?,
             registration_id,
             allowed_operators,
@@ -243,10 +309,10 @@ mod tests {
             "global.azure-devices-provisioning.net:8883"
         );
         assert_eq!(
-            c.key_source,
-            KeySource::Group {
+            c.attestation,
+            Attestation::SymmetricKey(KeySource::Group {
                 parameter: "/dps/group-key".into()
-            }
+            })
         );
         assert_eq!(
             c.registration_id.render("440103123456789", None).unwrap(),
@@ -304,6 +370,47 @@ mod tests {
             assert!(
                 matches!(err, ConfigError::Invalid { name: n, .. } if n == name),
                 "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn x509_needs_its_ca_and_not_a_group_key() {
+        let mut e = env(&[
+            ("ATTESTATION", "x509"),
+            ("CA_KMS_KEY_ID", "alias/device-ca"),
+            ("CA_CERTIFICATE_PARAMETER", "/dps/device-ca"),
+        ]);
+        e.remove("GROUP_KEY_PARAMETER");
+        let c = Config::from_env(&e).unwrap();
+        assert_eq!(
+            c.attestation,
+            Attestation::X509(X509Settings {
+                kms_key_id: "alias/device-ca".into(),
+                ca_certificate_parameter: "/dps/device-ca".into(),
+                lifetime: Duration::from_secs(365 * 86_400),
+                renew_before: Duration::from_secs(30 * 86_400),
+            })
+        );
+        for name in ["CA_KMS_KEY_ID", "CA_CERTIFICATE_PARAMETER"] {
+            let mut missing = e.clone();
+            missing.remove(name);
+            assert_eq!(
+                Config::from_env(&missing).unwrap_err(),
+                ConfigError::Missing(name)
+            );
+        }
+        for (name, value) in [
+            ("RENEW_BEFORE_DAYS", "365"),
+            ("DEVICE_CERT_DAYS", "0"),
+            ("ATTESTATION", "tpm"),
+        ] {
+            let mut bad = e.clone();
+            bad.insert(name.into(), value.into());
+            let err = Config::from_env(&bad).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { name: n, .. } if n == name),
+                "{name}={value}: {err:?}"
             );
         }
     }

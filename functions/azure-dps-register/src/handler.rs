@@ -16,9 +16,11 @@ use shared::soracom::SimIdentity;
 use tokio::time::{timeout_at, Instant};
 
 pub use crate::answer::{Refused, Response, Source};
-use crate::config::Config;
+use crate::config::{Attestation, Config};
 use crate::opening::Opening;
-use crate::ports::{Admission, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure};
+use crate::ports::{
+    Admission, Credentials, DeviceCa, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure, Proof,
+};
 use crate::state::State;
 use shared::clock::unix_now;
 
@@ -30,14 +32,14 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(700);
 /// the DPS budget.
 const UNBOUNDED_EXTRA: Duration = Duration::from_secs(4);
 /// Retry hint when the cause says nothing better.
-const RETRY_SOON: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_SOON: Duration = Duration::from_secs(2);
 /// Attempts at recording a registration, and the pause between them.
 const RECORD_ATTEMPTS: u32 = 3;
 const RECORD_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A refusal, with the detail that only the log sees.
 #[derive(Debug)]
-struct Refusal {
+pub(crate) struct Refusal {
     refused: Refused,
     detail: String,
     retry_after: Option<Duration>,
@@ -45,7 +47,7 @@ struct Refusal {
     dps_ms: Option<f64>,
 }
 
-fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
+pub(crate) fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
     Refusal {
         refused,
         detail: detail.into(),
@@ -55,24 +57,36 @@ fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
 }
 
 impl Refusal {
-    fn retry_in(mut self, after: Duration) -> Self {
+    pub(crate) fn retry_in(mut self, after: Duration) -> Self {
         self.retry_after = Some(after.max(Duration::from_secs(1)));
+        self
+    }
+
+    /// A refusal of DPS's, which took `ms`.
+    pub(crate) fn after_dps(mut self, ms: f64) -> Self {
+        self.dps_ms = Some(ms);
         self
     }
 }
 
 /// The answer's metrics: the outcome, and DPS's latency when DPS was asked.
-fn emit_metrics(outcome: &str, dps_ms: Option<f64>) {
+pub(crate) fn emit_metrics(outcome: &str, dps_ms: Option<f64>) {
     let latency: Vec<(&str, f64)> = dps_ms.map(|ms| ("DpsLatency", ms)).into_iter().collect();
     lambda_support::metrics::emit(outcome, &latency);
 }
 
+/// What the device authenticates to IoT Hub with.
+pub(crate) enum Granted {
+    Key(SymmetricKey),
+    Certificate(Credentials),
+}
+
 /// A device's connection: from DPS, or from its recorded registration.
-struct Registered {
+pub(crate) struct Registered {
     registration_id: String,
     assigned_hub: String,
     device_id: String,
-    key: SymmetricKey,
+    granted: Granted,
     source: Source,
     /// What a custom allocation policy returned (DPS answers only).
     return_data: Option<Value>,
@@ -86,7 +100,7 @@ impl Registered {
             registration_id: recorded.registration_id,
             assigned_hub: recorded.assigned_hub,
             device_id: recorded.device_id,
-            key,
+            granted: Granted::Key(key),
             source: Source::Record,
             // Written by this function from DPS's answer; unreadable text is dropped rather
             // than refusing a working connection string.
@@ -97,17 +111,17 @@ impl Registered {
         }
     }
 
-    fn from_dps(
+    pub(crate) fn from_dps(
         registration_id: String,
         assignment: Assignment,
-        key: SymmetricKey,
+        granted: Granted,
         dps_ms: f64,
     ) -> Self {
         Self {
             registration_id,
             assigned_hub: assignment.assigned_hub,
             device_id: assignment.device_id,
-            key,
+            granted,
             source: Source::Dps,
             return_data: assignment.payload,
             dps_ms: Some(dps_ms),
@@ -116,10 +130,10 @@ impl Registered {
 }
 
 /// Handles one Funk invocation. Never fails: every outcome is a `Response`.
-pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: DeviceCa>(
     event: Value,
     context: &Context,
-    state: &State<R, K, D, L>,
+    state: &State<R, K, D, L, C>,
 ) -> Response {
     let sim = identify(context);
     answer(event, sim, context, state).await
@@ -127,20 +141,20 @@ pub async fn handle<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
 
 /// Handles a SIM that SORACOM Beam identified (its signature verified by `beam`): the same
 /// checks, limits and answers as a Funk invocation from here on.
-pub async fn handle_identified<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+pub async fn handle_identified<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: DeviceCa>(
     event: Value,
     sim: SimIdentity,
     context: &Context,
-    state: &State<R, K, D, L>,
+    state: &State<R, K, D, L, C>,
 ) -> Response {
     answer(event, Ok(sim), context, state).await
 }
 
-async fn answer<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+async fn answer<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: DeviceCa>(
     event: Value,
     sim: Result<SimIdentity, Refusal>,
     context: &Context,
-    state: &State<R, K, D, L>,
+    state: &State<R, K, D, L, C>,
 ) -> Response {
     let started = Instant::now();
     let imsi = sim.as_ref().map(|s| s.imsi.clone()).unwrap_or_default();
@@ -154,13 +168,18 @@ async fn answer<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
                 device_id = %r.device_id, elapsed_ms = started.elapsed().as_millis() as u64,
                 "device has its connection string"
             );
-            Response::connection(
-                r.assigned_hub,
-                r.device_id,
-                &r.key.to_base64(),
-                r.source,
-                r.return_data,
-            )
+            match &r.granted {
+                Granted::Key(key) => Response::connection(
+                    r.assigned_hub,
+                    r.device_id,
+                    &key.to_base64(),
+                    r.source,
+                    r.return_data,
+                ),
+                Granted::Certificate(credentials) => {
+                    Response::certificate(r.assigned_hub, r.device_id, credentials, r.return_data)
+                }
+            }
         }
         Err(refusal) => {
             emit_metrics(refusal.refused.code(), refusal.dps_ms);
@@ -177,9 +196,9 @@ async fn answer<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
 
 /// When the invocation must have its answer, and until when DPS may be waited for.
 #[derive(Debug, Clone, Copy)]
-struct Deadlines {
-    answer_by: Instant,
-    dps_until: Instant,
+pub(crate) struct Deadlines {
+    pub(crate) answer_by: Instant,
+    pub(crate) dps_until: Instant,
 }
 
 /// The Lambda deadline less a margin (already past if the deadline is), and DPS's share of it:
@@ -198,11 +217,11 @@ fn deadlines(context: &Context, budget: Duration) -> Deadlines {
     }
 }
 
-async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
+async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: DeviceCa>(
     event: Value,
     sim: Result<SimIdentity, Refusal>,
     context: &Context,
-    state: &State<R, K, D, L>,
+    state: &State<R, K, D, L, C>,
 ) -> Result<Registered, Refusal> {
     let config = &state.config;
     let deadlines = deadlines(context, config.dps_budget);
@@ -215,8 +234,17 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits>(
     }
     let sim = sim?;
     operator_allowed(&sim, config)?;
-    let request = device_request(&event).map_err(|reason| refuse(Refused::BadRequest, reason))?;
+    let x509 = match &config.attestation {
+        Attestation::X509(settings) => Some(settings),
+        Attestation::SymmetricKey(_) => None,
+    };
+    let request = device_request(&event, x509.is_some())
+        .map_err(|reason| refuse(Refused::BadRequest, reason))?;
     let registration_id = registration_id(config, &sim)?;
+    if let Some(settings) = x509 {
+        return crate::x509::register(state, &sim, registration_id, request, deadlines, settings)
+            .await;
+    }
 
     // A device that will not be answered from its record, whatever the table says, has its
     // connection to DPS opened while the table is read (if the fleet's budget is not known
@@ -280,8 +308,8 @@ impl ClearedSim<'_> {
 /// than `REREGISTER_AFTER_SECONDS` (unless the device asks for a new registration), else
 /// from DPS within the SIM's and the fleet's limits; past a limit, from a usable record
 /// again, or a refusal that says when to come back.
-async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits>(
-    state: &'s State<R, K, D, L>,
+async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits, C>(
+    state: &'s State<R, K, D, L, C>,
     sim: ClearedSim<'_>,
     request: DeviceRequest,
     deadlines: Deadlines,
@@ -299,14 +327,14 @@ async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits>(
     if !opening.is_started() && state.limits.likely_admitted(now) {
         opening = Opening::start(state.dps.open());
     }
-    let admission = admit_or_record(state, sim.imsi, &request, usable, now, deadlines);
+    let admission = admit_or(state, sim.imsi, &request, usable, now, deadlines);
     if let Some(r) = opening.alongside(admission).await? {
         return Ok(Registered::from_record(r, sim.key));
     }
     let payload = dps_payload(request.payload, config.model_id.as_deref());
     let enrollment = Enrollment {
         registration_id: &sim.registration_id,
-        device_key: &sim.key,
+        proof: Proof::Key(&sim.key),
         payload: payload.as_ref(),
     };
     let asked = Instant::now();
@@ -316,15 +344,16 @@ async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits>(
         .register(&enrollment, opened, deadlines.dps_until)
         .await;
     let dps_ms = asked.elapsed().as_secs_f64() * 1000.0;
-    let assignment = result.map_err(|e| Refusal {
-        dps_ms: Some(dps_ms),
-        ..dps_refusal(e)
-    })?;
-    record(state, &sim, &assignment, deadlines).await;
+    let assignment = result.map_err(|e| dps_refusal(e).after_dps(dps_ms))?;
+    let recorded = Registration {
+        key_fingerprint: Some(sim.fingerprint.clone()),
+        ..registration(&sim.registration_id, &assignment)
+    };
+    record(state, sim.imsi, &recorded, deadlines).await;
     Ok(Registered::from_dps(
         sim.registration_id,
         assignment,
-        sim.key,
+        Granted::Key(sim.key),
         dps_ms,
     ))
 }
@@ -333,15 +362,16 @@ async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits>(
 /// SIM's limit a usable record answers, and past the fleet's too unless the device asked for a
 /// new registration (it said its record does not work); without one, a refusal that says when
 /// to come back. The limits live in the device table: if it cannot say in time, nothing is
-/// started (deny by default).
-async fn admit_or_record<R, K, D, L: DpsLimits>(
-    state: &State<R, K, D, L>,
+/// started (deny by default). (X.509 devices have no record to answer with: `T` is then a
+/// type without values.)
+pub(crate) async fn admit_or<T, R, K, D, L: DpsLimits, C>(
+    state: &State<R, K, D, L, C>,
     imsi: &str,
     request: &DeviceRequest,
-    usable: Option<Registration>,
+    usable: Option<T>,
     now: u64,
     deadlines: Deadlines,
-) -> Result<Option<Registration>, Refusal> {
+) -> Result<Option<T>, Refusal> {
     let config = &state.config;
     let unavailable =
         |detail: String| refuse(Refused::RegistryUnavailable, detail).retry_in(RETRY_SOON);
@@ -432,8 +462,8 @@ fn registration_id(config: &Config, sim: &SimIdentity) -> Result<String, Refusal
 
 /// The device table's say on this SIM: its IMSI's entry and, when Funk names the SIM card, the
 /// card's entry, so that blocking a multi-IMSI SIM holds whichever subscription it uses.
-async fn check_sim<R: SimRegistry, K, D, L>(
-    state: &State<R, K, D, L>,
+pub(crate) async fn check_sim<R: SimRegistry, K, D, L, C>(
+    state: &State<R, K, D, L, C>,
     sim: &SimIdentity,
 ) -> Result<Option<Registration>, Refusal> {
     let entries = state
@@ -482,29 +512,33 @@ fn sim_verdict(
     Ok(())
 }
 
-/// Records the registration for operators. DPS has registered the device; failing the device
-/// now would only make it retry, so a failed or late write is logged loudly instead, and it
-/// never holds the answer past the deadline.
-async fn record<R: SimRegistry, K, D, L>(
-    state: &State<R, K, D, L>,
-    sim: &ClearedSim<'_>,
-    assignment: &Assignment,
-    deadlines: Deadlines,
-) {
-    let imsi = sim.imsi;
-    let recorded = Registration {
-        registration_id: sim.registration_id.clone(),
+/// What DPS assigned, to be recorded (with what the device proved itself by).
+pub(crate) fn registration(registration_id: &str, assignment: &Assignment) -> Registration {
+    Registration {
+        registration_id: registration_id.to_owned(),
         assigned_hub: assignment.assigned_hub.clone(),
         device_id: assignment.device_id.clone(),
         registered_at: unix_now(),
-        key_fingerprint: Some(sim.fingerprint.clone()),
+        key_fingerprint: None,
         return_data: assignment.payload.as_ref().map(Value::to_string),
-    };
+        certificate: None,
+    }
+}
+
+/// Records the registration for operators. DPS has registered the device; failing the device
+/// now would only make it retry, so a failed or late write is logged loudly instead, and it
+/// never holds the answer past the deadline.
+pub(crate) async fn record<R: SimRegistry, K, D, L, C>(
+    state: &State<R, K, D, L, C>,
+    imsi: &str,
+    recorded: &Registration,
+    deadlines: Deadlines,
+) {
     // Retried while the invocation has time: a registration not recorded costs a DPS
     // registration at the device's next boot (the 10,000-SIM storm lost some to the local
     // endpoint's queue). A blocked SIM's refusal (a conflict) is final.
     for attempt in 1..=RECORD_ATTEMPTS {
-        let write = state.registry.record_registration(imsi, &recorded);
+        let write = state.registry.record_registration(imsi, recorded);
         let (passing, error) = match timeout_at(deadlines.answer_by, write).await {
             Ok(Ok(())) => return,
             Ok(Err(e)) => (
@@ -547,7 +581,7 @@ fn key_refusal(failure: KeyFailure) -> Refusal {
     }
 }
 
-fn registry_refusal(e: RegistryError) -> Refusal {
+pub(crate) fn registry_refusal(e: RegistryError) -> Refusal {
     match e {
         RegistryError::Malformed { .. } => refuse(Refused::Misconfigured, e.to_string()),
         _ => refuse(Refused::RegistryUnavailable, e.to_string()).retry_in(RETRY_SOON),
@@ -556,7 +590,7 @@ fn registry_refusal(e: RegistryError) -> Refusal {
 
 /// Final only when the device may not register; everything that may pass on its own comes
 /// with `retryAfter`.
-fn dps_refusal(e: DpsError) -> Refusal {
+pub(crate) fn dps_refusal(e: DpsError) -> Refusal {
     let detail = e.to_string();
     match &e {
         DpsError::Unauthorized(_)
@@ -582,33 +616,41 @@ fn dps_refusal(e: DpsError) -> Refusal {
 
 /// What the device's body asks for: the custom allocation payload, and whether to register
 /// with DPS again although its record answers (`"reprovision": true`, for example after IoT
-/// Hub refused the connection string). `reprovision` is ours, never sent to DPS.
+/// Hub refused the connection string), or, with X.509 attestation, a new certificate although
+/// its own is far from expiry (`"rotate": true`). Both flags are ours, never sent to DPS.
 #[derive(Debug, Default, PartialEq)]
-struct DeviceRequest {
-    payload: Option<Value>,
-    reprovision: bool,
+pub(crate) struct DeviceRequest {
+    pub(crate) payload: Option<Value>,
+    pub(crate) reprovision: bool,
+    pub(crate) rotate: bool,
 }
 
-fn device_request(event: &Value) -> Result<DeviceRequest, String> {
+fn device_request(event: &Value, x509: bool) -> Result<DeviceRequest, String> {
     let mut payload = device_payload(event)?;
-    let flag = payload
-        .as_mut()
-        .and_then(Value::as_object_mut)
-        .and_then(|body| body.remove("reprovision"));
-    let reprovision = match flag {
-        None => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => return Err("reprovision must be true or false".into()),
+    let mut take = |name: &str| {
+        let flag = payload
+            .as_mut()
+            .and_then(Value::as_object_mut)
+            .and_then(|body| body.remove(name));
+        match flag {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(_) => Err(format!("{name} must be true or false")),
+        }
     };
+    let reprovision = take("reprovision")?;
+    // A symmetric-key device's `rotate` is its own allocation data, as it always was.
+    let rotate = if x509 { take("rotate")? } else { false };
     Ok(DeviceRequest {
         payload: payload.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())),
         reprovision,
+        rotate,
     })
 }
 
 /// What DPS receives: the device's payload, with `modelId` added from `MODEL_ID` unless the
 /// device sent its own (IoT Plug and Play devices announce their model at registration).
-fn dps_payload(payload: Option<Value>, model_id: Option<&str>) -> Option<Value> {
+pub(crate) fn dps_payload(payload: Option<Value>, model_id: Option<&str>) -> Option<Value> {
     let Some(model_id) = model_id else {
         return payload;
     };

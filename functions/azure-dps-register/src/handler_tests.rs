@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use dps_client::{Assignment, DpsError};
 use lambda_runtime::Context;
 use serde_json::{json, Value};
+use shared::ca::{CaError, DeviceCertificate};
 use shared::keys::SymmetricKey;
 use shared::memory::{MemoryBudget, MemoryQuota, MemoryTable};
 use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, RegistryError};
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 use crate::answer::Response;
 use crate::config::Config;
 use crate::handler::handle;
-use crate::ports::{DeviceKeys, Dps, Enrollment, KeyFailure};
+use crate::ports::{Credentials, DeviceCa, DeviceKeys, Dps, Enrollment, KeyFailure, Proof};
 use crate::state::{Limits, State, SIM_WINDOW_SECS};
 
 /// The unit tests' fleet budget counts whole minutes (the deployed one counts ~5 s windows:
@@ -67,6 +68,9 @@ pub(crate) struct FakeDps {
     pub(crate) return_data: Mutex<Option<Value>>,
     pub(crate) opened: AtomicUsize,
     pub(crate) on_opened: AtomicUsize,
+    /// The certificates presented (X.509 attestation), and whether on a connection opened
+    /// before them (which could not have carried them).
+    pub(crate) certificates: Mutex<Vec<(String, bool)>>,
 }
 
 impl Dps for FakeDps {
@@ -83,8 +87,15 @@ impl Dps for FakeDps {
         opened: Option<Result<(), DpsError>>,
         _deadline: Instant,
     ) -> Result<Assignment, DpsError> {
-        if let Some(Ok(())) = opened {
+        let on_opened = matches!(opened, Some(Ok(())));
+        if on_opened {
             self.on_opened.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Proof::Certificate(c) = e.proof {
+            self.certificates
+                .lock()
+                .unwrap()
+                .push((c.certificate.certificate_pem.clone(), on_opened));
         }
         self.registered
             .lock()
@@ -104,7 +115,39 @@ impl Dps for FakeDps {
     }
 }
 
-pub(crate) type TestState = State<MemoryTable, Keys, FakeDps, Limits<MemoryQuota, MemoryBudget>>;
+/// The device CA: issues numbered placeholder certificates (the handler never looks inside
+/// them; `tests/` issues real ones through KMS), or fails as told.
+#[derive(Default)]
+pub(crate) struct FakeCa {
+    pub(crate) failure: Mutex<Option<CaError>>,
+    pub(crate) issued: AtomicUsize,
+}
+
+impl DeviceCa for FakeCa {
+    async fn issue(
+        &self,
+        registration_id: &str,
+        lifetime: Duration,
+    ) -> Result<Credentials, CaError> {
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        let n = self.issued.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Credentials {
+            certificate: DeviceCertificate {
+                certificate_pem: format!("certificate {n} of {registration_id}\n"),
+                private_key_pem: format!("key {n}\n").into(),
+                serial: format!("{n:032x}"),
+                fingerprint: format!("{:064x}", n * 7),
+                not_after: SystemTime::now() + lifetime,
+            },
+            chain_pem: "device CA\n".into(),
+        })
+    }
+}
+
+pub(crate) type TestState =
+    State<MemoryTable, Keys, FakeDps, Limits<MemoryQuota, MemoryBudget>, FakeCa>;
 
 pub(crate) fn state(extra: &[(&str, &str)]) -> TestState {
     let env: HashMap<String, String> = [
@@ -128,6 +171,7 @@ pub(crate) fn state(extra: &[(&str, &str)]) -> TestState {
         registry: MemoryTable::new(),
         keys: Keys::default(),
         dps: FakeDps::default(),
+        ca: FakeCa::default(),
     }
 }
 

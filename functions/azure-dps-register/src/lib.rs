@@ -1,5 +1,6 @@
 //! azure-dps-register: SORACOM Funk invokes this function for a SIM; it registers the SIM's
-//! device with Azure DPS and answers with the IoT Hub connection string.
+//! device with Azure DPS and answers with the IoT Hub connection string (with
+//! `ATTESTATION=x509`: a device certificate and its key, see [`x509`]).
 //!
 //! `main.rs` only initialises; [`handler::handle`] is the per-invocation logic, [`state::State`]
 //! the cold-start state, [`config::Config`] the environment.
@@ -15,3 +16,6 @@ pub mod ports;
 #[cfg(test)]
 mod scale_tests;
 pub mod state;
+mod x509;
+#[cfg(test)]
+mod x509_tests;

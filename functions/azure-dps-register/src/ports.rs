@@ -1,5 +1,5 @@
-//! What the handler needs from outside, by what it needs it for: the device key of a SIM, a
-//! DPS registration, and leave to start one. The deployed function's implementations are in
+//! What the handler needs from outside, by what it needs it for: the device key of a SIM (or,
+//! with X.509 attestation, a device certificate), a DPS registration, and leave to start one. The deployed function's implementations are in
 //! `state`; the unit tests use in-memory ones. (The device table is
 //! `shared::registry::SimRegistry`.)
 
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dps_client::{Assignment, DpsError};
 use serde_json::Value;
+use shared::ca::{CaError, DeviceCertificate};
 use shared::keys::SymmetricKey;
 use shared::quota::QuotaError;
 use tokio::time::Instant;
@@ -35,10 +36,37 @@ pub trait DeviceKeys: Send + Sync {
     ) -> impl Future<Output = Result<SymmetricKey, KeyFailure>> + Send;
 }
 
+/// A device certificate, its key and the chain above it, as the device receives them.
+pub struct Credentials {
+    pub certificate: DeviceCertificate,
+    /// The certificates the device presents above its own, PEM.
+    pub chain_pem: String,
+}
+
+/// The device CA of X.509 attestation.
+pub trait DeviceCa: Send + Sync {
+    /// A client certificate for `registration_id` (its CN) with a fresh key, valid for
+    /// `lifetime`. Unbounded: the caller bounds the wait.
+    fn issue(
+        &self,
+        registration_id: &str,
+        lifetime: Duration,
+    ) -> impl Future<Output = Result<Credentials, CaError>> + Send;
+}
+
+/// How the device proves itself to DPS.
+#[derive(Clone, Copy)]
+pub enum Proof<'a> {
+    /// A SAS token of this key.
+    Key(&'a SymmetricKey),
+    /// This certificate in the TLS handshake.
+    Certificate(&'a Credentials),
+}
+
 /// One device's registration, as DPS receives it.
 pub struct Enrollment<'a> {
     pub registration_id: &'a str,
-    pub device_key: &'a SymmetricKey,
+    pub proof: Proof<'a>,
     /// Custom allocation data (the device's body).
     pub payload: Option<&'a Value>,
 }
@@ -53,7 +81,8 @@ pub trait Dps: Send + Sync {
     fn open(&self) -> impl Future<Output = Result<Self::Line, DpsError>> + Send;
 
     /// Registers the device, answering by `deadline`: first on `opened` if the caller opened a
-    /// connection for it (a failed opening counts as the first connection's failure).
+    /// connection for it (a failed opening counts as the first connection's failure). A
+    /// certificate is presented in the handshake: never on a connection opened before it.
     fn register(
         &self,
         enrollment: &Enrollment<'_>,

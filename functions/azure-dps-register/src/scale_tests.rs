@@ -80,6 +80,7 @@ async fn a_record_without_a_fingerprint_or_for_another_id_does_not_answer() {
         registered_at: unix_now(),
         key_fingerprint: None,
         return_data: None,
+        certificate: None,
     });
     s.registry.put(entry.clone());
     assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));

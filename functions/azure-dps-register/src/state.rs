@@ -1,14 +1,16 @@
 //! What the function builds once, at cold start, and reuses while warm: configuration, the
-//! device table, the key store with its cache, DPS with its TLS configuration, and the limits
-//! on DPS registrations. Nothing here is per-device.
+//! device table, the key store with its cache (or the device CA), DPS with its TLS
+//! configuration, and the limits on DPS registrations. Nothing here is per-device.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dps_client::{Assignment, DpsError, RegistrationRequest};
+use dps_client::{Assignment, DpsError, RegistrationRequest, TrustedRoots};
 use rustls::ClientConfig;
+use shared::aws::{classify, Failure};
 use shared::budget::{Budget, DynamoBudget, Grant};
+use shared::ca::{CaError, KmsCa};
 use shared::config::HostPort;
 use shared::keys::SymmetricKey;
 use shared::quota::{DynamoQuota, Quota, QuotaError, Verdict};
@@ -19,8 +21,10 @@ use shared::secrets::{
 };
 use tokio::time::Instant;
 
-use crate::config::{Config, KeySource};
-use crate::ports::{Admission, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure};
+use crate::config::{Attestation, Config, KeySource, X509Settings};
+use crate::ports::{
+    Admission, Credentials, DeviceCa, DeviceKeys, Dps, DpsLimits, Enrollment, KeyFailure, Proof,
+};
 
 /// The configured key store.
 pub enum KeyStore {
@@ -38,24 +42,27 @@ impl SecretStore for KeyStore {
 }
 
 /// Cold-start state, by the traits the handler needs (in the unit tests: in memory).
-pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps, L = Limits> {
+pub struct State<R = DynamoRegistry, K = ConfiguredKeys, D = MqttDps, L = Limits, C = KmsDeviceCa> {
     pub config: Config,
     pub registry: R,
     pub keys: K,
     pub dps: D,
     pub limits: L,
+    /// X.509 attestation's certificate authority (unused with symmetric keys).
+    pub ca: C,
 }
 
-impl<R, K, D, L> State<R, K, D, L> {
+impl<R, K, D, L, C> State<R, K, D, L, C> {
     /// The same state over another device table and other limits (the reboot storm's run with
     /// the table in memory, to tell the function's own cost from the local emulator's).
-    pub fn with_stores<R2, L2>(self, registry: R2, limits: L2) -> State<R2, K, D, L2> {
+    pub fn with_stores<R2, L2>(self, registry: R2, limits: L2) -> State<R2, K, D, L2, C> {
         State {
             config: self.config,
             registry,
             keys: self.keys,
             dps: self.dps,
             limits,
+            ca: self.ca,
         }
     }
 }
@@ -133,7 +140,8 @@ impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
 /// Device keys where the configuration says: derived from the (cached) group key, or the SIM's
 /// individual key, which is never cached: a refused SIM's key must not stay in memory.
 pub struct ConfiguredKeys {
-    source: KeySource,
+    /// `None` with X.509 attestation, where there are no device keys.
+    source: Option<KeySource>,
     store: CachedSecretStore<KeyStore>,
 }
 
@@ -150,7 +158,12 @@ impl DeviceKeys for ConfiguredKeys {
         imsi: &str,
         registration_id: &str,
     ) -> Result<SymmetricKey, KeyFailure> {
-        let (lookup, per_device) = match &self.source {
+        let Some(source) = &self.source else {
+            return Err(KeyFailure::Misconfigured(
+                "no device keys with X.509 attestation".into(),
+            ));
+        };
+        let (lookup, per_device) = match source {
             KeySource::Group { parameter } => (
                 load_key(&self.store, parameter)
                     .await
@@ -197,34 +210,67 @@ impl Dps for MqttDps {
         opened: Option<Result<Self::Line, DpsError>>,
         deadline: Instant,
     ) -> Result<Assignment, DpsError> {
+        let (attestation, tls, opened) = match enrollment.proof {
+            Proof::Key(key) => (
+                dps_client::Attestation::SymmetricKey(key),
+                self.tls.get().await?,
+                opened,
+            ),
+            // The certificate goes in the handshake: a connection opened before it is of no
+            // use. The roots are shared; only the client part is per device.
+            Proof::Certificate(credentials) => {
+                let chain = format!(
+                    "{}{}",
+                    credentials.certificate.certificate_pem, credentials.chain_pem
+                );
+                let tls = self
+                    .tls
+                    .roots()
+                    .await?
+                    .config_with_certificate(&chain, &credentials.certificate.private_key_pem)?;
+                (dps_client::Attestation::X509, tls, None)
+            }
+        };
         let request = RegistrationRequest {
             endpoint: &self.endpoint,
             id_scope: &self.id_scope,
             registration_id: enrollment.registration_id,
-            attestation: dps_client::Attestation::SymmetricKey(enrollment.device_key),
+            attestation,
             payload: enrollment.payload,
-            tls: self.tls.get().await?,
+            tls,
         };
         dps_client::register_over(&request, opened, deadline).await
     }
 }
 
-type Building = tokio::task::JoinHandle<Result<Arc<ClientConfig>, DpsError>>;
+/// The trusted roots, and the configuration without a client certificate made of them.
+#[derive(Clone)]
+struct Built {
+    roots: TrustedRoots,
+    config: Arc<ClientConfig>,
+}
+
+type Building = tokio::task::JoinHandle<Result<Built, DpsError>>;
 
 /// The TLS configuration for DPS, built on a blocking thread from cold start on: reading and
 /// parsing the system's root certificates took 14 ms of a 46 ms cold start in `make bench`, and
 /// this way it overlaps the first invocation's device-table and key lookups instead of
 /// preceding them.
 pub struct DpsTls {
-    ready: tokio::sync::OnceCell<Arc<ClientConfig>>,
+    ready: tokio::sync::OnceCell<Built>,
     building: tokio::sync::Mutex<Option<Building>>,
 }
 
 impl DpsTls {
     /// Starts building; needs a Tokio runtime.
     pub fn start(extra_root: Option<Vec<u8>>) -> Self {
-        let building =
-            tokio::task::spawn_blocking(move || dps_client::tls_config(extra_root.as_deref()));
+        let building = tokio::task::spawn_blocking(move || {
+            let roots = TrustedRoots::load(extra_root.as_deref())?;
+            Ok(Built {
+                config: roots.config()?,
+                roots,
+            })
+        });
         Self {
             ready: tokio::sync::OnceCell::new(),
             building: tokio::sync::Mutex::new(Some(building)),
@@ -235,6 +281,15 @@ impl DpsTls {
     /// Cancel-safe: a caller dropped while waiting (a connection opened ahead for a SIM that is
     /// then refused) leaves the build to the next caller.
     pub async fn get(&self) -> Result<Arc<ClientConfig>, DpsError> {
+        Ok(self.built().await?.config)
+    }
+
+    /// The trusted roots, for configurations that present a client certificate.
+    pub async fn roots(&self) -> Result<TrustedRoots, DpsError> {
+        Ok(self.built().await?.roots)
+    }
+
+    async fn built(&self) -> Result<Built, DpsError> {
         self.ready
             .get_or_try_init(|| async {
                 let mut building = self.building.lock().await;
@@ -251,6 +306,55 @@ impl DpsTls {
             })
             .await
             .cloned()
+    }
+}
+
+/// The device CA of `ATTESTATION=x509`: its certificate from SSM and its key in KMS, loaded at
+/// the first certificate (not at cold start, so that a KMS or SSM hiccup then costs one
+/// device a retry instead of the instance its start) and kept while warm.
+pub struct KmsDeviceCa {
+    settings: Option<X509Settings>,
+    kms: aws_sdk_kms::Client,
+    ssm: aws_sdk_ssm::Client,
+    ca: tokio::sync::OnceCell<KmsCa>,
+}
+
+impl KmsDeviceCa {
+    async fn load(&self) -> Result<KmsCa, CaError> {
+        let Some(settings) = &self.settings else {
+            return Err(CaError::Misconfigured("ATTESTATION is not x509".into()));
+        };
+        let parameter = self
+            .ssm
+            .get_parameter()
+            .name(&settings.ca_certificate_parameter)
+            .send()
+            .await
+            .map_err(|e| match classify(&e) {
+                Failure::Service(code) if code == "ParameterNotFound" => {
+                    CaError::Misconfigured("CA_CERTIFICATE_PARAMETER does not exist".into())
+                }
+                other => CaError::from_failure(other),
+            })?;
+        let chain = parameter
+            .parameter
+            .and_then(|p| p.value)
+            .ok_or_else(|| CaError::Misconfigured("CA_CERTIFICATE_PARAMETER is empty".into()))?;
+        KmsCa::new(self.kms.clone(), &settings.kms_key_id, &chain).await
+    }
+}
+
+impl DeviceCa for KmsDeviceCa {
+    async fn issue(
+        &self,
+        registration_id: &str,
+        lifetime: Duration,
+    ) -> Result<Credentials, CaError> {
+        let ca = self.ca.get_or_try_init(|| self.load()).await?;
+        Ok(Credentials {
+            certificate: ca.issue(registration_id, lifetime).await?,
+            chain_pem: ca.chain_pem().to_owned(),
+        })
     }
 }
 
@@ -281,20 +385,29 @@ impl State {
         }
         let tls = DpsTls::start(extra_root);
         let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
-        let store = match &config.key_source {
-            KeySource::Group { .. } | KeySource::IndividualSsm { .. } => {
-                KeyStore::Ssm(SsmSecretStore::new(aws_sdk_ssm::Client::new(sdk)))
-            }
-            KeySource::IndividualDynamoDb => KeyStore::Dynamo(DynamoSecretStore::new(
+        let ssm = aws_sdk_ssm::Client::new(sdk);
+        let (key_source, x509) = match &config.attestation {
+            Attestation::SymmetricKey(source) => (Some(source.clone()), None),
+            Attestation::X509(settings) => (None, Some(settings.clone())),
+        };
+        let store = match &key_source {
+            Some(KeySource::IndividualDynamoDb) => KeyStore::Dynamo(DynamoSecretStore::new(
                 dynamodb.clone(),
                 &config.devices_table,
                 shared::registry::DEVICE_KEY_ATTRIBUTE,
             )),
+            _ => KeyStore::Ssm(SsmSecretStore::new(ssm.clone())),
         };
         let (limit, window) = fleet_windows(config.dps_registrations_per_minute);
         Ok(Self {
+            ca: KmsDeviceCa {
+                settings: x509,
+                kms: aws_sdk_kms::Client::new(sdk),
+                ssm,
+                ca: tokio::sync::OnceCell::new(),
+            },
             keys: ConfiguredKeys {
-                source: config.key_source.clone(),
+                source: key_source,
                 store: CachedSecretStore::new(store, config.secret_cache),
             },
             limits: Limits::new(

@@ -125,29 +125,7 @@ pub struct RegistrationRequest<'a> {
 /// TLS client configuration trusting the system roots plus, for local simulators, the PEM
 /// certificates in `extra_roots_pem`. Certificate verification is never turned off.
 pub fn tls_config(extra_roots_pem: Option<&[u8]>) -> Result<Arc<ClientConfig>, DpsError> {
-    let config = client_builder(extra_roots_pem)?.with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-/// The system roots plus `extra_roots_pem`, on ring with safe protocol versions.
-fn client_builder(
-    extra_roots_pem: Option<&[u8]>,
-) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, DpsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-    let mut extra = 0;
-    if let Some(pem) = extra_roots_pem {
-        extra = add_extra_roots(&mut roots, pem)?;
-    }
-    if added + extra == 0 {
-        return Err(DpsError::Tls("no trusted root certificates found".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DpsError::Tls(e.to_string()))?
-        .with_root_certificates(roots))
+    TrustedRoots::load(extra_roots_pem)?.config()
 }
 
 /// [`tls_config`] presenting a client certificate: `chain_pem` (the device certificate, then
@@ -158,15 +136,65 @@ pub fn tls_config_with_certificate(
     chain_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<ClientConfig>, DpsError> {
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| DpsError::Tls("device certificate chain is not PEM".into()))?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|_| DpsError::Tls("device key is not a PEM private key".into()))?;
-    let config = client_builder(extra_roots_pem)?
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| DpsError::Tls(format!("device certificate unusable: {e}")))?;
-    Ok(Arc::new(config))
+    TrustedRoots::load(extra_roots_pem)?.config_with_certificate(chain_pem, key_pem)
+}
+
+/// The certificates DPS's server certificate must chain to: the system's roots plus, for local
+/// simulators, extra PEM roots. Loaded once: reading the system's roots is most of what a TLS
+/// configuration costs, and X.509 attestation needs a configuration per device.
+#[derive(Clone)]
+pub struct TrustedRoots(Arc<rustls::RootCertStore>);
+
+impl TrustedRoots {
+    pub fn load(extra_roots_pem: Option<&[u8]>) -> Result<Self, DpsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        let mut extra = 0;
+        if let Some(pem) = extra_roots_pem {
+            extra = add_extra_roots(&mut roots, pem)?;
+        }
+        if added + extra == 0 {
+            return Err(DpsError::Tls("no trusted root certificates found".into()));
+        }
+        Ok(Self(Arc::new(roots)))
+    }
+
+    /// On ring with safe protocol versions.
+    fn builder(
+        &self,
+    ) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, DpsError>
+    {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| DpsError::Tls(e.to_string()))?
+            .with_root_certificates(Arc::clone(&self.0)))
+    }
+
+    /// A configuration presenting no client certificate (symmetric-key attestation).
+    pub fn config(&self) -> Result<Arc<ClientConfig>, DpsError> {
+        Ok(Arc::new(self.builder()?.with_no_client_auth()))
+    }
+
+    /// A configuration presenting `chain_pem` (the device certificate, then the intermediates
+    /// up to the enrolled CA) with its PKCS#8 `key_pem`.
+    pub fn config_with_certificate(
+        &self,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<Arc<ClientConfig>, DpsError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| DpsError::Tls("device certificate chain is not PEM".into()))?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|_| DpsError::Tls("device key is not a PEM private key".into()))?;
+        let config = self
+            .builder()?
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| DpsError::Tls(format!("device certificate unusable: {e}")))?;
+        Ok(Arc::new(config))
+    }
 }
 
 /// Checks that `pem` holds certificates usable as trust roots, without loading the system's.

@@ -256,16 +256,36 @@ impl SimRegistry for DynamoRegistry {
             .to_owned();
         let mut remove = Vec::new();
         let mut values = HashMap::new();
-        // A registration without a fingerprint or allocation data must not keep the previous
-        // one's.
+        // A registration without a fingerprint, allocation data or certificate must not keep
+        // the previous one's.
+        let certificate = registration.certificate.as_ref();
         for (attribute, placeholder, value) in [
-            ("key_fingerprint", ":fp", &registration.key_fingerprint),
-            ("return_data", ":data", &registration.return_data),
+            (
+                "key_fingerprint",
+                ":fp",
+                registration.key_fingerprint.as_ref().map(|v| s(v)),
+            ),
+            (
+                "return_data",
+                ":data",
+                registration.return_data.as_ref().map(|v| s(v)),
+            ),
+            ("cert_serial", ":cs", certificate.map(|c| s(&c.serial))),
+            (
+                "cert_fingerprint",
+                ":cf",
+                certificate.map(|c| s(&c.fingerprint)),
+            ),
+            (
+                "cert_expires_at",
+                ":ce",
+                certificate.map(|c| n(c.expires_at)),
+            ),
         ] {
             match value {
                 Some(value) => {
                     set.push_str(&format!(", {attribute} = {placeholder}"));
-                    values.insert(placeholder.to_owned(), s(value));
+                    values.insert(placeholder.to_owned(), value);
                 }
                 None => remove.push(attribute),
             }

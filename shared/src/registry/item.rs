@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::{
-    claim_key, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, Provisioning,
-    ProvisioningState, Registration, RegistryError, KEY_ATTRIBUTE,
+    claim_key, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, IssuedCertificate,
+    Provisioning, ProvisioningState, Registration, RegistryError, KEY_ATTRIBUTE,
 };
 
 pub(super) fn s(v: &str) -> AttributeValue {
@@ -124,6 +124,24 @@ pub(super) fn decode(
     })
 }
 
+/// The certificate of an X.509 registration, if all of it is recorded.
+fn issued_certificate(a: &Attributes) -> Result<Option<IssuedCertificate>, RegistryError> {
+    Ok(
+        match (
+            a.text("cert_serial")?,
+            a.text("cert_fingerprint")?,
+            a.number("cert_expires_at")?,
+        ) {
+            (Some(serial), Some(fingerprint), Some(expires_at)) => Some(IssuedCertificate {
+                serial,
+                fingerprint,
+                expires_at,
+            }),
+            _ => None,
+        },
+    )
+}
+
 /// The last DPS registration, if all of it is recorded.
 fn registration(a: &Attributes) -> Result<Option<Registration>, RegistryError> {
     Ok(
@@ -141,6 +159,7 @@ fn registration(a: &Attributes) -> Result<Option<Registration>, RegistryError> {
                     registered_at,
                     key_fingerprint: a.text("key_fingerprint")?,
                     return_data: a.text("return_data")?,
+                    certificate: issued_certificate(a)?,
                 })
             }
             _ => None,
@@ -224,6 +243,11 @@ pub(super) fn encode(record: &DeviceRecord) -> HashMap<String, AttributeValue> {
         }
         if let Some(data) = &r.return_data {
             item.insert("return_data".into(), s(data));
+        }
+        if let Some(c) = &r.certificate {
+            item.insert("cert_serial".into(), s(&c.serial));
+            item.insert("cert_fingerprint".into(), s(&c.fingerprint));
+            item.insert("cert_expires_at".into(), n(c.expires_at));
         }
     }
     if let Some(p) = &record.provisioning {

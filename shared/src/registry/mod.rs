@@ -15,6 +15,8 @@
 //! | `registered_at` | N | Unix time of that registration |
 //! | `key_fingerprint` | S | which device key that registration used (a hash, not the key) |
 //! | `return_data` | S | the allocation data DPS returned with it (JSON text), if any |
+//! | `cert_serial`, `cert_fingerprint` | S | X.509 attestation: the device certificate that registration was made with (hex serial, SHA-256 of its DER; never its key) |
+//! | `cert_expires_at` | N | that certificate's `notAfter`, Unix time |
 //! | `blocked_by` | S | `soracom:<status>` when sim-lifecycle blocked the SIM (only such a block is lifted by an event) |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
@@ -70,6 +72,9 @@ pub const SIM_ATTRIBUTES: &[&str] = &[
     "registered_at",
     "key_fingerprint",
     "return_data",
+    "cert_serial",
+    "cert_fingerprint",
+    "cert_expires_at",
 ];
 /// The individual-enrollment key on a SIM's item: read by the secret store only.
 pub const DEVICE_KEY_ATTRIBUTE: &str = "device_key";
@@ -171,6 +176,20 @@ pub struct Registration {
     /// The custom allocation data DPS returned (`payload`), as JSON text: a device answered
     /// from the record gets it again.
     pub return_data: Option<String>,
+    /// X.509 attestation: the certificate the device was issued for this registration.
+    pub certificate: Option<IssuedCertificate>,
+}
+
+/// A device certificate as the table remembers it: enough to find, audit and renew it, never
+/// its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// Hex, as in the certificate.
+    pub serial: String,
+    /// SHA-256 of the DER, hex (IoT Hub's and DPS's thumbprint).
+    pub fingerprint: String,
+    /// `notAfter`, Unix time.
+    pub expires_at: u64,
 }
 
 /// Whether anything confirmed that a provisioned device got its certificate.

@@ -63,6 +63,7 @@ fn registration(at: u64) -> Registration {
         registered_at: at,
         key_fingerprint: Some("fp".into()),
         return_data: None,
+        certificate: None,
     }
 }
 
@@ -400,7 +401,7 @@ async fn claims_and_registrations_are_reported_for_operators() {
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(
         lines[0],
-        "registered_at,imsi,status,registration_id,device_id,assigned_hub"
+        "registered_at,imsi,status,registration_id,device_id,assigned_hub,cert_serial,cert_expires_at"
     );
     // Oldest first; a SIM that never registered is not a registration.
     assert_eq!(lines.len(), 3, "{report}");

@@ -244,3 +244,234 @@ async fn the_operator_gets_a_kms_signed_request_for_the_device_ca() {
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(out.is_empty());
 }
+
+/// `ATTESTATION=x509` end to end: the function's real state (KMS and SSM at the local AWS
+/// endpoint, the device table in moto) and the DPS simulator with the operator's root as its
+/// X.509 enrollment group.
+mod function {
+    use std::collections::HashMap;
+
+    use aws_sdk_ssm::types::ParameterType;
+    use azure_dps_register::config::Config;
+    use azure_dps_register::handler::{handle, Response};
+    use azure_dps_register::state::State;
+    use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator};
+    use local_emulators::stack::TempDir;
+    use serde_json::json;
+    use shared::registry::{DynamoRegistry, SimRegistry};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::azure_dps_register::context;
+
+    const IMSI: &str = "440103123450001";
+    const CA_PARAMETER: &str = "/soracom-dps/device-ca";
+
+    struct X509Setup {
+        aws: LocalAws,
+        root_pem: String,
+        dps: DpsSimulator,
+        config: Config,
+        state: State,
+        _dir: TempDir,
+    }
+
+    /// The function with its CA in KMS; DPS enrols `enrolled` (the operator's root if `None`).
+    async fn setup(enrolled: Option<String>) -> X509Setup {
+        let aws = LocalAws::start().await.unwrap();
+        aws.create_devices_table("devices").await.unwrap();
+        let kms = aws_sdk_kms::Client::new(&aws.sdk_config().await);
+        let (key_id, intermediate_pem, root_pem) = intermediate(&kms).await;
+        aws.put_parameter(CA_PARAMETER, &intermediate_pem, ParameterType::String)
+            .await
+            .unwrap();
+        let mut config = DpsSimConfig::new("0ne00X50901");
+        config
+            .x509_cas
+            .push(enrolled.unwrap_or_else(|| root_pem.clone()));
+        let dps = DpsSimulator::start(config, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let dir = local_emulators::stack::temp_dir("x509-function").unwrap();
+        let dps_ca = dir.path().join("dps-ca.pem");
+        std::fs::write(&dps_ca, dps.ca_pem()).unwrap();
+        let env: HashMap<String, String> = [
+            ("ATTESTATION", "x509".to_owned()),
+            ("CA_KMS_KEY_ID", key_id.clone()),
+            ("CA_CERTIFICATE_PARAMETER", CA_PARAMETER.to_owned()),
+            ("DPS_ID_SCOPE", "0ne00X50901".to_owned()),
+            ("DPS_ENDPOINT", format!("127.0.0.1:{}", dps.addr().port())),
+            ("DPS_TRUSTED_CA_FILE", dps_ca.display().to_string()),
+            ("DEVICES_TABLE", "devices".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = Config::from_env(&env).unwrap();
+        let state = State::new(config.clone(), &aws.sdk_config().await).unwrap();
+        X509Setup {
+            aws,
+            root_pem,
+            dps,
+            config,
+            state,
+            _dir: dir,
+        }
+    }
+
+    async fn call(s: &X509Setup, body: serde_json::Value) -> Response {
+        let client_context = json!({"custom": {
+            "imsi": IMSI, "operatorId": "OP0012345678",
+            "srn": format!("srn:soracom:OP0012345678:jp:Subscriber:{IMSI}"),
+        }});
+        handle(
+            body,
+            &context(&client_context, Duration::from_secs(10)),
+            &s.state,
+        )
+        .await
+    }
+
+    async fn recorded(s: &X509Setup) -> Option<shared::registry::Registration> {
+        let registry = DynamoRegistry::new(
+            aws_sdk_dynamodb::Client::new(&s.aws.sdk_config().await),
+            "devices",
+        );
+        let entries = registry.sim(IMSI, None).await.unwrap();
+        entries.by_imsi.and_then(|r| r.registration)
+    }
+
+    /// A TLS server like IoT Hub's for X.509 devices (client certificate required, chaining to
+    /// the operator's root): what CN the device's handshake proves.
+    async fn hub_handshake(root_pem: &str, answer: &Response) -> Result<String, String> {
+        let pki = local_emulators::tls::local_pki("hub CA", &["127.0.0.1"]).unwrap();
+        let roots = roots_from_pem(&[root_pem]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(Some(roots)).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            let cn = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| local_emulators::tls::common_name(c))
+                .ok_or("no client certificate")?;
+            tls.write_all(b"ok").await.map_err(|e| e.to_string())?;
+            Ok::<String, String>(cn)
+        });
+        // Exactly what the device was given: its certificate, then the chain, and its key.
+        let chain = format!(
+            "{}{}",
+            answer.certificate_pem.as_deref().unwrap(),
+            answer.ca_chain_pem.as_deref().unwrap()
+        );
+        let tls = dps_client::TrustedRoots::load(Some(pki.ca_pem.as_bytes()))
+            .unwrap()
+            .config_with_certificate(&chain, answer.private_key_pem.as_deref().unwrap())
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut client = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut ok = [0u8; 2];
+        client
+            .read_exact(&mut ok)
+            .await
+            .map_err(|e| e.to_string())?;
+        server.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_sim_gets_a_kms_signed_certificate_that_dps_and_a_hub_accept() {
+        let s = setup(None).await;
+        let r = call(&s, json!({})).await;
+        assert_eq!(r.status_code, 200, "{}", r.outline());
+        assert_eq!(
+            r.body,
+            format!(
+                "HostName={};DeviceId={IMSI};x509=true",
+                r.assigned_hub.clone().unwrap()
+            )
+        );
+        let assigned = s.dps.assigned();
+        assert_eq!(assigned.len(), 1);
+        assert_eq!(assigned[0].registration_id, IMSI);
+        // The certificate chains to the operator's root through the KMS-held intermediate.
+        let certificate = r.certificate_pem.clone().unwrap();
+        let chain = r.ca_chain_pem.clone().unwrap();
+        verify(&s.root_pem, &certificate, &chain).expect("chains to the root");
+        // The record names it (serial, thumbprint, expiry), never its key.
+        let (_, pem) = x509_parser::pem::parse_x509_pem(certificate.as_bytes()).unwrap();
+        let parsed = pem.parse_x509().unwrap();
+        let issued = recorded(&s).await.unwrap().certificate.unwrap();
+        assert_eq!(issued.serial, hex_of(parsed.raw_serial()));
+        assert_eq!(issued.expires_at, r.expires_at.unwrap());
+        assert_eq!(
+            parsed.validity().not_after.timestamp() as u64,
+            issued.expires_at
+        );
+        let thumbprint = ring::digest::digest(&ring::digest::SHA256, &pem.contents);
+        assert_eq!(issued.fingerprint, hex_of(thumbprint.as_ref()));
+
+        // The device side: the answer as it is makes a TLS connection to a hub that trusts
+        // the operator's root, as the device with that CN.
+        assert_eq!(hub_handshake(&s.root_pem, &r).await, Ok(IMSI.to_owned()));
+
+        // It asks again: keep it. Asking to rotate: a new one, recorded in its place.
+        let again = call(&s, json!({})).await;
+        assert_eq!(
+            (again.status_code, again.error),
+            (409, Some("certificate-current"))
+        );
+        let rotated = call(&s, json!({"rotate": true})).await;
+        assert_eq!(rotated.status_code, 200, "{}", rotated.outline());
+        assert_ne!(rotated.private_key_pem, r.private_key_pem);
+        assert_ne!(
+            recorded(&s).await.unwrap().certificate.unwrap().serial,
+            issued.serial
+        );
+        assert_eq!(s.dps.assigned().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn kms_refusing_or_silent_or_a_ca_dps_does_not_know_issues_and_records_nothing() {
+        // The role may not sign (IAM's AccessDenied on kms:Sign), then KMS stops answering.
+        let mut s = setup(None).await;
+        let proxy = FaultProxy::start(s.aws.endpoint()).await.unwrap();
+        s.state = State::new(s.config.clone(), &local_sdk_config(&proxy.endpoint()).await).unwrap();
+        for mode in [
+            Mode::DenyOperation("TrentService.Sign"),
+            Mode::SlowOperation {
+                target: "TrentService.Sign",
+                containing: "",
+                delay: Duration::from_secs(30),
+            },
+        ] {
+            proxy.set(mode);
+            let r = call(&s, json!({})).await;
+            assert_eq!(
+                (r.status_code, r.error),
+                (503, Some("ca-unavailable")),
+                "{}",
+                r.outline()
+            );
+            assert!(r.retry_after.is_some() && r.private_key_pem.is_none());
+        }
+        assert!(s.dps.assigned().is_empty());
+        assert_eq!(recorded(&s).await, None);
+
+        // DPS enrols another CA: the certificate is refused in its handshake.
+        let (_, stranger) = certificate_authority("someone else's root").unwrap();
+        let s = setup(Some(stranger)).await;
+        let r = call(&s, json!({})).await;
+        assert_eq!(r.status_code, 502, "{}", r.outline());
+        assert!(r.private_key_pem.is_none());
+        assert!(s.dps.assigned().is_empty());
+        assert_eq!(recorded(&s).await, None);
+    }
+}

@@ -85,6 +85,7 @@ fn registration() -> Registration {
         registered_at: 1_800_000_000,
         key_fingerprint: Some("fp".into()),
         return_data: None,
+        certificate: None,
     }
 }
 

@@ -12,8 +12,8 @@ use shared::budget::{Budget, DynamoBudget, Grant};
 use shared::keys::{KeyError, SymmetricKey};
 use shared::registry::{
     ClaimLog, ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus,
-    DynamoRegistry, Provisioning, ProvisioningState, ProvisioningWrite, Registration,
-    RegistryError, Replaces, SerialRegistry, SimRegistry,
+    DynamoRegistry, IssuedCertificate, Provisioning, ProvisioningState, ProvisioningWrite,
+    Registration, RegistryError, Replaces, SerialRegistry, SimRegistry,
 };
 use shared::secrets::{
     load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, SecretError, SecretStore,
@@ -164,6 +164,11 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         registered_at: 1_700_000_000,
         key_fingerprint: Some("00112233445566778899aabbccddeeff".into()),
         return_data: Some(r#"{"tier":"gold"}"#.into()),
+        certificate: Some(IssuedCertificate {
+            serial: "5a0b".into(),
+            fingerprint: "ab".repeat(32),
+            expires_at: 1_731_536_000,
+        }),
     };
     // An unknown SIM (group enrollment without an allowlist entry) gets a record.
     registry
@@ -176,11 +181,12 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         .unwrap()
         .unwrap();
     assert_eq!(record.registration, Some(registration.clone()));
-    // A later registration without a fingerprint leaves none behind: the record would
-    // otherwise vouch for a key it was not made with.
+    // A later registration without a fingerprint or certificate leaves none behind: the record
+    // would otherwise vouch for a key or certificate it was not made with.
     let unknown_key = Registration {
         key_fingerprint: None,
         return_data: None,
+        certificate: None,
         registered_at: 1_700_000_100,
         ..registration.clone()
     };

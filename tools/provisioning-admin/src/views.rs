@@ -134,6 +134,8 @@ const REGISTRATION_COLUMNS: &[&str] = &[
     "registration_id",
     "device_id",
     "assigned_hub",
+    "cert_serial",
+    "cert_expires_at",
 ];
 
 /// The SIMs' last DPS registrations at or after `since`, oldest first. A SIM blocked since
@@ -162,6 +164,9 @@ pub fn registrations(records: &[DeviceRecord], since: u64) -> Rows {
             json!(g.registration_id),
             json!(g.device_id),
             json!(g.assigned_hub),
+            // X.509 devices: which certificate, and when it must be renewed.
+            text(g.certificate.as_ref().map(|c| c.serial.as_str())),
+            time(g.certificate.as_ref().map(|c| c.expires_at)),
         ]);
     }
     rows
