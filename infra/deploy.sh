@@ -19,6 +19,9 @@
 #   PROVISIONING_TEMPLATE   default fleet-template
 #   ALLOWED_OPERATOR_IDS    required: your SORACOM operator id(s), comma-separated (OP...); a
 #                           deployed stack never admits SIMs of any operator
+#   DEVICE_CA_KMS_KEY_ARN   optional: deploy for X.509 devices (Attestation=x509) with this
+#                           KMS key as the device CA's key; the CA certificate goes in the SSM
+#                           parameter DEVICE_CA_PARAMETER (default /soracom-dps/device-ca)
 #   SAM, AWS                the commands to use (default: from .venv-deploy); SAM's build
 #                           runs `cargo lambda build`, from .venv/bin (make deploy installs it)
 set -euo pipefail
@@ -59,6 +62,13 @@ overrides=(
   "ProvisioningTemplateName=$PROVISIONING_TEMPLATE"
   "AllowedOperatorIds=$ALLOWED_OPERATOR_IDS"
 )
+if [ -n "${DEVICE_CA_KMS_KEY_ARN:-}" ]; then
+  overrides+=(
+    "Attestation=x509"
+    "DeviceCaKmsKeyArn=$DEVICE_CA_KMS_KEY_ARN"
+    "DeviceCaCertificateParameterName=${DEVICE_CA_PARAMETER:-/soracom-dps/device-ca}"
+  )
+fi
 
 show() {
   local out=() arg

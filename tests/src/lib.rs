@@ -12,6 +12,7 @@
 //! - [`tls`]: run-time certificates for the simulators; [`mqtt_io`]: their MQTT packet I/O.
 
 pub mod bench;
+pub mod device_ca;
 pub mod dps_sim;
 pub mod fault_proxy;
 pub mod fixtures;

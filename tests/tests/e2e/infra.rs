@@ -195,7 +195,60 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
             other => panic!("unknown function binary {other}"),
         };
         assert!(loaded.is_ok(), "{binary}: {loaded:?}");
+        if binary == "azure-dps-register" {
+            // And with X.509 attestation, as the Attestation parameter allows.
+            let mut x509 = dummy.clone();
+            x509.insert("ATTESTATION".into(), "x509".into());
+            x509.insert(
+                "CA_KMS_KEY_ID".into(),
+                "arn:aws:kms:ap-northeast-1:1:key/k".into(),
+            );
+            let loaded = azure_dps_register::config::Config::from_env(&x509);
+            assert!(
+                matches!(&loaded, Ok(c) if matches!(c.attestation, azure_dps_register::config::Attestation::X509(_))),
+                "{loaded:?}"
+            );
+        }
     }
+}
+
+#[test]
+fn the_device_ca_key_signs_only_device_certificates_and_only_in_x509_mode() {
+    let t = template();
+    let role = &t["Resources"]["AzureDpsRegisterRole"]["Properties"]["Policies"];
+    let kms: Vec<(String, Value)> = statements(&t)
+        .into_iter()
+        .filter(|(owner, s)| {
+            owner == "AzureDpsRegisterRole"
+                && list(s.get("Action")).iter().any(|a| a.starts_with("kms:"))
+        })
+        .collect();
+    let actions: Vec<String> = kms
+        .iter()
+        .flat_map(|(_, s)| list(s.get("Action")))
+        .collect();
+    assert_eq!(actions, ["kms:Decrypt", "kms:Sign", "kms:GetPublicKey"]);
+    for (_, statement) in &kms {
+        let resources = list(statement.get("Resource"));
+        let expected = if list(statement.get("Action")) == ["kms:Decrypt"] {
+            "!Ref GroupKeyKmsKeyArn"
+        } else {
+            "!Ref DeviceCaKmsKeyArn"
+        };
+        assert_eq!(resources, [expected]);
+    }
+    let sign = &kms[1].1["Condition"]["StringEquals"];
+    assert_eq!(
+        text(&sign["kms:SigningAlgorithm"]).as_deref(),
+        Some("ECDSA_SHA_256")
+    );
+    // The CA's policy exists only when the stack is deployed for X.509 devices.
+    let serialized = serde_yaml::to_string(role).unwrap();
+    assert!(serialized.contains("IsX509"), "{serialized}");
+    let rule = &t["Rules"]["X509NeedsItsCa"];
+    assert!(serde_yaml::to_string(rule)
+        .unwrap()
+        .contains("DeviceCaKmsKeyArn"));
 }
 
 #[test]
@@ -298,6 +351,8 @@ fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
         "SORACOM_EXTERNAL_ID",
         "ALLOWED_OPERATOR_IDS",
         "STACK_NAME",
+        "DEVICE_CA_KMS_KEY_ARN",
+        "DEVICE_CA_PARAMETER",
     ] {
         command.env_remove(name);
     }
@@ -329,6 +384,10 @@ fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
         !plan.contains("s3cret-external-id"),
         "the external id leaked into the plan"
     );
+    assert!(
+        !plan.contains("Attestation="),
+        "symmetric keys unless asked: {plan}"
+    );
     // One upload per function, by SAM from the template: no `cargo lambda deploy` after it
     // overwriting code and environment (the live functions drifted from the stack).
     assert!(!plan.contains("cargo lambda deploy"), "{plan}");
@@ -339,6 +398,42 @@ fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
             functions.contains_key(function),
             "the stack builds {function}"
         );
+    }
+}
+
+#[test]
+fn deploy_plan_for_x509_devices_names_the_ca_key() {
+    let out = deploy_script(
+        true,
+        &[
+            ("AWS_REGION", "ap-northeast-1"),
+            ("DPS_ID_SCOPE", "0ne00ABC123"),
+            ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
+            ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
+            ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
+            (
+                "DEVICE_CA_KMS_KEY_ARN",
+                "arn:aws:kms:ap-northeast-1:123456789012:key/k-1",
+            ),
+        ],
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}");
+    for expected in [
+        "Attestation=x509",
+        "DeviceCaKmsKeyArn=arn:aws:kms:ap-northeast-1:123456789012:key/k-1",
+        "DeviceCaCertificateParameterName=/soracom-dps/device-ca",
+    ] {
+        assert!(plan.contains(expected), "{expected}: {plan}");
+    }
+    // Every override is a parameter the template declares.
+    let template = template();
+    for name in [
+        "Attestation",
+        "DeviceCaKmsKeyArn",
+        "DeviceCaCertificateParameterName",
+    ] {
+        assert!(template["Parameters"].get(name).is_some(), "{name}");
     }
 }
 

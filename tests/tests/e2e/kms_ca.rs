@@ -6,51 +6,30 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_kms::types::{KeySpec, KeyUsageType};
+use aws_sdk_kms::types::KeySpec;
+use local_emulators::device_ca::kms_device_ca;
 use local_emulators::fault_proxy::{FaultProxy, Mode};
 use local_emulators::local_aws::{local_sdk_config, LocalAws};
 use local_emulators::tls::{certificate_authority, roots_from_pem};
-use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, KeyUsagePurpose};
+use rcgen::CertificateSigningRequestParams;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use shared::ca::{CaError, KmsCa, KmsKey};
+use shared::ca::{CaError, KmsCa};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A KMS key and the intermediate CA certificate for it, made as the README tells an operator:
-/// a certificate request signed in KMS (`KmsKey::certificate_request`), which the operator's
-/// root signs as a CA; returns the key id, the intermediate's PEM and the root's PEM.
+/// A KMS key and the intermediate CA certificate for it, made as the README tells an operator;
+/// returns the key id, the intermediate's PEM and the root's PEM.
 async fn intermediate(kms: &aws_sdk_kms::Client) -> (String, String, String) {
-    let key_id = signing_key(kms, KeySpec::EccNistP256).await;
-    let kms_key = KmsKey::new(kms.clone(), &key_id).await.unwrap();
-    let request = kms_key
-        .certificate_request("soracom-provisioning device CA")
-        .await
-        .unwrap();
-    // Parsing verifies the request's signature: KMS signed exactly what rcgen built.
-    let mut csr = CertificateSigningRequestParams::from_pem(&request).unwrap();
-    csr.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    csr.params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let (root, root_pem) = certificate_authority("operator root CA").unwrap();
-    let cert = csr.signed_by(&root).unwrap();
-    (key_id, cert.pem(), root_pem)
+    let ca = kms_device_ca(kms).await.unwrap();
+    (ca.key_id, ca.intermediate_pem, ca.root_pem)
 }
 
-/// A new KMS signing key of `spec`; its id.
 async fn signing_key(kms: &aws_sdk_kms::Client, spec: KeySpec) -> String {
-    let key = kms
-        .create_key()
-        .key_spec(spec)
-        .key_usage(KeyUsageType::SignVerify)
-        .send()
+    local_emulators::device_ca::signing_key(kms, spec)
         .await
-        .unwrap();
-    key.key_metadata.unwrap().key_id
+        .unwrap()
 }
 
 fn der(pem: &str) -> CertificateDer<'static> {

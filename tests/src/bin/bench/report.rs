@@ -11,6 +11,11 @@ use crate::{root, Run, Settings};
 
 pub(crate) fn rows(m: &Measured) -> Vec<Row> {
     let mut rows = dps_rows(m);
+    rows.extend(function_rows(
+        "azure-dps-register, X.509 attestation (KMS signs the certificate; assign at once)",
+        &m.x509,
+        None,
+    ));
     rows.extend(function_rows("fleet-prehook", &m.hook, Some(50.0)));
     rows.extend(function_rows("claim-issuer", &m.issuer, None));
     rows.extend(FUNCTIONS.map(size_row));

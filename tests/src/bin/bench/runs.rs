@@ -71,6 +71,9 @@ pub(crate) struct Measured {
     /// DPS (`REREGISTER_AFTER_SECONDS=0`, the connection opened while the table is read).
     pub(crate) round_trips: Sides,
     pub(crate) round_trips_asked: Vec<Run>,
+    /// azure-dps-register with `ATTESTATION=x509` (KMS signs each certificate; the X.509
+    /// simulator assigns at once): no baseline.
+    pub(crate) x509: Vec<Run>,
 }
 
 pub(crate) async fn measure_all(settings: &Settings, b: &Bench) -> Result<Measured, String> {
@@ -110,7 +113,13 @@ pub(crate) async fn measure_all(settings: &Settings, b: &Bench) -> Result<Measur
         round_trip_run(b, Side::Rust, &asked)
     })
     .await?;
+    eprintln!("==> azure-dps-register with X.509 attestation (KMS-signed certificates)");
+    let x509 = runs("rust, x509", settings.runs, |_| {
+        dps_run_via(b, Side::Rust, &b.x509, settings.warm, &Route::X509)
+    })
+    .await?;
     Ok(Measured {
+        x509,
         dps,
         delayed,
         hook,
@@ -224,6 +233,8 @@ enum Route<'a> {
     Direct,
     /// Through a proxy on this port, with these variables added to the function's environment.
     Proxy(u16, &'a [(&'a str, &'a str)]),
+    /// Directly, with X.509 attestation (`Bench::x509_env`).
+    X509,
 }
 
 async fn dps_run_via(
@@ -235,6 +246,9 @@ async fn dps_run_via(
 ) -> Result<Run, String> {
     let imsis: Vec<String> = (0..=warm).map(|_| b.next_imsi()).collect();
     let (program, args, mut env) = match side {
+        Side::Rust if matches!(route, Route::X509) => {
+            (release_bin("azure-dps-register"), vec![], b.x509_env())
+        }
         Side::Rust => (
             release_bin("azure-dps-register"),
             vec![],

@@ -4,10 +4,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use aws_sdk_ssm::types::ParameterType;
+use local_emulators::device_ca::kms_device_ca;
 use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator};
 use local_emulators::stack::{LocalStack, ID_SCOPE};
 
 use crate::{release_bin, root};
+
+/// Where the device CA's certificate is, as the deployed template names it by default.
+const CA_PARAMETER: &str = "/soracom-dps/device-ca";
 
 pub(crate) const FUNCTIONS: [&str; 3] = ["azure-dps-register", "fleet-prehook", "claim-issuer"];
 
@@ -33,6 +38,10 @@ pub(crate) struct Bench {
     pub(crate) stack: LocalStack,
     /// A second DPS simulator that assigns at once (the stack's says retry-after 1 s).
     pub(crate) immediate: DpsSimulator,
+    /// A DPS simulator with an X.509 enrollment group on the operator's root, assigning at once.
+    pub(crate) x509: DpsSimulator,
+    /// The device CA's KMS key (in the local endpoint's KMS; its certificate in SSM).
+    pub(crate) ca_key_id: String,
     ca_dir: PathBuf,
     imsi: AtomicU64,
 }
@@ -46,10 +55,25 @@ impl Bench {
         let immediate = DpsSimulator::start(config, ([127, 0, 0, 1], 0).into())
             .await
             .map_err(|e| e.to_string())?;
+        let kms = aws_sdk_kms::Client::new(&stack.aws.sdk_config().await);
+        let ca = kms_device_ca(&kms).await?;
+        stack
+            .aws
+            .put_parameter(CA_PARAMETER, &ca.intermediate_pem, ParameterType::String)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut config = DpsSimConfig::new(ID_SCOPE);
+        config.x509_cas.push(ca.root_pem);
+        config.retry_after = 0;
+        let x509 = DpsSimulator::start(config, ([127, 0, 0, 1], 0).into())
+            .await
+            .map_err(|e| e.to_string())?;
         let ca_dir = stack.dir().to_owned();
         Ok(Self {
             stack,
             immediate,
+            x509,
+            ca_key_id: ca.key_id,
             ca_dir,
             imsi: AtomicU64::new(0),
         })
@@ -91,6 +115,20 @@ impl Bench {
             env.insert(k.into(), v.into());
         }
         env.into_iter().collect()
+    }
+
+    /// `rust_env` for X.509 attestation against the X.509 simulator.
+    pub(crate) fn x509_env(&self) -> Vec<(String, String)> {
+        let mut env = self.rust_env("azure-dps-register", &self.x509);
+        env.extend(
+            [
+                ("ATTESTATION", "x509".to_owned()),
+                ("CA_KMS_KEY_ID", self.ca_key_id.clone()),
+                ("CA_CERTIFICATE_PARAMETER", CA_PARAMETER.to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        env
     }
 
     /// The seed 000 handler's environment: its per-device key variables for `imsis`.
