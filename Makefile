@@ -18,7 +18,7 @@ DEPLOY_VENV := $(CURDIR)/.venv-deploy
 help:
 	@echo "make demo   build, start the local emulators and replay the sample story"
 	@echo "make test   formatting, lints, unit and end-to-end tests against local emulators"
-	@echo "make tools  install the pinned local tools into .venv and tests/interop (done by demo and test)"
+	@echo "make tools  install the pinned local tools into .venv and tests/interop, and Debian's Chromium (done by demo and test)"
 	@echo "make emulators                          start the local stand-ins; writes target/local.env"
 	@echo "make watch                              cargo lambda watch with local-replay and that env"
 	@echo "make invoke FN=.. EVENT=.. [CONTEXT=..] cargo lambda invoke against the watch"
@@ -47,7 +47,14 @@ $(NODE_STAMP): tests/interop/package.json tests/interop/package-lock.json
 	cd tests/interop && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-tools: $(TOOLS_STAMP) $(NODE_STAMP)
+# Debian's Chromium and ChromeDriver, pinned (tests/browser-packages.txt), for the installers'
+# page test in a real browser.
+BROWSER_STAMP := $(VENV)/.browser
+$(BROWSER_STAMP): tests/browser-packages.txt tests/install-browser.sh | $(TOOLS_STAMP)
+	tests/install-browser.sh
+	@touch $@
+
+tools: $(TOOLS_STAMP) $(NODE_STAMP) $(BROWSER_STAMP)
 
 demo: tools
 	cargo run --quiet --package local-emulators --bin demo

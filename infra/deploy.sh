@@ -93,6 +93,27 @@ run "$SAM" deploy --template-file target/sam/template.yaml --stack-name "$STACK_
   --region "$AWS_REGION" --capabilities CAPABILITY_IAM --resolve-s3 \
   --no-fail-on-empty-changeset --parameter-overrides "${overrides[@]}"
 
+echo "# the installers' page: web/ and its config.json into the page's bucket (served by CloudFront)"
+output() {
+  "$AWS" cloudformation describe-stacks --region "$AWS_REGION" --stack-name "$STACK_NAME" \
+    --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text
+}
+if $plan; then
+  echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, ClaimsApiUrl)"
+  echo "+ $AWS s3 sync web/ s3://<InstallerPageBucketName>/ --delete --exclude config.json"
+  echo "+ $AWS s3 cp target/page-config.json s3://<InstallerPageBucketName>/config.json"
+else
+  mkdir -p target
+  api=$(output ClaimsApiUrl)
+  printf '{"region":"%s","userPoolId":"%s","clientId":"%s","apiUrl":"%s"}\n' \
+    "$AWS_REGION" "$(output InstallersUserPoolId)" "$(output InstallersAppClientId)" "${api%/claims}" \
+    > target/page-config.json
+  bucket=$(output InstallerPageBucketName)
+  run "$AWS" s3 sync web/ "s3://$bucket/" --delete --exclude config.json --region "$AWS_REGION"
+  run "$AWS" s3 cp target/page-config.json "s3://$bucket/config.json" --region "$AWS_REGION" \
+    --content-type application/json
+fi
+
 echo "# outputs to configure SORACOM Funk and the installer app:"
 if $plan; then
   echo "+ $AWS cloudformation describe-stacks --stack-name $STACK_NAME --query Stacks[0].Outputs"

@@ -34,15 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, CertificateSigningRequestParams, DnType, Issuer, KeyPair};
 use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Map, Value};
 use shared::clock::unix_now;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::mqtt_io::{granted, lock};
@@ -986,45 +983,22 @@ fn record_thing(
 
 /// Calls a Lambda Invoke API (`POST .../invocations`), as AWS IoT invokes the hook. A function
 /// error (`X-Amz-Function-Error`) or a non-JSON answer is an error.
-async fn invoke_lambda(url: &str, payload: &Value) -> Result<Value, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("hook URL: {e}"))?;
-    let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
-        return Err("hook URL needs http://HOST:PORT/...".into());
-    };
-    let tcp = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot reach the hook at {host}:{port}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = hyper::Request::post(uri.path())
-        .header("host", format!("{host}:{port}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(payload.to_string())))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let function_error = response.headers().contains_key("x-amz-function-error");
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() || function_error {
+pub async fn invoke_lambda(url: &str, payload: &Value) -> Result<Value, String> {
+    let answer = crate::http_client::send(
+        hyper::Method::POST,
+        url,
+        &[("content-type", "application/json")],
+        payload.to_string(),
+    )
+    .await?;
+    if !answer.status.is_success() || answer.headers.contains_key("x-amz-function-error") {
         return Err(format!(
-            "invoke answered {status}: {}",
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(200)
-                .collect::<String>()
+            "invoke answered {}: {}",
+            answer.status,
+            answer.text().chars().take(200).collect::<String>()
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("answer is not JSON: {e}"))
+    serde_json::from_slice(&answer.body).map_err(|e| format!("answer is not JSON: {e}"))
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod device_ca;
 pub mod dps_sim;
 pub mod fault_proxy;
 pub mod fixtures;
+pub mod http_client;
+pub mod installer_site;
 pub mod iot_control;
 pub mod iot_hub;
 pub mod iot_mqtt;

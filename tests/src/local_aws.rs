@@ -60,6 +60,9 @@ impl LocalAws {
         command
             .arg(server_script())
             .args(["--host", "127.0.0.1", "--port", "0"])
+            // moto checks authenticator (TOTP) codes only when told to: it then refuses a
+            // wrong code as Cognito does.
+            .env("MOTO_COGNITO_IDP_USER_POOL_ENABLE_TOTP", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

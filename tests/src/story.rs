@@ -11,6 +11,7 @@ use crate::lambda_watch::{LambdaWatch, WatchError};
 
 mod beam;
 mod device;
+mod installer;
 mod operator;
 use crate::stack::{LocalStack, HUBS};
 
@@ -70,6 +71,9 @@ pub async fn run(
         record(invoke(watch, invocation).await);
     }
     for step in operator::steps(stack).await {
+        record(step);
+    }
+    for step in installer::steps(stack, watch).await {
         record(step);
     }
     record(invoke(watch, beam::signed_request(stack)).await);

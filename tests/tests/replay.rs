@@ -33,6 +33,7 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         "fleet-device ",
         "provisioning-admin ",
         "--client-context-file",
+        "/claims (Bearer <access token>)",
     ] {
         assert!(
             steps.iter().any(|s| s.command.contains(part)),

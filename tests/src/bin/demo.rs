@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use local_emulators::installer_site::LocalInstallers;
 use local_emulators::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template};
 use local_emulators::lambda_watch::{self, LambdaWatch};
 use local_emulators::stack::{LocalStack, TEMPLATE};
@@ -96,6 +97,21 @@ async fn serve(env_file: PathBuf) -> Result<bool, String> {
         ca.display(),
         iot.addr().port(),
         ca.display()
+    );
+    // The installers' page, its API invoking claim-issuer where `make watch` serves it.
+    let installers = LocalInstallers::start(
+        stack.aws.endpoint(),
+        &format!("localhost:{}", iot.addr().port()),
+        WATCH_DEFAULT,
+    )
+    .await?;
+    println!(
+        "installers' page: {}  (needs `make watch` for its API)\n  sign in as {} with the temporary \
+         password {}; the page then asks for a new password and sets up an authenticator app \
+         (the local Cognito's key is fixed: the page shows it)",
+        installers.site.page_url(),
+        installers.user,
+        installers.temporary_password
     );
     println!("Ctrl-C stops them");
     let _ = tokio::signal::ctrl_c().await;

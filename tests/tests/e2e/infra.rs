@@ -438,6 +438,82 @@ fn deploy_plan_for_x509_devices_names_the_ca_key() {
 }
 
 #[test]
+fn the_installers_page_is_private_behind_cloudfront_with_strict_headers() {
+    let t = template();
+    let r = &t["Resources"];
+    let block = &r["InstallerPageBucket"]["Properties"]["PublicAccessBlockConfiguration"];
+    for setting in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        assert_eq!(block[setting].as_bool(), Some(true), "{setting}");
+    }
+    // Only the distribution reads, and only over TLS.
+    let policy = &r["InstallerPageBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"];
+    let allow = &policy[0];
+    assert_eq!(
+        allow["Principal"]["Service"].as_str(),
+        Some("cloudfront.amazonaws.com")
+    );
+    assert_eq!(list(allow.get("Action")), ["s3:GetObject"]);
+    let source = text(&allow["Condition"]["StringEquals"]["AWS:SourceArn"]).unwrap();
+    assert!(
+        source.contains("distribution/${InstallerPageDistribution}"),
+        "{source}"
+    );
+    assert_eq!(policy[1]["Effect"].as_str(), Some("Deny"));
+    let distribution = &r["InstallerPageDistribution"]["Properties"]["DistributionConfig"];
+    let behavior = &distribution["DefaultCacheBehavior"];
+    assert_eq!(
+        behavior["ViewerProtocolPolicy"].as_str(),
+        Some("https-only")
+    );
+    assert_eq!(
+        text(&behavior["ResponseHeadersPolicyId"]).as_deref(),
+        Some("!Ref InstallerPageHeaders")
+    );
+    assert!(distribution["Origins"][0]
+        .get("OriginAccessControlId")
+        .is_some());
+    // The same policy the local page server sends (installer_site::content_security_policy),
+    // with this region's Cognito and API Gateway hosts.
+    let headers = &r["InstallerPageHeaders"]["Properties"]["ResponseHeadersPolicyConfig"]
+        ["SecurityHeadersConfig"];
+    let csp = text(&headers["ContentSecurityPolicy"]["ContentSecurityPolicy"]).unwrap();
+    let local = local_emulators::installer_site::content_security_policy("C", "A");
+    let shape = |policy: &str| -> Vec<String> {
+        policy
+            .trim_start_matches("!Sub ")
+            .split(';')
+            .map(|d| d.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(shape(&csp), shape(&local));
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive}: {csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    // CORS on the claims API for the page's origin only; the app client has no secret.
+    let cors = &r["ClaimsApi"]["Properties"]["CorsConfiguration"];
+    assert_eq!(
+        list(cors.get("AllowOrigins")),
+        ["!Sub https://${InstallerPageDistribution.DomainName}"]
+    );
+    assert_eq!(list(cors.get("AllowMethods")), ["POST"]);
+    assert_eq!(list(cors.get("ExposeHeaders")), ["retry-after"]);
+    assert_eq!(
+        r["InstallersAppClient"]["Properties"]["GenerateSecret"].as_bool(),
+        Some(false)
+    );
+}
+
+#[test]
 fn deploy_without_settings_names_them_and_runs_nothing() {
     let out = deploy_script(false, &[("DPS_ID_SCOPE", "0ne00ABC123")]);
     assert_eq!(out.status.code(), Some(2));

@@ -24,6 +24,9 @@ mod fleet_flow;
 mod hook;
 /// The SAM template and deploy script.
 mod infra;
+/// The installers' page in headless Chromium: Cognito sign-in, the JWT authorizer stand-in,
+/// claim-issuer, the downloads.
+mod installer_page;
 /// The official Azure IoT device SDKs against the DPS simulator.
 mod interop;
 /// The X.509 device CA whose key stays in KMS (moto).

@@ -352,6 +352,11 @@ const NOTES: &str = "
   bench/node/package-lock.json) under a minimal runtime loop (bench/node/bootstrap.js), which
   does less than AWS's managed Node.js runtime: its cold start is if anything flattered.
 - Peak RSS is the process's `VmHWM` after its last invocation.
+- X.509 rows: azure-dps-register with `ATTESTATION=x509`, each invocation a new SIM: a P-256
+  key made in memory, the certificate's bytes signed by `kms:Sign` (moto's KMS here), DPS
+  registration by TLS client certificate against a simulator enrolling the operator's root,
+  the record with the certificate's serial. Its cold start includes the first KMS
+  `GetPublicKey` and the CA certificate's SSM read. No baseline: the seed does not do X.509.
 - Throughput calls the function's DPS client (`dps_client::register`) from 100 concurrent
   tasks in one process, and the baseline's SDK from 100 concurrent callers in one Node.js
   process; the simulator answers 20% of register and poll requests with 429 and retry-after 1 s.

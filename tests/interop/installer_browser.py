@@ -1,0 +1,201 @@
+"""The installers' page in a real browser: Debian's headless Chromium driven over WebDriver
+(selenium, pinned), as an installer and as a signed-in user who is not one.
+
+Environment: PAGE_URL; INSTALLER_USER, INSTALLER_PASSWORD (temporary), INSTALLER_NEW_PASSWORD;
+VISITOR_USER, VISITOR_PASSWORD (temporary), VISITOR_NEW_PASSWORD; SERIAL (allowed);
+DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
+
+Prints one JSON object: what the page showed at each step, what it stored, what it downloaded.
+Every wait is bounded (WebDriverWait); a step that does not come fails the run.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as visible
+from selenium.webdriver.support.ui import WebDriverWait
+
+WAIT = 20
+
+
+def totp(secret):
+    """RFC 6238 (SHA-1, 6 digits, 30 s): what an authenticator app shows for `secret`."""
+    key = base64.b32decode(secret.upper() + "=" * (-len(secret) % 8))
+    counter = struct.pack(">Q", int(time.time()) // 30)
+    digest = hmac.new(key, counter, hashlib.sha1).digest()
+    offset = digest[-1] & 0x0F
+    code = (struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF) % 1_000_000
+    return f"{code:06d}"
+
+
+class Page:
+    def __init__(self, driver, shots):
+        self.driver = driver
+        self.shots = shots
+        self.wait = WebDriverWait(driver, WAIT)
+
+    def step(self, element_id):
+        return self.wait.until(visible.visibility_of_element_located((By.ID, element_id)))
+
+    def fill(self, element_id, text):
+        field = self.step(element_id)
+        field.clear()
+        field.send_keys(text)
+
+    def submit(self, form_id):
+        self.driver.find_element(By.ID, form_id).find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+    def text(self, element_id):
+        return self.driver.find_element(By.ID, element_id).text
+
+    def message(self):
+        box = self.step("message")
+        return box.text
+
+    def shot(self, name):
+        self.driver.save_screenshot(os.path.join(self.shots, f"{name}.png"))
+
+    def first_sign_in(self, user, temporary, new, shot_prefix=None):
+        """Temporary password, new password, authenticator set-up: to the claim form."""
+        self.step("sign-in")
+        self.fill("username", user)
+        self.fill("password", temporary)
+        if shot_prefix:
+            self.shot(f"{shot_prefix}1-sign-in")
+        self.submit("sign-in")
+        self.step("new-password")
+        self.fill("new-password-value", new)
+        if shot_prefix:
+            self.shot(f"{shot_prefix}2-new-password")
+        self.submit("new-password")
+        self.step("mfa-setup")
+        secret = self.wait.until(lambda d: d.find_element(By.ID, "mfa-secret").text)
+        uri = self.text("mfa-uri")
+        if shot_prefix:
+            self.shot(f"{shot_prefix}3-authenticator-setup")
+        self.fill("mfa-setup-code", totp(secret))
+        self.submit("mfa-setup")
+        self.step("claim")
+        return secret, uri
+
+    def sign_out(self):
+        self.driver.find_element(By.ID, "sign-out").click()
+        self.step("sign-in")
+
+
+def downloaded(directory, names):
+    """The files once Chromium has finished writing them (no `.crdownload` left), bounded."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        present = set(os.listdir(directory))
+        if all(n in present for n in names) and not any(p.endswith(".crdownload") for p in present):
+            return {n: open(os.path.join(directory, n)).read() for n in names}
+        time.sleep(0.1)
+    raise SystemExit(f"downloads did not arrive: {sorted(os.listdir(directory))}")
+
+
+def storage(driver):
+    """Everything the page could have stored: Web Storage, cookies, IndexedDB, caches."""
+    return driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        (async () => {
+          const dbs = indexedDB.databases ? await indexedDB.databases() : [];
+          const caches_ = self.caches ? await caches.keys() : [];
+          done({local: localStorage.length, session: sessionStorage.length,
+                cookies: document.cookie, indexedDb: dbs.length, caches: caches_.length});
+        })();
+        """
+    )
+
+
+def main():
+    env = os.environ
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = env.get("CHROMIUM", "/usr/bin/chromium")
+    for flag in [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=900,1000", f"--user-data-dir={profile}",
+    ]:
+        options.add_argument(flag)
+    service = Service(executable_path=env.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    out = {}
+    try:
+        driver.execute_cdp_cmd(
+            "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": env["DOWNLOAD_DIR"]}
+        )
+        driver.get(env["PAGE_URL"])
+        page = Page(driver, env["SCREENSHOT_DIR"])
+
+        # The installer's first sign-in, a claim, its files.
+        secret, uri = page.first_sign_in(
+            env["INSTALLER_USER"], env["INSTALLER_PASSWORD"], env["INSTALLER_NEW_PASSWORD"], "1"
+        )
+        out["mfaUri"] = uri
+        page.shot("14-claim-form")
+        page.fill("serial", env["SERIAL"])
+        page.submit("claim")
+        page.step("result")
+        out["countdown"] = page.text("countdown")
+        out["command"] = page.text("command")
+        out["resultSerial"] = page.text("result-serial")
+        page.shot("15-claim-issued")
+        driver.find_element(By.ID, "download-cert").click()
+        driver.find_element(By.ID, "download-key").click()
+        out["downloads"] = downloaded(env["DOWNLOAD_DIR"], ["claim.pem.crt", "claim.pem.key"])
+        out["storage"] = storage(driver)
+
+        # A serial that is not one: refused in plain words, no claim.
+        driver.find_element(By.ID, "another").click()
+        page.fill("serial", "not a serial!")
+        page.submit("claim")
+        out["badSerial"] = page.message()
+        page.shot("16-refused-serial")
+
+        # Signing in again asks for the authenticator's code.
+        page.sign_out()
+        page.fill("username", env["INSTALLER_USER"])
+        page.fill("password", env["INSTALLER_NEW_PASSWORD"])
+        page.submit("sign-in")
+        page.step("mfa")
+        page.shot("17-authenticator-code")
+        page.fill("mfa-code", totp(secret))
+        page.submit("mfa")
+        page.step("claim")
+        out["signedInAgain"] = page.text("who")
+        page.sign_out()
+
+        # Someone signed in who is not an installer.
+        page.first_sign_in(env["VISITOR_USER"], env["VISITOR_PASSWORD"], env["VISITOR_NEW_PASSWORD"])
+        page.fill("serial", env["SERIAL"])
+        page.submit("claim")
+        out["notInstaller"] = page.message()
+        page.shot("18-not-an-installer")
+        out["storageAtEnd"] = storage(driver)
+        out["consoleErrors"] = [
+            e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+        ]
+    except Exception as error:  # what the page showed when it went wrong, for the failure
+        page_text = driver.find_element(By.TAG_NAME, "body").text if driver else ""
+        print(json.dumps({"error": repr(error), "page": page_text}))
+        sys.exit(1)
+    finally:
+        driver.quit()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
