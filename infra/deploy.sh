@@ -100,7 +100,7 @@ output() {
 }
 if $plan; then
   echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, ClaimsApiUrl)"
-  echo "+ $AWS s3 sync web/ s3://<InstallerPageBucketName>/ --delete --exclude config.json"
+  echo "+ $AWS s3 sync web/ s3://<InstallerPageBucketName>/ --delete --exclude config.json --exclude README.md --exclude 'screenshots/*'"
   echo "+ $AWS s3 cp target/page-config.json s3://<InstallerPageBucketName>/config.json"
 else
   mkdir -p target
@@ -109,7 +109,8 @@ else
     "$AWS_REGION" "$(output InstallersUserPoolId)" "$(output InstallersAppClientId)" "${api%/claims}" \
     > target/page-config.json
   bucket=$(output InstallerPageBucketName)
-  run "$AWS" s3 sync web/ "s3://$bucket/" --delete --exclude config.json --region "$AWS_REGION"
+  run "$AWS" s3 sync web/ "s3://$bucket/" --delete --exclude config.json --exclude README.md \
+    --exclude 'screenshots/*' --region "$AWS_REGION"
   run "$AWS" s3 cp target/page-config.json "s3://$bucket/config.json" --region "$AWS_REGION" \
     --content-type application/json
 fi

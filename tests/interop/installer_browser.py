@@ -3,7 +3,7 @@
 
 Environment: PAGE_URL; INSTALLER_USER, INSTALLER_PASSWORD (temporary), INSTALLER_NEW_PASSWORD;
 VISITOR_USER, VISITOR_PASSWORD (temporary), VISITOR_NEW_PASSWORD; SERIAL (allowed);
-DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
+SECOND_SERIAL (allowed, past the installer's quota); DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
 
 Prints one JSON object: what the page showed at each step, what it stored, what it downloaded.
 Every wait is bounded (WebDriverWait); a step that does not come fails the run.
@@ -164,6 +164,14 @@ def main():
         page.submit("claim")
         out["badSerial"] = page.message()
         page.shot("16-refused-serial")
+
+        # Past the installer's quota: how long to wait, from the API's Retry-After.
+        page.fill("serial", env["SECOND_SERIAL"])
+        page.submit("claim")
+        out["rateLimited"] = page.wait.until(
+            lambda d: (text := d.find_element(By.ID, "message").text) != out["badSerial"] and text
+        )
+        page.shot("16b-rate-limited")
 
         # Signing in again asks for the authenticator's code.
         page.sign_out()

@@ -12,8 +12,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::mqtt_io::lock;
 
@@ -188,20 +187,8 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
     }
     let upstream = async {
-        let tcp = TcpStream::connect(state.upstream)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
         let request = Request::from_parts(parts, Full::new(body));
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let (parts, body) = crate::http_client::exchange(state.upstream, request).await?;
         Ok::<_, String>(Response::from_parts(parts, Full::new(body)))
     };
     upstream

@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// The answer: status, headers and the whole body.
 pub struct Answer {
@@ -32,13 +32,6 @@ pub async fn send(
     let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
         return Err(format!("{url}: needs http://HOST:PORT/..."));
     };
-    let tcp = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot reach {host}:{port}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::builder()
         .method(method)
@@ -50,15 +43,31 @@ pub async fn send(
     let request = request
         .body(Full::new(body.into()))
         .map_err(|e| e.to_string())?;
+    let (parts, body) = exchange((host, port), request).await?;
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Sends `request` as it is on a new connection to `addr`: the answer's head and whole body.
+pub async fn exchange(
+    addr: impl ToSocketAddrs + std::fmt::Debug,
+    request: Request<Full<Bytes>>,
+) -> Result<(hyper::http::response::Parts, Bytes), String> {
+    let tcp = TcpStream::connect(&addr)
+        .await
+        .map_err(|e| format!("cannot reach {addr:?}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    Ok((parts, body))
 }

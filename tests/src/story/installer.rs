@@ -61,7 +61,8 @@ pub async fn steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
                     .is_ok_and(|c| c.starts_with("default-src 'none'")) =>
             {
                 Ok(format!(
-                    "{} (CSP default-src 'none'); user pool {} with {} (MFA required)",
+                    "{} (CSP default-src 'none'); user pool {} with {} (MFA required); \
+                     to sign in yourself: `make emulators` and `make watch` serve it",
                     site.page_url(),
                     local.pool,
                     local.user

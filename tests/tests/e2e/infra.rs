@@ -337,6 +337,15 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
     assert!(!raw.contains("SharedAccessKey") && !raw.contains("PRIVATE KEY"));
 }
 
+/// The required deploy settings, with an external id the plan must not show.
+const DEPLOY_SETTINGS: [(&str, &str); 5] = [
+    ("AWS_REGION", "ap-northeast-1"),
+    ("DPS_ID_SCOPE", "0ne00ABC123"),
+    ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
+    ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
+    ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
+];
+
 fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut command = std::process::Command::new("bash");
@@ -361,16 +370,7 @@ fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
-    let out = deploy_script(
-        true,
-        &[
-            ("AWS_REGION", "ap-northeast-1"),
-            ("DPS_ID_SCOPE", "0ne00ABC123"),
-            ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
-            ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
-            ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
-        ],
-    );
+    let out = deploy_script(true, &DEPLOY_SETTINGS);
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -406,16 +406,13 @@ fn deploy_plan_for_x509_devices_names_the_ca_key() {
     let out = deploy_script(
         true,
         &[
-            ("AWS_REGION", "ap-northeast-1"),
-            ("DPS_ID_SCOPE", "0ne00ABC123"),
-            ("SORACOM_AWS_ACCOUNT_ID", "123456789012"),
-            ("SORACOM_EXTERNAL_ID", "s3cret-external-id"),
-            ("ALLOWED_OPERATOR_IDS", "OP0012345678"),
-            (
+            DEPLOY_SETTINGS.as_slice(),
+            &[(
                 "DEVICE_CA_KMS_KEY_ARN",
                 "arn:aws:kms:ap-northeast-1:123456789012:key/k-1",
-            ),
-        ],
+            )],
+        ]
+        .concat(),
     );
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{plan}");

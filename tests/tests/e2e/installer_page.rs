@@ -77,6 +77,8 @@ async fn setup() -> Setup {
             ("DEVICES_TABLE", TABLE),
             ("PROVISIONING_TEMPLATE", TEMPLATE),
             ("IOT_DATA_ENDPOINT", "example-ats.iot.local"),
+            // One claim an hour per installer: the second shows the refusal with its wait.
+            ("CLAIMS_PER_WINDOW", "1"),
         ],
         &[],
     );
@@ -127,6 +129,7 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
     let mut env = s.users.clone();
     env.insert("PAGE_URL", s.site.page_url());
     env.insert("SERIAL", SERIAL.to_owned());
+    env.insert("SECOND_SERIAL", "SN-0043".to_owned());
     env.insert("DOWNLOAD_DIR", downloads.path().display().to_string());
     env.insert("SCREENSHOT_DIR", shots.display().to_string());
     let seen = python("installer_browser.py", &env).await;
@@ -178,6 +181,11 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         seen["badSerial"],
         "That is not a device serial number: check it against the label."
     );
+    // The wait comes from the API's Retry-After, which CORS exposes to the page.
+    assert_eq!(
+        seen["rateLimited"],
+        "You have asked for the most claims allowed for now: try again in 60 minutes."
+    );
     assert!(seen["signedInAgain"]
         .as_str()
         .unwrap()
@@ -215,6 +223,7 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         "14-claim-form",
         "15-claim-issued",
         "16-refused-serial",
+        "16b-rate-limited",
         "17-authenticator-code",
         "18-not-an-installer",
     ] {
