@@ -225,8 +225,8 @@ impl std::fmt::Debug for DeviceCertificate {
 /// The intermediate CA: its certificate (configuration) and its KMS key.
 pub struct KmsCa {
     key: KmsKey,
-    /// The CA's own certificate, DER.
-    certificate_der: Vec<u8>,
+    /// The CA's own certificate.
+    certificate: rustls_pki_types::CertificateDer<'static>,
     /// What devices present above their own certificate: the CA's certificate, then any
     /// intermediates up to the CA enrolled in DPS, PEM.
     chain_pem: String,
@@ -254,7 +254,7 @@ impl KmsCa {
         }
         Ok(Self {
             key,
-            certificate_der: pem.contents.clone(),
+            certificate: rustls_pki_types::CertificateDer::from(pem.contents.clone()),
             chain_pem: chain_pem.trim().to_owned() + "\n",
         })
     }
@@ -296,8 +296,7 @@ impl KmsCa {
         let cert = self
             .key
             .signed(|signer| {
-                let ca = rustls_pki_types::CertificateDer::from(self.certificate_der.as_slice());
-                let issuer = Issuer::from_ca_cert_der(&ca, signer)?;
+                let issuer = Issuer::from_ca_cert_der(&self.certificate, signer)?;
                 params()?.signed_by(&key, &issuer)
             })
             .await?;

@@ -29,7 +29,15 @@ WAIT = 20
 
 
 def totp(secret):
-    """RFC 6238 (SHA-1, 6 digits, 30 s): what an authenticator app shows for `secret`."""
+    """RFC 6238 (SHA-1, 6 digits, 30 s): what an authenticator app shows for `secret`.
+
+    moto accepts only the current 30-second step's code; one read in a step's last seconds
+    could reach it in the next. So within 3 s of a step's end, this waits (at most those 3 s)
+    for the next step to begin, as a person would wait for a fresh code.
+    """
+    left = 30 - time.time() % 30
+    if left < 3:
+        time.sleep(left)
     key = base64.b32decode(secret.upper() + "=" * (-len(secret) % 8))
     counter = struct.pack(">Q", int(time.time()) // 30)
     digest = hmac.new(key, counter, hashlib.sha1).digest()

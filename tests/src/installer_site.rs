@@ -532,11 +532,26 @@ pub async fn test_tokens(aws_endpoint: &str, pool: &str, client: &str) -> Result
 /// A password the installers' pool accepts (12+ characters, upper, lower, digit, symbol),
 /// random every time.
 pub fn new_password() -> String {
-    let mut bytes = [0u8; 12];
-    // The system's randomness: a failure leaves zeros, still a valid (if weak) test password.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("Aa1!{hex}")
+    format!("Aa1!{}", crate::local_aws::random_key_base64())
+}
+
+/// `token` with its payload changed after signing (the `admins` group added), its header and
+/// signature kept: what a forger without the pool's key can make.
+pub fn forged(token: &str) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut payload: Value = parts
+        .get(1)
+        .and_then(|p| b64.decode(p).ok())
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .unwrap_or(Value::Null);
+    payload["cognito:groups"] = json!(["installers", "admins"]);
+    format!(
+        "{}.{}.{}",
+        parts.first().unwrap_or(&""),
+        b64.encode(payload.to_string()),
+        parts.get(2).unwrap_or(&"")
+    )
 }
 
 /// The page as `make demo` and `make emulators` run it: the installers' pool with one

@@ -1,7 +1,7 @@
 //! What Funk hands back to the device: the connection string (with X.509 attestation: the
-//! certificate and its key), or a refusal with a stable code and one fixed sentence. What exactly went wrong (rumqttc, TLS and I/O texts, host names,
-//! table keys, AWS error codes) goes to the log only: the caller is a device, or whoever holds
-//! its SIM.
+//! certificate and its key), or a refusal with a stable code and one fixed sentence. What
+//! exactly went wrong (rumqttc, TLS and I/O texts, host names, table keys, AWS error codes) goes
+//! to the log only: the caller is a device, or whoever holds its SIM.
 
 use std::time::Duration;
 
@@ -86,6 +86,24 @@ impl Response {
         )
     }
 
+    /// An answer with only a status and a body; the constructors below add the rest.
+    fn bare(status_code: u16, body: String) -> Self {
+        Self {
+            status_code,
+            body,
+            error: None,
+            retry_after: None,
+            assigned_hub: None,
+            device_id: None,
+            source: None,
+            return_data: None,
+            certificate_pem: None,
+            private_key_pem: None,
+            ca_chain_pem: None,
+            expires_at: None,
+        }
+    }
+
     /// The device's IoT Hub connection string and where it came from.
     pub fn connection(
         assigned_hub: String,
@@ -94,21 +112,14 @@ impl Response {
         source: Source,
         return_data: Option<Value>,
     ) -> Self {
+        let body =
+            format!("HostName={assigned_hub};DeviceId={device_id};SharedAccessKey={key_base64}");
         Self {
-            status_code: 200,
-            body: format!(
-                "HostName={assigned_hub};DeviceId={device_id};SharedAccessKey={key_base64}"
-            ),
-            error: None,
-            retry_after: None,
             assigned_hub: Some(assigned_hub),
             device_id: Some(device_id),
             source: Some(source),
             return_data,
-            certificate_pem: None,
-            private_key_pem: None,
-            ca_chain_pem: None,
-            expires_at: None,
+            ..Self::bare(200, body)
         }
     }
 
@@ -121,30 +132,25 @@ impl Response {
         return_data: Option<Value>,
     ) -> Self {
         let certificate = &credentials.certificate;
+        let body = format!("HostName={assigned_hub};DeviceId={device_id};x509=true");
         Self {
-            body: format!("HostName={assigned_hub};DeviceId={device_id};x509=true"),
+            assigned_hub: Some(assigned_hub),
+            device_id: Some(device_id),
+            source: Some(Source::Dps),
+            return_data,
             certificate_pem: Some(certificate.certificate_pem.clone()),
             private_key_pem: Some(certificate.private_key_pem.to_string()),
             ca_chain_pem: Some(credentials.chain_pem.clone()),
             expires_at: Some(unix_seconds(certificate.not_after)),
-            ..Self::connection(assigned_hub, device_id, "", Source::Dps, return_data)
+            ..Self::bare(200, body)
         }
     }
 
     pub fn refused(refused: Refused, retry_after: Option<Duration>) -> Self {
         Self {
-            status_code: refused.status(),
-            body: refused.sentence().to_owned(),
             error: Some(refused.code()),
             retry_after: retry_after.map(|d| d.as_secs().max(1)),
-            assigned_hub: None,
-            device_id: None,
-            source: None,
-            return_data: None,
-            certificate_pem: None,
-            private_key_pem: None,
-            ca_chain_pem: None,
-            expires_at: None,
+            ..Self::bare(refused.status(), refused.sentence().to_owned())
         }
     }
 }

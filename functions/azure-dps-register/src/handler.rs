@@ -47,6 +47,11 @@ pub(crate) struct Refusal {
     dps_ms: Option<f64>,
 }
 
+/// The device table (or a store beside it) did not answer in time or at all: worth a retry.
+pub(crate) fn store_unavailable(detail: impl Into<String>) -> Refusal {
+    refuse(Refused::RegistryUnavailable, detail).retry_in(RETRY_SOON)
+}
+
 pub(crate) fn refuse(refused: Refused, detail: impl Into<String>) -> Refusal {
     Refusal {
         refused,
@@ -70,7 +75,7 @@ impl Refusal {
 }
 
 /// The answer's metrics: the outcome, and DPS's latency when DPS was asked.
-pub(crate) fn emit_metrics(outcome: &str, dps_ms: Option<f64>) {
+fn emit_metrics(outcome: &str, dps_ms: Option<f64>) {
     let latency: Vec<(&str, f64)> = dps_ms.map(|ms| ("DpsLatency", ms)).into_iter().collect();
     lambda_support::metrics::emit(outcome, &latency);
 }
@@ -265,11 +270,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: Device
         )
     });
     let (cleared, key) = opening.alongside(lookups).await.map_err(|_| {
-        refuse(
-            Refused::RegistryUnavailable,
-            "device table or key store gave no answer before the deadline",
-        )
-        .retry_in(RETRY_SOON)
+        store_unavailable("device table or key store gave no answer before the deadline")
     })?;
     let recorded = cleared?;
     let key = key.map_err(key_refusal)?;
@@ -373,12 +374,10 @@ pub(crate) async fn admit_or<T, R, K, D, L: DpsLimits, C>(
     deadlines: Deadlines,
 ) -> Result<Option<T>, Refusal> {
     let config = &state.config;
-    let unavailable =
-        |detail: String| refuse(Refused::RegistryUnavailable, detail).retry_in(RETRY_SOON);
     let admission = timeout_at(deadlines.answer_by, state.limits.admit(imsi, now))
         .await
-        .map_err(|_| unavailable("DPS limits gave no answer before the deadline".into()))?
-        .map_err(|e| unavailable(format!("DPS limits: {e}")))?;
+        .map_err(|_| store_unavailable("DPS limits gave no answer before the deadline"))?
+        .map_err(|e| store_unavailable(format!("DPS limits: {e}")))?;
     let (refusal, record) = match admission {
         Admission::Admitted => return Ok(None),
         Admission::SimLimited { retry_after } => (
@@ -581,7 +580,7 @@ fn key_refusal(failure: KeyFailure) -> Refusal {
     }
 }
 
-pub(crate) fn registry_refusal(e: RegistryError) -> Refusal {
+fn registry_refusal(e: RegistryError) -> Refusal {
     match e {
         RegistryError::Malformed { .. } => refuse(Refused::Misconfigured, e.to_string()),
         _ => refuse(Refused::RegistryUnavailable, e.to_string()).retry_in(RETRY_SOON),

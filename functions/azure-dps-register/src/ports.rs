@@ -1,7 +1,7 @@
 //! What the handler needs from outside, by what it needs it for: the device key of a SIM (or,
-//! with X.509 attestation, a device certificate), a DPS registration, and leave to start one. The deployed function's implementations are in
-//! `state`; the unit tests use in-memory ones. (The device table is
-//! `shared::registry::SimRegistry`.)
+//! with X.509 attestation, a device certificate), a DPS registration, and leave to start one.
+//! The deployed function's implementations are in `state`; the unit tests use in-memory ones.
+//! (The device table is `shared::registry::SimRegistry`.)
 
 use std::future::Future;
 use std::time::Duration;

@@ -312,20 +312,25 @@ impl DpsTls {
 /// The device CA of `ATTESTATION=x509`: its certificate from SSM and its key in KMS, loaded at
 /// the first certificate (not at cold start, so that a KMS or SSM hiccup then costs one
 /// device a retry instead of the instance its start) and kept while warm.
+/// With symmetric keys there is none: no KMS client is built at their cold start.
 pub struct KmsDeviceCa {
-    settings: Option<X509Settings>,
+    source: Option<CaSource>,
+    ca: tokio::sync::OnceCell<KmsCa>,
+}
+
+/// Where the device CA is: its settings and the clients that read them.
+struct CaSource {
+    settings: X509Settings,
     kms: aws_sdk_kms::Client,
     ssm: aws_sdk_ssm::Client,
-    ca: tokio::sync::OnceCell<KmsCa>,
 }
 
 impl KmsDeviceCa {
     async fn load(&self) -> Result<KmsCa, CaError> {
-        let Some(settings) = &self.settings else {
+        let Some(CaSource { settings, kms, ssm }) = &self.source else {
             return Err(CaError::Misconfigured("ATTESTATION is not x509".into()));
         };
-        let parameter = self
-            .ssm
+        let parameter = ssm
             .get_parameter()
             .name(&settings.ca_certificate_parameter)
             .send()
@@ -340,7 +345,7 @@ impl KmsDeviceCa {
             .parameter
             .and_then(|p| p.value)
             .ok_or_else(|| CaError::Misconfigured("CA_CERTIFICATE_PARAMETER is empty".into()))?;
-        KmsCa::new(self.kms.clone(), &settings.kms_key_id, &chain).await
+        KmsCa::new(kms.clone(), &settings.kms_key_id, &chain).await
     }
 }
 
@@ -385,25 +390,32 @@ impl State {
         }
         let tls = DpsTls::start(extra_root);
         let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
-        let ssm = aws_sdk_ssm::Client::new(sdk);
-        let (key_source, x509) = match &config.attestation {
+        // Only the clients this attestation uses: each costs cold-start time.
+        let (key_source, ca_source) = match &config.attestation {
             Attestation::SymmetricKey(source) => (Some(source.clone()), None),
-            Attestation::X509(settings) => (None, Some(settings.clone())),
+            Attestation::X509(settings) => (
+                None,
+                Some(CaSource {
+                    settings: settings.clone(),
+                    kms: aws_sdk_kms::Client::new(sdk),
+                    ssm: aws_sdk_ssm::Client::new(sdk),
+                }),
+            ),
         };
-        let store = match &key_source {
-            Some(KeySource::IndividualDynamoDb) => KeyStore::Dynamo(DynamoSecretStore::new(
+        let store = match (&key_source, &ca_source) {
+            (Some(KeySource::IndividualDynamoDb), _) => KeyStore::Dynamo(DynamoSecretStore::new(
                 dynamodb.clone(),
                 &config.devices_table,
                 shared::registry::DEVICE_KEY_ATTRIBUTE,
             )),
-            _ => KeyStore::Ssm(SsmSecretStore::new(ssm.clone())),
+            // X.509: no device keys are ever read; the CA's client serves the (unused) store.
+            (None, Some(ca)) => KeyStore::Ssm(SsmSecretStore::new(ca.ssm.clone())),
+            _ => KeyStore::Ssm(SsmSecretStore::new(aws_sdk_ssm::Client::new(sdk))),
         };
         let (limit, window) = fleet_windows(config.dps_registrations_per_minute);
         Ok(Self {
             ca: KmsDeviceCa {
-                settings: x509,
-                kms: aws_sdk_kms::Client::new(sdk),
-                ssm,
+                source: ca_source,
                 ca: tokio::sync::OnceCell::new(),
             },
             keys: ConfiguredKeys {

@@ -20,8 +20,8 @@ use tokio::time::{timeout_at, Instant};
 use crate::answer::Refused;
 use crate::config::X509Settings;
 use crate::handler::{
-    admit_or, check_sim, dps_payload, dps_refusal, record, refuse, registration, Deadlines,
-    DeviceRequest, Granted, Refusal, Registered, RETRY_SOON,
+    admit_or, check_sim, dps_payload, dps_refusal, record, refuse, registration, store_unavailable,
+    Deadlines, DeviceRequest, Granted, Refusal, Registered, RETRY_SOON,
 };
 use crate::ports::{DeviceCa, Dps, DpsLimits, Enrollment, Proof};
 use crate::state::State;
@@ -36,13 +36,7 @@ pub(crate) async fn register<R: SimRegistry, K, D: Dps, L: DpsLimits, C: DeviceC
 ) -> Result<Registered, Refusal> {
     let recorded = timeout_at(deadlines.answer_by, check_sim(state, sim))
         .await
-        .map_err(|_| {
-            refuse(
-                Refused::RegistryUnavailable,
-                "device table gave no answer before the deadline",
-            )
-            .retry_in(RETRY_SOON)
-        })??;
+        .map_err(|_| store_unavailable("device table gave no answer before the deadline"))??;
     let now = unix_now();
     if !request.rotate {
         if let Some(wait) = renewal_wait(recorded.as_ref(), &registration_id, settings, now) {

@@ -2,7 +2,6 @@
 //! claim-issuer, which runs in `cargo lambda watch` like the other functions. (The page itself
 //! is driven in a real browser by `make test`; here the API path it uses.)
 
-use base64::Engine;
 use serde_json::{json, Value};
 
 use super::Step;
@@ -18,24 +17,6 @@ fn step(title: &'static str, command: String, outcome: Result<String, String>) -
         ok,
         detail: outcome.unwrap_or_else(|e| e),
     }
-}
-
-/// The same token with its payload changed after signing (another group added).
-fn forged(token: &str) -> String {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let parts: Vec<&str> = token.split('.').collect();
-    let mut payload: Value = parts
-        .get(1)
-        .and_then(|p| b64.decode(p).ok())
-        .and_then(|p| serde_json::from_slice(&p).ok())
-        .unwrap_or(Value::Null);
-    payload["cognito:groups"] = json!(["installers", "admins"]);
-    format!(
-        "{}.{}.{}",
-        parts.first().unwrap_or(&""),
-        b64.encode(payload.to_string()),
-        parts.get(2).unwrap_or(&"")
-    )
 }
 
 pub async fn steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
@@ -109,16 +90,21 @@ pub async fn steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
     ));
 
     let before = site.invocations();
-    let refused =
-        match installer_site::post_claim(&site.api_url(), Some(&forged(&access)), &body).await {
-            Ok((401, _)) if site.invocations() == before => {
-                Ok("401 Unauthorized; claim-issuer never invoked".to_owned())
-            }
-            Ok((status, text)) => Err(format!(
-                "expected 401 before the function, got {status} {text}"
-            )),
-            Err(e) => Err(e),
-        };
+    let refused = match installer_site::post_claim(
+        &site.api_url(),
+        Some(&installer_site::forged(&access)),
+        &body,
+    )
+    .await
+    {
+        Ok((401, _)) if site.invocations() == before => {
+            Ok("401 Unauthorized; claim-issuer never invoked".to_owned())
+        }
+        Ok((status, text)) => Err(format!(
+            "expected 401 before the function, got {status} {text}"
+        )),
+        Err(e) => Err(e),
+    };
     steps.push(step(
         "a token whose groups were edited after signing is refused before claim-issuer",
         format!("POST {}/claims (Bearer <forged token>)", site.api_url()),
