@@ -4,9 +4,13 @@
 // localStorage, sessionStorage, cookies or IndexedDB; a reload forgets them.
 
 import { CognitoError, UserPool } from './cognito.js';
+import { ScanError, Scanner, cameraAvailable, scanWords } from './scanner.js';
 
 const $ = (id) => document.getElementById(id);
 const STEPS = ['sign-in', 'new-password', 'mfa-setup', 'mfa', 'claim', 'result'];
+// claim-issuer's default SERIAL_PATTERN (shared::registry::DEFAULT_SERIAL_PATTERN): which of a
+// label's codes is the serial. A deployment that sets another puts it in config.json.
+const DEFAULT_SERIAL_PATTERN = '[A-Za-z0-9][A-Za-z0-9_:-]{0,63}';
 
 let config;
 let pool;
@@ -14,8 +18,10 @@ let pending; // a sign-in step waiting for the installer's answer
 let tokens; // Cognito's AuthenticationResult
 let claimTimer;
 let objectUrls = [];
+let scanner; // the camera session, while one runs
 
 function show(step) {
+  if (step !== 'claim') stopScanning();
   for (const id of STEPS) $(id).hidden = id !== step;
   const first = $(step).querySelector('input');
   if (first) first.focus();
@@ -190,7 +196,45 @@ function showClaim(claim) {
   show('result');
 }
 
+function stopScanning() {
+  if (scanner) scanner.stop();
+}
+
+/** The camera reads the serial off the label into the field; the installer then asks. */
+async function scanLabel() {
+  stopScanning();
+  const pattern = new RegExp(`^(?:${config.serialPattern || DEFAULT_SERIAL_PATTERN})$`);
+  const session = new Scanner($('scan-video'), {
+    isSerial: (text) => pattern.test(text),
+    onOther: (text) => {
+      $('scan-status').textContent = `That code (${text.slice(0, 40)}) is not a device serial: point the camera at the serial's barcode.`;
+    },
+  });
+  scanner = session;
+  $('scan-status').textContent = "Point the camera at the serial's barcode on the device label.";
+  $('scanner').hidden = false;
+  $('scan').hidden = true;
+  tell('');
+  try {
+    const serial = await session.scan();
+    if (serial) {
+      $('serial').value = serial;
+      tell(`Read ${serial} from the label: check it against the device, then get the claim.`, 'info');
+      $('claim-button').focus();
+    }
+  } catch (e) {
+    tell(scanWords(e instanceof ScanError ? e.kind : undefined));
+  } finally {
+    if (scanner === session) scanner = undefined;
+    if (!scanner) {
+      $('scanner').hidden = true;
+      $('scan').hidden = false;
+    }
+  }
+}
+
 async function requestClaim() {
+  stopScanning();
   const serial = $('serial').value.trim();
   const button = $('claim-button');
   button.disabled = true;
@@ -249,6 +293,13 @@ async function start() {
   });
   guarded('mfa', async () => {
     await signedIn(await pool.mfaCode(pending, $('mfa-code').value.trim()));
+  });
+  $('scan').hidden = !cameraAvailable();
+  $('scan').addEventListener('click', scanLabel);
+  $('scan-stop').addEventListener('click', stopScanning);
+  // A camera left on in a background tab drains the battery and shows the recording light.
+  document.addEventListener('visibilitychange', () => {
+    if (document.hidden) stopScanning();
   });
   $('claim').addEventListener('submit', (event) => {
     event.preventDefault();

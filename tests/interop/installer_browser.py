@@ -3,7 +3,12 @@
 
 Environment: PAGE_URL; INSTALLER_USER, INSTALLER_PASSWORD (temporary), INSTALLER_NEW_PASSWORD;
 VISITOR_USER, VISITOR_PASSWORD (temporary), VISITOR_NEW_PASSWORD; SERIAL (allowed);
-SECOND_SERIAL (allowed, past the installer's quota); DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
+SECOND_SERIAL (allowed, past the installer's quota); SCAN_SERIAL (on the label the camera sees);
+DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
+
+The camera is Chromium's fake capture device playing a video this script draws (python-barcode
+for the Code 128, segno for the QR code, both pinned): first a QR code with a web address only,
+then a device label with the serial's Code 128 above that QR code.
 
 Prints one JSON object: what the page showed at each step, what it stored, what it downloaded.
 Every wait is bounded (WebDriverWait); a step that does not come fails the run.
@@ -19,6 +24,8 @@ import sys
 import tempfile
 import time
 
+import segno
+from barcode import Code128
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -46,6 +53,39 @@ def totp(secret):
     return f"{code:06d}"
 
 
+LABEL_URL = "https://example.com/manuals/sensor-x"
+WIDTH, HEIGHT, FPS = 480, 360, 5
+WHITE, BLACK = 235, 16  # video luma range
+
+
+def label_video(path, serial):
+    """A YUV4MPEG2 file: 4 s of a QR code alone (not a serial), then 2 s of the label."""
+
+    def frame(with_serial):
+        luma = bytearray([WHITE]) * (WIDTH * HEIGHT)
+
+        def paint(x0, y0, modules, scale):
+            for row, bits in enumerate(modules):
+                for col, bit in enumerate(bits):
+                    if bit:
+                        for y in range(y0 + row * scale, y0 + (row + 1) * scale):
+                            start = y * WIDTH + x0 + col * scale
+                            luma[start : start + scale] = bytes([BLACK]) * scale
+
+        qr = segno.make(LABEL_URL, error="m", micro=False).matrix
+        paint((WIDTH - len(qr) * 5) // 2, 190, qr, 5)
+        if with_serial:
+            bars = [int(b) for b in Code128(serial).build()[0]]
+            paint((WIDTH - len(bars) * 3) // 2, 40, [bars] * 40, 3)
+        chroma = bytes([128]) * (WIDTH * HEIGHT // 4)
+        return b"FRAME\n" + bytes(luma) + chroma + chroma
+
+    with open(path, "wb") as out:
+        out.write(f"YUV4MPEG2 W{WIDTH} H{HEIGHT} F{FPS}:1 Ip A1:1 C420jpeg\n".encode())
+        alone, label = frame(False), frame(True)
+        out.write(alone * (4 * FPS) + label * (2 * FPS))
+
+
 class Page:
     def __init__(self, driver, shots):
         self.driver = driver
@@ -69,6 +109,9 @@ class Page:
     def message(self):
         box = self.step("message")
         return box.text
+
+    def script(self, code):
+        return self.driver.execute_script(code)
 
     def shot(self, name):
         self.driver.save_screenshot(os.path.join(self.shots, f"{name}.png"))
@@ -130,12 +173,17 @@ def storage(driver):
 def main():
     env = os.environ
     profile = tempfile.mkdtemp(prefix="chromium-")
+    camera = os.path.join(profile, "label.y4m")
+    label_video(camera, env["SCAN_SERIAL"])
     options = webdriver.ChromeOptions()
     options.binary_location = env.get("CHROMIUM", "/usr/bin/chromium")
     for flag in [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", "--window-size=900,1000", f"--user-data-dir={profile}",
+        # The camera: permission granted as a person would, the label video as its picture.
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera}",
     ]:
         options.add_argument(flag)
     service = Service(executable_path=env.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -181,6 +229,48 @@ def main():
         )
         page.shot("16b-rate-limited")
 
+        # The camera reads the serial off the label: a QR code with a web address is seen and
+        # passed over, the Code 128 that matches the serial pattern fills the field.
+        page.driver.find_element(By.ID, "scan").click()
+        page.step("scanner")
+        status = "return document.getElementById('scan-status').textContent"
+        fast = WebDriverWait(driver, WAIT, poll_frequency=0.1)
+        out["scanOther"] = fast.until(
+            lambda d: "not a device serial" in (text := page.script(status)) and text
+        )
+        page.shot("16c-scanning")
+        fast.until(lambda d: d.find_element(By.ID, "serial").get_attribute("value") == env["SCAN_SERIAL"])
+        out["scanned"] = page.message()
+        out["scanAfter"] = page.script(
+            "const v = document.getElementById('scan-video');"
+            "return {scannerHidden: document.getElementById('scanner').hidden,"
+            " camera: v.srcObject === null ? 'released' : 'held'};"
+        )
+        page.shot("16d-scanned")
+        # Stopping by hand releases the camera too.
+        page.driver.find_element(By.ID, "scan").click()
+        page.step("scanner")
+        page.driver.find_element(By.ID, "scan-stop").click()
+        out["scanStopped"] = fast.until(
+            lambda d: page.script(
+                "return document.getElementById('scanner').hidden &&"
+                " document.getElementById('scan-video').srcObject === null"
+            )
+        )
+
+        # An installer who refused the browser's camera prompt is told how to allow it. (The
+        # fake UI always grants, so the refusal is the browser's own DOMException, thrown.)
+        page.script(
+            "navigator.mediaDevices.getUserMedia = () =>"
+            " Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));"
+        )
+        page.driver.find_element(By.ID, "scan").click()
+        out["cameraBlocked"] = page.message()
+        out["cameraBlockedAfter"] = page.script(
+            "return document.getElementById('scanner').hidden"
+            " && !document.getElementById('scan').hidden"
+        )
+
         # Signing in again asks for the authenticator's code.
         page.sign_out()
         page.fill("username", env["INSTALLER_USER"])
@@ -206,7 +296,9 @@ def main():
         ]
     except Exception as error:  # what the page showed when it went wrong, for the failure
         page_text = driver.find_element(By.TAG_NAME, "body").text if driver else ""
-        print(json.dumps({"error": repr(error), "page": page_text}))
+        console = [e["message"] for e in driver.get_log("browser")] if driver else []
+        driver.save_screenshot(os.path.join(env["SCREENSHOT_DIR"], "failed.png"))
+        print(json.dumps({"error": repr(error), "page": page_text, "console": console}))
         sys.exit(1)
     finally:
         driver.quit()

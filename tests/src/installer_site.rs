@@ -230,6 +230,11 @@ pub fn content_security_policy(cognito: &str, api: &str) -> String {
     )
 }
 
+/// What the page may use of the browser: the camera (scanning a label), on its own origin only,
+/// and nothing else a page could ask for.
+pub const PERMISSIONS_POLICY: &str =
+    "camera=(self), microphone=(), geolocation=(), payment=(), usb=(), serial=()";
+
 impl InstallerSite {
     /// Serves `web/` and the API on loopback ports.
     pub async fn start(
@@ -345,6 +350,7 @@ fn serve_page(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         &[
             ("content-type", kind),
             ("content-security-policy", &site.csp),
+            ("permissions-policy", PERMISSIONS_POLICY),
             ("x-content-type-options", "nosniff"),
             ("x-frame-options", "DENY"),
             ("referrer-policy", "no-referrer"),

@@ -496,6 +496,19 @@ fn the_installers_page_is_private_behind_cloudfront_with_strict_headers() {
         assert!(csp.contains(directive), "{directive}: {csp}");
     }
     assert!(!csp.contains("unsafe"), "{csp}");
+    // The camera (label scanning) for the page's own origin, nothing else: as served locally.
+    let custom = &r["InstallerPageHeaders"]["Properties"]["ResponseHeadersPolicyConfig"]
+        ["CustomHeadersConfig"]["Items"];
+    let permissions = custom
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|h| h["Header"].as_str() == Some("Permissions-Policy"))
+        .and_then(|h| h["Value"].as_str());
+    assert_eq!(
+        permissions,
+        Some(local_emulators::installer_site::PERMISSIONS_POLICY)
+    );
     // CORS on the claims API for the page's origin only; the app client has no secret.
     let cors = &r["ClaimsApi"]["Properties"]["CorsConfiguration"];
     assert_eq!(

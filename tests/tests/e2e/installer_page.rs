@@ -119,6 +119,7 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
     env.insert("PAGE_URL", s.site.page_url());
     env.insert("SERIAL", SERIAL.to_owned());
     env.insert("SECOND_SERIAL", "SN-0043".to_owned());
+    env.insert("SCAN_SERIAL", "SN-0077".to_owned());
     env.insert("DOWNLOAD_DIR", downloads.path().display().to_string());
     env.insert("SCREENSHOT_DIR", shots.display().to_string());
     let seen = python("installer_browser.py", &env).await;
@@ -178,6 +179,26 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         )
     };
     assert!(limited == told(60) || limited == told(59), "{limited}");
+    // The camera: the QR code's web address was read and passed over, the serial's Code 128
+    // filled the field, and the camera was released (after a find, and when stopped by hand).
+    assert_eq!(
+        seen["scanOther"],
+        "That code (https://example.com/manuals/sensor-x) is not a device serial: point the camera at the serial's barcode."
+    );
+    assert_eq!(
+        seen["scanned"],
+        "Read SN-0077 from the label: check it against the device, then get the claim."
+    );
+    assert_eq!(
+        seen["scanAfter"],
+        json!({"scannerHidden": true, "camera": "released"})
+    );
+    assert_eq!(seen["scanStopped"], true);
+    assert_eq!(
+        seen["cameraBlocked"],
+        "The camera is blocked for this page: allow it in the browser's site settings, or type the serial."
+    );
+    assert_eq!(seen["cameraBlockedAfter"], true, "the scan button is back");
     assert!(seen["signedInAgain"]
         .as_str()
         .unwrap()
@@ -216,6 +237,8 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         "15-claim-issued",
         "16-refused-serial",
         "16b-rate-limited",
+        "16c-scanning",
+        "16d-scanned",
         "17-authenticator-code",
         "18-not-an-installer",
     ] {
@@ -223,6 +246,33 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         let bytes = std::fs::read(&file).unwrap_or_default();
         assert!(bytes.starts_with(b"\x89PNG"), "{}", file.display());
     }
+}
+
+/// The barcode decoder the page loads (web/zxing.min.js) is the pinned npm package's own build,
+/// byte for byte: nothing edited or of unknown origin is served to installers.
+#[test]
+fn the_vendored_barcode_decoder_is_the_pinned_package_byte_for_byte() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/interop/package.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["dependencies"]["@zxing/library"], "0.23.0");
+    let package = root.join("tests/interop/node_modules/@zxing/library");
+    let installed: Value =
+        serde_json::from_str(&std::fs::read_to_string(package.join("package.json")).unwrap())
+            .unwrap();
+    assert_eq!(installed["version"], "0.23.0");
+    let built = std::fs::read(package.join("umd/index.min.js")).unwrap();
+    let served = std::fs::read(root.join("web/zxing.min.js")).unwrap();
+    assert!(
+        built == served,
+        "web/zxing.min.js differs from @zxing/library 0.23.0's umd/index.min.js"
+    );
+    assert_eq!(
+        std::fs::read(package.join("LICENSE")).unwrap(),
+        std::fs::read(root.join("web/zxing.LICENSE")).unwrap()
+    );
 }
 
 async fn post_claim(site: &InstallerSite, token: Option<&str>) -> (u16, String) {
