@@ -4,7 +4,10 @@
 //! endpoint's KMS.
 
 use aws_sdk_kms::types::{KeySpec, KeyUsageType};
-use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
+};
 use shared::ca::KmsKey;
 
 use crate::tls::certificate_authority;
@@ -14,6 +17,35 @@ pub struct DeviceCa {
     pub key_id: String,
     pub intermediate_pem: String,
     pub root_pem: String,
+    root: Issuer<'static, KeyPair>,
+    request_pem: String,
+}
+
+impl DeviceCa {
+    /// The device CA's certificate renewed by the same root for the same KMS key, as an
+    /// operator does before the first one expires: another serial, the same key.
+    pub fn renewed(&self) -> Result<String, String> {
+        intermediate(&self.request_pem, &self.root)
+    }
+}
+
+/// The root's certificate for the device CA's key, from its KMS-signed request.
+fn intermediate(request_pem: &str, root: &Issuer<'static, KeyPair>) -> Result<String, String> {
+    // Parsing verifies the request's signature: KMS signed exactly what rcgen built.
+    let mut csr =
+        CertificateSigningRequestParams::from_pem(request_pem).map_err(|e| e.to_string())?;
+    csr.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    csr.params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| "no randomness for a serial".to_owned())?;
+    serial[0] &= 0x7f; // a positive INTEGER
+    csr.params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(csr.signed_by(root).map_err(|e| e.to_string())?.pem())
 }
 
 /// A new KMS signing key of `spec`; its id.
@@ -40,19 +72,12 @@ pub async fn kms_device_ca(kms: &aws_sdk_kms::Client) -> Result<DeviceCa, String
         .certificate_request("soracom-provisioning device CA")
         .await
         .map_err(|e| e.to_string())?;
-    // Parsing verifies the request's signature: KMS signed exactly what rcgen built.
-    let mut csr = CertificateSigningRequestParams::from_pem(&request).map_err(|e| e.to_string())?;
-    csr.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    csr.params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
     let (root, root_pem) = certificate_authority("operator root CA").map_err(|e| e.to_string())?;
-    let cert = csr.signed_by(&root).map_err(|e| e.to_string())?;
     Ok(DeviceCa {
         key_id,
-        intermediate_pem: cert.pem(),
+        intermediate_pem: intermediate(&request, &root)?,
         root_pem,
+        root,
+        request_pem: request,
     })
 }

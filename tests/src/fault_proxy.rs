@@ -40,6 +40,9 @@ pub enum Mode {
     /// Answer the requests for one operation (`X-Amz-Target`, such as `TrentService.Sign`)
     /// `400 AccessDeniedException`, as IAM does when a policy lacks it; forward the others.
     DenyOperation(&'static str),
+    /// Answer the requests for one operation `400 ThrottlingException` (a service that stops
+    /// answering one call); forward the others.
+    ThrottleOperation(&'static str),
 }
 
 struct State {
@@ -139,6 +142,13 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
             Mode::Pass
         };
     }
+    if let Mode::ThrottleOperation(target) = mode {
+        mode = if operation(&req) == target {
+            Mode::Throttle
+        } else {
+            Mode::Pass
+        };
+    }
     match mode {
         Mode::Stopped => {
             // Stopped mid-connection: fail the request as a dead peer would.
@@ -162,6 +172,7 @@ async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
         Mode::SlowOperation { .. }
         | Mode::DenyOperation(_)
+        | Mode::ThrottleOperation(_)
         | Mode::Pass
         | Mode::ThrottleAfter(_) => {}
     }

@@ -311,11 +311,22 @@ impl DpsTls {
 
 /// The device CA of `ATTESTATION=x509`: its certificate from SSM and its key in KMS, loaded at
 /// the first certificate (not at cold start, so that a KMS or SSM hiccup then costs one
-/// device a retry instead of the instance its start) and kept while warm.
+/// device a retry instead of the instance its start). Its certificate is read again once it is
+/// `refresh` old (`SECRET_CACHE_SECONDS`), so that a renewed CA certificate reaches warm
+/// instances too; an unchanged one costs no KMS call, and an SSM that does not answer then
+/// leaves the one in use in place.
 /// With symmetric keys there is none: no KMS client is built at their cold start.
 pub struct KmsDeviceCa {
     source: Option<CaSource>,
-    ca: tokio::sync::OnceCell<KmsCa>,
+    refresh: Duration,
+    current: tokio::sync::Mutex<Option<LoadedCa>>,
+}
+
+/// The CA in use: its certificate chain as SSM held it, and when that was read.
+struct LoadedCa {
+    ca: Arc<KmsCa>,
+    chain: String,
+    read_at: Instant,
 }
 
 /// Where the device CA is: its settings and the clients that read them.
@@ -326,10 +337,49 @@ struct CaSource {
 }
 
 impl KmsDeviceCa {
-    async fn load(&self) -> Result<KmsCa, CaError> {
-        let Some(CaSource { settings, kms, ssm }) = &self.source else {
+    /// The CA to sign with: the one in use while fresh, else as SSM now names it.
+    async fn ca(&self) -> Result<Arc<KmsCa>, CaError> {
+        let Some(source) = &self.source else {
             return Err(CaError::Misconfigured("ATTESTATION is not x509".into()));
         };
+        // One reader at a time: concurrent devices of a stale instance wait for one SSM read.
+        let mut current = self.current.lock().await;
+        if let Some(loaded) = current
+            .as_ref()
+            .filter(|l| l.read_at.elapsed() < self.refresh)
+        {
+            return Ok(Arc::clone(&loaded.ca));
+        }
+        let chain = match (source.read_chain().await, current.as_mut()) {
+            (Ok(chain), _) => chain,
+            (Err(CaError::Unavailable(why)), Some(loaded)) => {
+                tracing::warn!(error = %why, "the device CA certificate could not be read again; the one in use stays until the next try");
+                loaded.read_at = Instant::now();
+                return Ok(Arc::clone(&loaded.ca));
+            }
+            (Err(e), _) => return Err(e),
+        };
+        if let Some(loaded) = current.as_mut().filter(|l| l.chain == chain) {
+            loaded.read_at = Instant::now();
+            return Ok(Arc::clone(&loaded.ca));
+        }
+        let ca =
+            Arc::new(KmsCa::new(source.kms.clone(), &source.settings.kms_key_id, &chain).await?);
+        if current.is_some() {
+            tracing::info!("the device CA certificate changed in SSM: issuing under the new one");
+        }
+        *current = Some(LoadedCa {
+            ca: Arc::clone(&ca),
+            chain,
+            read_at: Instant::now(),
+        });
+        Ok(ca)
+    }
+}
+
+impl CaSource {
+    async fn read_chain(&self) -> Result<String, CaError> {
+        let Self { settings, ssm, .. } = self;
         let parameter = ssm
             .get_parameter()
             .name(&settings.ca_certificate_parameter)
@@ -341,11 +391,10 @@ impl KmsDeviceCa {
                 }
                 other => CaError::from_failure(other),
             })?;
-        let chain = parameter
+        parameter
             .parameter
             .and_then(|p| p.value)
-            .ok_or_else(|| CaError::Misconfigured("CA_CERTIFICATE_PARAMETER is empty".into()))?;
-        KmsCa::new(kms.clone(), &settings.kms_key_id, &chain).await
+            .ok_or_else(|| CaError::Misconfigured("CA_CERTIFICATE_PARAMETER is empty".into()))
     }
 }
 
@@ -355,7 +404,7 @@ impl DeviceCa for KmsDeviceCa {
         registration_id: &str,
         lifetime: Duration,
     ) -> Result<Credentials, CaError> {
-        let ca = self.ca.get_or_try_init(|| self.load()).await?;
+        let ca = self.ca().await?;
         Ok(Credentials {
             certificate: ca.issue(registration_id, lifetime).await?,
             chain_pem: ca.chain_pem().to_owned(),
@@ -416,7 +465,8 @@ impl State {
         Ok(Self {
             ca: KmsDeviceCa {
                 source: ca_source,
-                ca: tokio::sync::OnceCell::new(),
+                refresh: config.secret_cache,
+                current: tokio::sync::Mutex::new(None),
             },
             keys: ConfiguredKeys {
                 source: key_source,

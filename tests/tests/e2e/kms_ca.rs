@@ -248,6 +248,7 @@ mod function {
 
     struct X509Setup {
         aws: LocalAws,
+        ca: local_emulators::device_ca::DeviceCa,
         root_pem: String,
         dps: DpsSimulator,
         config: Config,
@@ -257,11 +258,17 @@ mod function {
 
     /// The function with its CA in KMS; DPS enrols `enrolled` (the operator's root if `None`).
     async fn setup(enrolled: Option<String>) -> X509Setup {
+        setup_with(enrolled, &[]).await
+    }
+
+    /// As `setup`, with more of the function's settings.
+    async fn setup_with(enrolled: Option<String>, settings: &[(&str, &str)]) -> X509Setup {
         let aws = LocalAws::start().await.unwrap();
         aws.create_devices_table("devices").await.unwrap();
         let kms = aws_sdk_kms::Client::new(&aws.sdk_config().await);
-        let (key_id, intermediate_pem, root_pem) = intermediate(&kms).await;
-        aws.put_parameter(CA_PARAMETER, &intermediate_pem, ParameterType::String)
+        let ca = kms_device_ca(&kms).await.unwrap();
+        let (key_id, root_pem) = (ca.key_id.clone(), ca.root_pem.clone());
+        aws.put_parameter(CA_PARAMETER, &ca.intermediate_pem, ParameterType::String)
             .await
             .unwrap();
         let mut config = DpsSimConfig::new("0ne00X50901");
@@ -284,12 +291,14 @@ mod function {
             ("DEVICES_TABLE", "devices".to_owned()),
         ]
         .into_iter()
+        .chain(settings.iter().map(|(k, v)| (*k, (*v).to_owned())))
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let config = Config::from_env(&env).unwrap();
         let state = State::new(config.clone(), &aws.sdk_config().await).unwrap();
         X509Setup {
             aws,
+            ca,
             root_pem,
             dps,
             config,
@@ -417,6 +426,42 @@ mod function {
             issued.serial
         );
         assert_eq!(s.dps.assigned().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_renewed_ca_certificate_in_ssm_reaches_a_warm_instance() {
+        // The CA certificate is read again at every certificate (SECRET_CACHE_SECONDS=0), as
+        // a warm instance does once its copy is that old.
+        let mut s = setup_with(None, &[("SECRET_CACHE_SECONDS", "0")]).await;
+        let proxy = FaultProxy::start(s.aws.endpoint()).await.unwrap();
+        s.state = State::new(s.config.clone(), &local_sdk_config(&proxy.endpoint()).await).unwrap();
+        let first = call(&s, json!({})).await;
+        assert_eq!(first.status_code, 200, "{}", first.outline());
+        assert_eq!(
+            first.ca_chain_pem.as_deref(),
+            Some(s.ca.intermediate_pem.as_str())
+        );
+
+        // The operator renews the device CA's certificate (same KMS key, same root).
+        let renewed = s.ca.renewed().unwrap();
+        assert_ne!(renewed, s.ca.intermediate_pem);
+        s.aws
+            .put_parameter(CA_PARAMETER, &renewed, ParameterType::String)
+            .await
+            .unwrap();
+        let next = call(&s, json!({"rotate": true})).await;
+        assert_eq!(next.status_code, 200, "{}", next.outline());
+        assert_eq!(next.ca_chain_pem.as_deref(), Some(renewed.as_str()));
+        let certificate = next.certificate_pem.clone().unwrap();
+        verify(&s.root_pem, &certificate, &renewed).expect("chains through the renewed CA");
+        assert_eq!(hub_handshake(&s.root_pem, &next).await, Ok(IMSI.to_owned()));
+
+        // SSM stops answering that parameter: the CA in use goes on issuing.
+        proxy.set(Mode::ThrottleOperation("AmazonSSM.GetParameter"));
+        let during = call(&s, json!({"rotate": true})).await;
+        assert_eq!(during.status_code, 200, "{}", during.outline());
+        assert_eq!(during.ca_chain_pem.as_deref(), Some(renewed.as_str()));
+        assert_eq!(s.dps.assigned().len(), 3);
     }
 
     #[tokio::test]
