@@ -536,9 +536,14 @@ pub async fn test_tokens(aws_endpoint: &str, pool: &str, client: &str) -> Result
 }
 
 /// A password the installers' pool accepts (12+ characters, upper, lower, digit, symbol),
-/// random every time.
+/// random every time (96 bits), and short enough for a person to type from the demo's output.
 pub fn new_password() -> String {
-    format!("Aa1!{}", crate::local_aws::random_key_base64())
+    let random: String = crate::local_aws::random_key_base64()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect();
+    format!("Aa1!{random}")
 }
 
 /// `token` with its payload changed after signing (the `admins` group added), its header and

@@ -50,12 +50,15 @@ fn field<'a>(v: &'a Value, name: &str) -> &'a str {
     v.get(name).and_then(Value::as_str).unwrap_or("")
 }
 
-/// Runs the story, calling `report` after each step; returns every step.
-pub async fn run(
-    stack: &LocalStack,
-    watch: &LambdaWatch,
-    mut report: impl FnMut(&Step),
-) -> Vec<Step> {
+/// What the story leaves behind: every step, and the installers' page it served (still up
+/// while this is kept: `make demo` keeps it for a person to sign in).
+pub struct Story {
+    pub steps: Vec<Step>,
+    pub installers: Option<crate::installer_site::LocalInstallers>,
+}
+
+/// Runs the story, calling `report` after each step.
+pub async fn run(stack: &LocalStack, watch: &LambdaWatch, mut report: impl FnMut(&Step)) -> Story {
     let mut steps = Vec::new();
     let mut record = |step: Step| {
         report(&step);
@@ -73,7 +76,8 @@ pub async fn run(
     for step in operator::steps(stack).await {
         record(step);
     }
-    for step in installer::steps(stack, watch).await {
+    let (installer_steps, installers) = installer::steps(stack, watch).await;
+    for step in installer_steps {
         record(step);
     }
     record(invoke(watch, beam::signed_request(stack)).await);
@@ -84,7 +88,7 @@ pub async fn run(
     record(invoke(watch, operator::unfilled_event()).await);
     record(invoke(watch, operator::blocked_sim_boots()).await);
     record(dps_statistics(stack));
-    steps
+    Story { steps, installers }
 }
 
 /// The SIM and the installer, through azure-dps-register and claim-issuer.

@@ -16,7 +16,7 @@ async fn the_sample_story_replays_through_cargo_lambda() {
     let watch = LambdaWatch::start(&env_file, &stack.dir().join("watch.log"))
         .await
         .unwrap();
-    let steps = story::run(&stack, &watch, |_| {}).await;
+    let steps = story::run(&stack, &watch, |_| {}).await.steps;
     let failed: Vec<String> = steps
         .iter()
         .filter(|s| !s.ok)

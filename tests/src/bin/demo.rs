@@ -4,9 +4,13 @@
 //! printing each step's outcome. It exits non-zero if any step's outcome is not the expected
 //! one, and stops everything it started on exit, failure or Ctrl-C.
 //!
+//! Run from a terminal, it then keeps everything up, the installers' page with an installer's
+//! sign-in printed, until Enter (`make demo | tee` or CI does not wait).
+//!
 //! `demo --serve ENV_FILE` starts and seeds the emulators only, writes the functions'
 //! environment to ENV_FILE, and waits for Ctrl-C (`make emulators`).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,7 +47,7 @@ async fn demo() -> Result<bool, String> {
 
     println!("==> replaying the story\n");
     let mut number = 0;
-    let steps = story::run(&stack, &watch, |step| {
+    let story = story::run(&stack, &watch, |step| {
         number += 1;
         let mark = if step.ok { "ok  " } else { "FAIL" };
         println!("{number:>2}. [{mark}] {}", step.title);
@@ -51,6 +55,7 @@ async fn demo() -> Result<bool, String> {
         println!("           {}\n", step.detail);
     })
     .await;
+    let steps = &story.steps;
     let failed = steps.iter().filter(|s| !s.ok).count();
     if failed > 0 {
         if let Ok(text) = std::fs::read_to_string(watch.log()) {
@@ -62,7 +67,33 @@ async fn demo() -> Result<bool, String> {
         }
     }
     println!("demo: {} passed, {} failed", steps.len() - failed, failed);
+    // A person at a terminal may try the page: it stays up, with claim-issuer in the watch.
+    let person = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    if let (true, Some(installers)) = (person, &story.installers) {
+        println!("\n==> everything stays up for you to try the installers' page");
+        println!("{}", sign_in_help(installers));
+        println!("press Enter to stop everything");
+        // A plain thread: one blocked on the terminal must not hold up the exit on Ctrl-C.
+        let (entered, enter) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_line(&mut String::new());
+            let _ = entered.send(());
+        });
+        let _ = enter.await;
+    }
     Ok(failed == 0)
+}
+
+/// How a person signs in to the local installers' page.
+fn sign_in_help(installers: &LocalInstallers) -> String {
+    format!(
+        "installers' page: {}\n  sign in as {} with the temporary password {}; the page then \
+         asks for a new password and sets up an authenticator app (the local Cognito's key is \
+         fixed: the page shows it; any TOTP app or `oathtool --totp -b KEY` gives the code)",
+        installers.site.page_url(),
+        installers.user,
+        installers.temporary_password
+    )
 }
 
 async fn serve(env_file: PathBuf) -> Result<bool, String> {
@@ -106,12 +137,8 @@ async fn serve(env_file: PathBuf) -> Result<bool, String> {
     )
     .await?;
     println!(
-        "installers' page: {}  (needs `make watch` for its API)\n  sign in as {} with the temporary \
-         password {}; the page then asks for a new password and sets up an authenticator app \
-         (the local Cognito's key is fixed: the page shows it)",
-        installers.site.page_url(),
-        installers.user,
-        installers.temporary_password
+        "{}\n  (its API needs `make watch`)",
+        sign_in_help(&installers)
     );
     println!("Ctrl-C stops them");
     let _ = tokio::signal::ctrl_c().await;

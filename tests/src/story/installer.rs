@@ -19,19 +19,27 @@ fn step(title: &'static str, command: String, outcome: Result<String, String>) -
     }
 }
 
-pub async fn steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
+/// The steps, and the page with its installer (kept up by `make demo` for a person).
+pub async fn steps(
+    stack: &LocalStack,
+    watch: &LambdaWatch,
+) -> (Vec<Step>, Option<LocalInstallers>) {
     let started =
         LocalInstallers::start(stack.aws.endpoint(), "localhost", &watch.invoke_base()).await;
-    let local = match started {
-        Ok(local) => local,
-        Err(e) => {
-            return vec![step(
+    match started {
+        Ok(local) => (served(stack, &local).await, Some(local)),
+        Err(e) => (
+            vec![step(
                 "the installers' page is served, its API behind the JWT authorizer stand-in",
                 "tests/interop/cognito_pool.py setup; installer_site".into(),
                 Err(e),
-            )]
-        }
-    };
+            )],
+            None,
+        ),
+    }
+}
+
+async fn served(stack: &LocalStack, local: &LocalInstallers) -> Vec<Step> {
     let site = &local.site;
     let page = crate::http_client::send(hyper::Method::GET, &site.page_url(), &[], "").await;
     let served = match page {
@@ -42,8 +50,8 @@ pub async fn steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
                     .is_ok_and(|c| c.starts_with("default-src 'none'")) =>
             {
                 Ok(format!(
-                    "{} (CSP default-src 'none'); user pool {} with {} (MFA required); \
-                     to sign in yourself: `make emulators` and `make watch` serve it",
+                    "{} (CSP default-src 'none'); user pool {} with the installer {} \
+                     (MFA required)",
                     site.page_url(),
                     local.pool,
                     local.user
