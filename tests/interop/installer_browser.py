@@ -244,7 +244,7 @@ def main():
         out["scanAfter"] = page.script(
             "const v = document.getElementById('scan-video');"
             "return {scannerHidden: document.getElementById('scanner').hidden,"
-            " camera: v.srcObject === null ? 'released' : 'held'};"
+            " camera: v.srcObject === null ? 'released' : 'held', decoderOnPage: typeof window.ZXing};"
         )
         page.shot("16d-scanned")
         # Stopping by hand releases the camera too.

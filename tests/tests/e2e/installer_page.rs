@@ -191,7 +191,8 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
     );
     assert_eq!(
         seen["scanAfter"],
-        json!({"scannerHidden": true, "camera": "released"})
+        // Decoded in the worker: the page's own thread never loaded ZXing.
+        json!({"scannerHidden": true, "camera": "released", "decoderOnPage": "undefined"})
     );
     assert_eq!(seen["scanStopped"], true);
     assert_eq!(
