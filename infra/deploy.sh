@@ -17,6 +17,9 @@
 #   SORACOM_EXTERNAL_ID     required: external id of the SORACOM credential (never printed)
 #   GROUP_KEY_PARAMETER     default /soracom-dps/group-key (store the key there first)
 #   PROVISIONING_TEMPLATE   default fleet-template
+#   SERIAL_PATTERN          optional: the regular expression device serials match in full
+#                           (default: what AWS IoT accepts in a thing name); claim-issuer and
+#                           the hook refuse others, the installers' page scans the code matching it
 #   ALLOWED_OPERATOR_IDS    required: your SORACOM operator id(s), comma-separated (OP...); a
 #                           deployed stack never admits SIMs of any operator
 #   DEVICE_CA_KMS_KEY_ARN   optional: deploy for X.509 devices (Attestation=x509) with this
@@ -62,6 +65,9 @@ overrides=(
   "ProvisioningTemplateName=$PROVISIONING_TEMPLATE"
   "AllowedOperatorIds=$ALLOWED_OPERATOR_IDS"
 )
+if [ -n "${SERIAL_PATTERN:-}" ]; then
+  overrides+=("SerialPattern=$SERIAL_PATTERN")
+fi
 if [ -n "${DEVICE_CA_KMS_KEY_ARN:-}" ]; then
   overrides+=(
     "Attestation=x509"
@@ -99,15 +105,18 @@ output() {
     --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text
 }
 if $plan; then
-  echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, ClaimsApiUrl)"
+  echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, ClaimsApiUrl, SerialPattern)"
   echo "+ $AWS s3 sync web/ s3://<InstallerPageBucketName>/ --delete --exclude config.json --exclude README.md --exclude 'screenshots/*'"
   echo "+ $AWS s3 cp target/page-config.json s3://<InstallerPageBucketName>/config.json"
 else
   mkdir -p target
   api=$(output ClaimsApiUrl)
-  printf '{"region":"%s","userPoolId":"%s","clientId":"%s","apiUrl":"%s"}\n' \
+  # JSON by a JSON encoder: the serial pattern may hold backslashes and quotes.
+  python3 -c 'import json, sys
+keys = ["region", "userPoolId", "clientId", "apiUrl", "serialPattern"]
+print(json.dumps(dict(zip(keys, sys.argv[1:]))))' \
     "$AWS_REGION" "$(output InstallersUserPoolId)" "$(output InstallersAppClientId)" "${api%/claims}" \
-    > target/page-config.json
+    "$(output SerialPattern)" > target/page-config.json
   bucket=$(output InstallerPageBucketName)
   run "$AWS" s3 sync web/ "s3://$bucket/" --delete --exclude config.json --exclude README.md \
     --exclude 'screenshots/*' --region "$AWS_REGION"

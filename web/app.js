@@ -8,8 +8,8 @@ import { ScanError, Scanner, cameraAvailable, scanWords } from './scanner.js';
 
 const $ = (id) => document.getElementById(id);
 const STEPS = ['sign-in', 'new-password', 'mfa-setup', 'mfa', 'claim', 'result'];
-// claim-issuer's default SERIAL_PATTERN (shared::registry::DEFAULT_SERIAL_PATTERN): which of a
-// label's codes is the serial. A deployment that sets another puts it in config.json.
+// claim-issuer's default SERIAL_PATTERN (shared::registry::DEFAULT_SERIAL_PATTERN), for a
+// config.json without the stack's `serialPattern`.
 const DEFAULT_SERIAL_PATTERN = '[A-Za-z0-9][A-Za-z0-9_:-]{0,63}';
 
 let config;
@@ -200,12 +200,25 @@ function stopScanning() {
   if (scanner) scanner.stop();
 }
 
+/**
+ * Which of a label's codes is the serial: the deployment's pattern, matched whole. A pattern
+ * this browser cannot read (Rust's regex syntax and JavaScript's differ at the edges) lets any
+ * code through: claim-issuer checks the serial anyway.
+ */
+function serialTest() {
+  try {
+    const pattern = new RegExp(`^(?:${config.serialPattern || DEFAULT_SERIAL_PATTERN})$`);
+    return (text) => pattern.test(text);
+  } catch (e) {
+    return (text) => text.length > 0;
+  }
+}
+
 /** The camera reads the serial off the label into the field; the installer then asks. */
 async function scanLabel() {
   stopScanning();
-  const pattern = new RegExp(`^(?:${config.serialPattern || DEFAULT_SERIAL_PATTERN})$`);
   const session = new Scanner($('scan-video'), {
-    isSerial: (text) => pattern.test(text),
+    isSerial: serialTest(),
     onOther: (text) => {
       $('scan-status').textContent = `That code (${text.slice(0, 40)}) is not a device serial: point the camera at the serial's barcode.`;
     },

@@ -261,6 +261,8 @@ impl InstallerSite {
                 "cognitoEndpoint": page.cognito_endpoint,
                 "apiUrl": api_url,
                 "iotEndpoint": page.iot_endpoint,
+                // As `make deploy` writes it from the stack's SerialPattern (claim-issuer's).
+                "serialPattern": shared::registry::DEFAULT_SERIAL_PATTERN,
             }),
         });
         let invocations = Arc::new(AtomicUsize::new(0));

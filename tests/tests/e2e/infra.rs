@@ -362,6 +362,7 @@ fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
         "STACK_NAME",
         "DEVICE_CA_KMS_KEY_ARN",
         "DEVICE_CA_PARAMETER",
+        "SERIAL_PATTERN",
     ] {
         command.env_remove(name);
     }
@@ -399,6 +400,43 @@ fn deploy_plan_shows_every_step_without_credentials_or_secrets() {
             "the stack builds {function}"
         );
     }
+}
+
+/// One serial format for the whole stack: claim-issuer and the hook check the same pattern,
+/// by default the one the functions default to, and the page's config gets it from the outputs.
+#[test]
+fn one_serial_pattern_reaches_claim_issuer_the_hook_and_the_page() {
+    let t = template();
+    let functions = functions(&t);
+    for function in ["claim-issuer", "fleet-prehook"] {
+        assert_eq!(
+            functions[function]
+                .get("SERIAL_PATTERN")
+                .map(String::as_str),
+            Some("!Ref SerialPattern"),
+            "{function}"
+        );
+    }
+    assert_eq!(
+        t["Parameters"]["SerialPattern"]["Default"].as_str(),
+        Some(shared::registry::DEFAULT_SERIAL_PATTERN)
+    );
+    assert_eq!(
+        text(&t["Outputs"]["SerialPattern"]["Value"]).as_deref(),
+        Some("!Ref SerialPattern")
+    );
+    let out = deploy_script(
+        true,
+        &[
+            DEPLOY_SETTINGS.as_slice(),
+            &[("SERIAL_PATTERN", "SN-[0-9]{6}")],
+        ]
+        .concat(),
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}");
+    assert!(plan.contains("SerialPattern=SN-[0-9]{6}"), "{plan}");
+    assert!(plan.contains("ClaimsApiUrl, SerialPattern)"), "{plan}");
 }
 
 #[test]
