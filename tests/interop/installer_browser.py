@@ -7,8 +7,9 @@ SECOND_SERIAL (allowed, past the installer's quota); SCAN_SERIAL (on the label t
 DOWNLOAD_DIR; SCREENSHOT_DIR; CHROMIUM, CHROMEDRIVER (default /usr/bin/...).
 
 The camera is Chromium's fake capture device playing a video this script draws (python-barcode
-for the Code 128, segno for the QR code, both pinned): first a QR code with a web address only,
-then a device label with the serial's Code 128 above that QR code.
+for the Code 128s, segno for the QR code, both pinned): first a QR code with a web address only,
+then a device label as a phone held upright sees it lying flat: the serial's Code 128 on end, a
+firmware version's Code 128 across, and that QR code.
 
 Prints one JSON object: what the page showed at each step, what it stored, what it downloaded.
 Every wait is bounded (WebDriverWait); a step that does not come fails the run.
@@ -54,12 +55,16 @@ def totp(secret):
 
 
 LABEL_URL = "https://example.com/manuals/sensor-x"
-WIDTH, HEIGHT, FPS = 480, 360, 5
+LABEL_FIRMWARE = "FW 1.2.3"  # not a serial: a space
+WIDTH, HEIGHT, FPS = 640, 480, 5
 WHITE, BLACK = 235, 16  # video luma range
 
 
 def label_video(path, serial):
     """A YUV4MPEG2 file: 4 s of a QR code alone (not a serial), then 2 s of the label."""
+
+    def code128(text):
+        return [int(b) for b in Code128(text).build()[0]]
 
     def frame(with_serial):
         luma = bytearray([WHITE]) * (WIDTH * HEIGHT)
@@ -73,10 +78,12 @@ def label_video(path, serial):
                             luma[start : start + scale] = bytes([BLACK]) * scale
 
         qr = segno.make(LABEL_URL, error="m", micro=False).matrix
-        paint((WIDTH - len(qr) * 5) // 2, 190, qr, 5)
+        paint(330, 220, qr, 5)
         if with_serial:
-            bars = [int(b) for b in Code128(serial).build()[0]]
-            paint((WIDTH - len(bars) * 3) // 2, 40, [bars] * 40, 3)
+            firmware = code128(LABEL_FIRMWARE)
+            paint(WIDTH - 40 - len(firmware) * 3, 40, [firmware] * 40, 3)
+            on_end = [[bar] * 20 for bar in code128(serial)]  # one row per module, 20 wide
+            paint(60, 150, on_end, 3)
         chroma = bytes([128]) * (WIDTH * HEIGHT // 4)
         return b"FRAME\n" + bytes(luma) + chroma + chroma
 
