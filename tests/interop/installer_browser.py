@@ -216,6 +216,10 @@ def main():
         out["command"] = page.text("command")
         out["resultSerial"] = page.text("result-serial")
         page.shot("15-claim-issued")
+        # As on an installer's phone.
+        driver.set_window_size(390, 844)
+        page.shot("15p-claim-issued-phone")
+        driver.set_window_size(900, 1000)
         driver.find_element(By.ID, "download-cert").click()
         driver.find_element(By.ID, "download-key").click()
         out["downloads"] = downloaded(env["DOWNLOAD_DIR"], ["claim.pem.crt", "claim.pem.key"])

@@ -236,6 +236,7 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         "13-authenticator-setup",
         "14-claim-form",
         "15-claim-issued",
+        "15p-claim-issued-phone",
         "16-refused-serial",
         "16b-rate-limited",
         "16c-scanning",
