@@ -8,6 +8,7 @@ use aws_sdk_ssm::types::ParameterType;
 use shared::keys::SymmetricKey;
 use shared::registry::{DeviceId, DeviceRecord, DeviceStatus, DynamoRegistry};
 
+use crate::device_ca::{kms_device_ca, DeviceCa};
 use crate::dps_sim::{DpsLimits, DpsSimConfig, DpsSimulator};
 use crate::iot_control::IotControlPlane;
 use crate::iot_hub::IotHubRegistry;
@@ -31,6 +32,8 @@ pub const HUBS: [&str; 2] = [
 pub const BLOCKED_IMSI: &str = "440103999999999";
 /// The SIM that `events/azure-dps-register/client-context-expired.json` names.
 pub const EXPIRED_IMSI: &str = "440103888888888";
+/// Where azure-dps-register with `ATTESTATION=x509` finds the device CA's certificate.
+pub const DEVICE_CA_PARAMETER: &str = "/soracom-dps/device-ca";
 
 #[derive(Debug, thiserror::Error)]
 #[error("local stack: {0}")]
@@ -60,6 +63,9 @@ pub struct LocalStack {
     /// The key SORACOM Beam signs with (made at start, kept in SSM).
     pub beam_psk: String,
     pub registry: DynamoRegistry,
+    /// The X.509 device CA: its key in the local KMS, its certificate in SSM, DPS enrolling
+    /// the operator's root above it.
+    pub device_ca: DeviceCa,
     dir: TempDir,
 }
 
@@ -69,8 +75,19 @@ impl LocalStack {
         let group_key_b64 = random_key_base64();
         let group_key = SymmetricKey::from_base64(&group_key_b64).map_err(err)?;
 
+        let kms = aws_sdk_kms::Client::new(&aws.sdk_config().await);
+        let device_ca = kms_device_ca(&kms).await.map_err(err)?;
+        aws.put_parameter(
+            DEVICE_CA_PARAMETER,
+            &device_ca.intermediate_pem,
+            ParameterType::String,
+        )
+        .await
+        .map_err(err)?;
+
         let mut dps_config = DpsSimConfig::new(ID_SCOPE);
         dps_config.group_keys.push(group_key.clone());
+        dps_config.x509_cas.push(device_ca.root_pem.clone());
         dps_config.hubs = HUBS.iter().map(|h| (*h).to_owned()).collect();
         dps_config.retry_after = 1;
         // The demo and the replays run under DPS's own quotas.
@@ -129,6 +146,7 @@ impl LocalStack {
             group_key,
             beam_psk,
             registry,
+            device_ca,
             dir,
         })
     }
@@ -173,17 +191,36 @@ impl LocalStack {
         .collect()
     }
 
+    /// [`Self::env`] for azure-dps-register deployed for X.509 devices (`Attestation=x509`).
+    pub fn x509_env(&self) -> Vec<(String, String)> {
+        let mut env = self.env();
+        env.extend(
+            [
+                ("ATTESTATION", "x509"),
+                ("CA_KMS_KEY_ID", self.device_ca.key_id.as_str()),
+                ("CA_CERTIFICATE_PARAMETER", DEVICE_CA_PARAMETER),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        env
+    }
+
     /// Writes [`Self::env`] as a `KEY=VALUE` file for `cargo lambda watch --env-file`.
     pub fn write_env_file(&self, path: &Path) -> std::io::Result<()> {
-        let text: String = self
-            .env()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
-            .collect();
-        std::fs::write(path, text)
+        write_env(&self.env(), path)
+    }
+
+    /// Writes [`Self::x509_env`] the same way.
+    pub fn write_x509_env_file(&self, path: &Path) -> std::io::Result<()> {
+        write_env(&self.x509_env(), path)
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+fn write_env(env: &[(String, String)], path: &Path) -> std::io::Result<()> {
+    let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(path, text)
 }

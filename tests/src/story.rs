@@ -13,6 +13,7 @@ mod beam;
 mod device;
 mod installer;
 mod operator;
+mod x509;
 use crate::stack::{LocalStack, HUBS};
 
 /// One step's outcome.
@@ -64,7 +65,13 @@ pub async fn run(stack: &LocalStack, watch: &LambdaWatch, mut report: impl FnMut
         report(&step);
         steps.push(step);
     };
-    for invocation in function_invocations(stack) {
+    for invocation in sim_invocations(stack) {
+        record(invoke(watch, invocation).await);
+    }
+    for step in x509::steps(stack).await {
+        record(step);
+    }
+    for invocation in installer_invocations(stack) {
         record(invoke(watch, invocation).await);
     }
     for step in device_steps(stack, watch).await {
@@ -91,14 +98,13 @@ pub async fn run(stack: &LocalStack, watch: &LambdaWatch, mut report: impl FnMut
     Story { steps, installers }
 }
 
-/// The SIM and the installer, through azure-dps-register and claim-issuer.
-fn function_invocations(stack: &LocalStack) -> Vec<Invocation> {
+/// The SIM through azure-dps-register.
+fn sim_invocations(stack: &LocalStack) -> Vec<Invocation> {
     let dps_events = events().join("azure-dps-register");
     let expected_key = stack
         .group_key
         .derive_device_key("440103123456789")
         .to_base64();
-    let claim_dir = stack.dir().to_owned();
     vec![
         Invocation {
             title: "a SIM calls through SORACOM Funk and gets its IoT Hub connection string",
@@ -163,6 +169,13 @@ fn function_invocations(stack: &LocalStack) -> Vec<Invocation> {
                 _ => Err(format!("expected 403 sim-blocked, got {v}")),
             }),
         },
+    ]
+}
+
+/// The installer through claim-issuer.
+fn installer_invocations(stack: &LocalStack) -> Vec<Invocation> {
+    let claim_dir = stack.dir().to_owned();
+    vec![
         claim_invocation(
             "a signed-in installer gets a 5-minute claim certificate bound to SN-0001",
             "issue.json",
@@ -258,9 +271,9 @@ fn hook_invocations(stack: &LocalStack) -> Vec<Invocation> {
 fn dps_statistics(stack: &LocalStack) -> Step {
     let dps_connections = stack.dps.stats().connections.load(Ordering::Relaxed);
     Step {
-        title: "DPS saw two devices connect, the Funk SIM's first boot and the Beam SIM's (the reboot was answered from the record, the blocked SIM never got there)",
+        title: "DPS saw three devices connect, the Funk SIM's first boot, the X.509 SIM's and the Beam SIM's (the reboot was answered from the record, the blocked SIM never got there)",
         command: "dps-simulator statistics".into(),
-        ok: dps_connections == 2,
+        ok: dps_connections == 3,
         detail: format!(
             "{dps_connections} connection(s), {} assigned",
             stack.dps.assigned().len()
@@ -424,6 +437,10 @@ pub fn secrets(stack: &LocalStack) -> Vec<(String, String)> {
         (
             "device private key",
             stack.dir().join("device-SN-0001/private.pem.key"),
+        ),
+        (
+            "X.509 device private key",
+            stack.dir().join(x509::DEVICE_KEY),
         ),
     ] {
         let text = std::fs::read_to_string(&file).unwrap_or_default();

@@ -51,13 +51,16 @@ async fn the_sample_story_replays_through_cargo_lambda() {
             "device key",
             "SAS signature",
             "claim private key",
-            "device private key"
+            "device private key",
+            "X.509 device private key"
         ]
         .iter()
         .all(|k| kinds.contains(k)),
         "the story must have handled every kind of secret: {kinds:?}"
     );
-    let log = std::fs::read_to_string(watch.log()).unwrap();
+    // Both watches' output: the symmetric-key functions' and the X.509 deployment's.
+    let log = std::fs::read_to_string(watch.log()).unwrap()
+        + &std::fs::read_to_string(stack.dir().join("watch-x509.log")).unwrap();
     assert!(
         log.contains("provisioning allowed"),
         "the log holds the functions' output"

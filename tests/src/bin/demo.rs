@@ -32,7 +32,7 @@ async fn demo() -> Result<bool, String> {
         stack.dps.addr().port()
     );
     println!("    AWS IoT control      {}", stack.iot.endpoint());
-    println!("    seeded: group key (SSM SecureString), blocked SIM, serials SN-0001 (allowed) and SN-0666 (blocked)");
+    println!("    seeded: group key (SSM SecureString), device CA (KMS key, certificate in SSM, its root enrolled in DPS), blocked SIM, serials SN-0001 (allowed) and SN-0666 (blocked)");
 
     println!("==> building the functions for local replay (cargo build --features local-replay)");
     lambda_watch::prebuild().await.map_err(|e| e.to_string())?;
