@@ -4,15 +4,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aws_sdk_ssm::types::ParameterType;
-use local_emulators::device_ca::kms_device_ca;
 use local_emulators::dps_sim::{DpsSimConfig, DpsSimulator};
-use local_emulators::stack::{LocalStack, ID_SCOPE};
+use local_emulators::stack::{LocalStack, DEVICE_CA_PARAMETER, ID_SCOPE};
 
 use crate::{release_bin, root};
-
-/// Where the device CA's certificate is, as the deployed template names it by default.
-const CA_PARAMETER: &str = "/soracom-dps/device-ca";
 
 pub(crate) const FUNCTIONS: [&str; 3] = ["azure-dps-register", "fleet-prehook", "claim-issuer"];
 
@@ -40,8 +35,6 @@ pub(crate) struct Bench {
     pub(crate) immediate: DpsSimulator,
     /// A DPS simulator with an X.509 enrollment group on the operator's root, assigning at once.
     pub(crate) x509: DpsSimulator,
-    /// The device CA's KMS key (in the local endpoint's KMS; its certificate in SSM).
-    pub(crate) ca_key_id: String,
     ca_dir: PathBuf,
     imsi: AtomicU64,
 }
@@ -55,15 +48,9 @@ impl Bench {
         let immediate = DpsSimulator::start(config, ([127, 0, 0, 1], 0).into())
             .await
             .map_err(|e| e.to_string())?;
-        let kms = aws_sdk_kms::Client::new(&stack.aws.sdk_config().await);
-        let ca = kms_device_ca(&kms).await?;
-        stack
-            .aws
-            .put_parameter(CA_PARAMETER, &ca.intermediate_pem, ParameterType::String)
-            .await
-            .map_err(|e| e.to_string())?;
+        // The stack's device CA (KMS key, certificate in SSM): this simulator enrols its root.
         let mut config = DpsSimConfig::new(ID_SCOPE);
-        config.x509_cas.push(ca.root_pem);
+        config.x509_cas.push(stack.device_ca.root_pem.clone());
         config.retry_after = 0;
         let x509 = DpsSimulator::start(config, ([127, 0, 0, 1], 0).into())
             .await
@@ -73,7 +60,6 @@ impl Bench {
             stack,
             immediate,
             x509,
-            ca_key_id: ca.key_id,
             ca_dir,
             imsi: AtomicU64::new(0),
         })
@@ -123,8 +109,8 @@ impl Bench {
         env.extend(
             [
                 ("ATTESTATION", "x509".to_owned()),
-                ("CA_KMS_KEY_ID", self.ca_key_id.clone()),
-                ("CA_CERTIFICATE_PARAMETER", CA_PARAMETER.to_owned()),
+                ("CA_KMS_KEY_ID", self.stack.device_ca.key_id.clone()),
+                ("CA_CERTIFICATE_PARAMETER", DEVICE_CA_PARAMETER.to_owned()),
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
