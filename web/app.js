@@ -318,6 +318,16 @@ async function start() {
     event.preventDefault();
     requestClaim();
   });
+  // The clipboard API exists only in secure contexts; elsewhere the command is selected by hand.
+  $('copy-command').hidden = !(navigator.clipboard && navigator.clipboard.writeText);
+  $('copy-command').addEventListener('click', async () => {
+    try {
+      await navigator.clipboard.writeText($('command').textContent);
+      tell('The command is copied: paste it in the device\'s terminal.', 'info');
+    } catch (e) {
+      tell('This browser did not allow copying: select the command and copy it.');
+    }
+  });
   $('another').addEventListener('click', () => {
     forgetClaim();
     $('serial').value = '';

@@ -216,6 +216,18 @@ def main():
         out["command"] = page.text("command")
         out["resultSerial"] = page.text("result-serial")
         page.shot("15-claim-issued")
+        # The command goes to the clipboard as shown (the browser's clipboard permission granted,
+        # as a person's click does).
+        driver.execute_cdp_cmd(
+            "Browser.grantPermissions",
+            {"origin": env["PAGE_URL"].rstrip("/"), "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        )
+        driver.find_element(By.ID, "copy-command").click()
+        out["copied"] = page.message()
+        out["clipboard"] = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "navigator.clipboard.readText().then(done, (e) => done('unreadable: ' + e));"
+        )
         # As on an installer's phone.
         driver.set_window_size(390, 844)
         page.shot("15p-claim-issued-phone")
