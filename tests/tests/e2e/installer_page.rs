@@ -162,7 +162,11 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
     ] {
         assert!(command.contains(part), "{part}: {command}");
     }
-    assert_eq!(seen["clipboard"].as_str(), Some(command), "the copied command");
+    assert_eq!(
+        seen["clipboard"].as_str(),
+        Some(command),
+        "the copied command"
+    );
     assert_eq!(
         seen["copied"],
         "The command is copied: paste it in the device's terminal."
