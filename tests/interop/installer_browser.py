@@ -61,7 +61,7 @@ WHITE, BLACK = 235, 16  # video luma range
 
 
 def label_video(path, serial):
-    """A YUV4MPEG2 file: 4 s of a QR code alone (not a serial), then 2 s of the label."""
+    """A YUV4MPEG2 file: 6 s of a QR code alone (not a serial), then 2 s of the label."""
 
     def code128(text):
         return [int(b) for b in Code128(text).build()[0]]
@@ -90,7 +90,7 @@ def label_video(path, serial):
     with open(path, "wb") as out:
         out.write(f"YUV4MPEG2 W{WIDTH} H{HEIGHT} F{FPS}:1 Ip A1:1 C420jpeg\n".encode())
         alone, label = frame(False), frame(True)
-        out.write(alone * (4 * FPS) + label * (2 * FPS))
+        out.write(alone * (6 * FPS) + label * (2 * FPS))
 
 
 class Page:

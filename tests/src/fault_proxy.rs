@@ -134,21 +134,18 @@ fn operation(req: &Request<Incoming>) -> &str {
 
 async fn forward(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let number = state.requests.fetch_add(1, Ordering::Relaxed);
-    let mut mode = *lock(&state.mode);
-    if matches!(mode, Mode::ThrottleAfter(_)) {
-        mode = if number >= state.throttle_from.load(Ordering::Relaxed) {
-            Mode::Throttle
-        } else {
-            Mode::Pass
-        };
-    }
-    if let Mode::ThrottleOperation(target) = mode {
-        mode = if operation(&req) == target {
-            Mode::Throttle
-        } else {
-            Mode::Pass
-        };
-    }
+    // The conditional modes come down to throttling this request or passing it.
+    let configured = *lock(&state.mode);
+    let throttled = match configured {
+        Mode::ThrottleAfter(_) => Some(number >= state.throttle_from.load(Ordering::Relaxed)),
+        Mode::ThrottleOperation(target) => Some(operation(&req) == target),
+        _ => None,
+    };
+    let mode = match throttled {
+        Some(true) => Mode::Throttle,
+        Some(false) => Mode::Pass,
+        None => configured,
+    };
     match mode {
         Mode::Stopped => {
             // Stopped mid-connection: fail the request as a dead peer would.

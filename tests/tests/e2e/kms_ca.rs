@@ -456,8 +456,14 @@ mod function {
         verify(&s.root_pem, &certificate, &renewed).expect("chains through the renewed CA");
         assert_eq!(hub_handshake(&s.root_pem, &next).await, Ok(IMSI.to_owned()));
 
-        // SSM stops answering that parameter: the CA in use goes on issuing.
+        // SSM stops answering that parameter: the CA in use goes on issuing. (Another renewal
+        // waits in SSM meanwhile: the function issuing under it would mean it read SSM.)
         proxy.set(Mode::ThrottleOperation("AmazonSSM.GetParameter"));
+        let unread = s.ca.renewed().unwrap();
+        s.aws
+            .put_parameter(CA_PARAMETER, &unread, ParameterType::String)
+            .await
+            .unwrap();
         let during = call(&s, json!({"rotate": true})).await;
         assert_eq!(during.status_code, 200, "{}", during.outline());
         assert_eq!(during.ca_chain_pem.as_deref(), Some(renewed.as_str()));
