@@ -428,6 +428,16 @@ mod function {
         assert_eq!(s.dps.assigned().len(), 2);
     }
 
+    /// The operator renews the device CA's certificate and puts it where the function reads it.
+    async fn renew_in_ssm(s: &X509Setup) -> String {
+        let renewed = s.ca.renewed().unwrap();
+        s.aws
+            .put_parameter(CA_PARAMETER, &renewed, ParameterType::String)
+            .await
+            .unwrap();
+        renewed
+    }
+
     #[tokio::test]
     async fn a_renewed_ca_certificate_in_ssm_reaches_a_warm_instance() {
         // The CA certificate is read again at every certificate (SECRET_CACHE_SECONDS=0), as
@@ -443,12 +453,8 @@ mod function {
         );
 
         // The operator renews the device CA's certificate (same KMS key, same root).
-        let renewed = s.ca.renewed().unwrap();
+        let renewed = renew_in_ssm(&s).await;
         assert_ne!(renewed, s.ca.intermediate_pem);
-        s.aws
-            .put_parameter(CA_PARAMETER, &renewed, ParameterType::String)
-            .await
-            .unwrap();
         let next = call(&s, json!({"rotate": true})).await;
         assert_eq!(next.status_code, 200, "{}", next.outline());
         assert_eq!(next.ca_chain_pem.as_deref(), Some(renewed.as_str()));
@@ -459,11 +465,8 @@ mod function {
         // SSM stops answering that parameter: the CA in use goes on issuing. (Another renewal
         // waits in SSM meanwhile: the function issuing under it would mean it read SSM.)
         proxy.set(Mode::ThrottleOperation("AmazonSSM.GetParameter"));
-        let unread = s.ca.renewed().unwrap();
-        s.aws
-            .put_parameter(CA_PARAMETER, &unread, ParameterType::String)
-            .await
-            .unwrap();
+        let unread = renew_in_ssm(&s).await;
+        assert_ne!(unread, renewed);
         let during = call(&s, json!({"rotate": true})).await;
         assert_eq!(during.status_code, 200, "{}", during.outline());
         assert_eq!(during.ca_chain_pem.as_deref(), Some(renewed.as_str()));
