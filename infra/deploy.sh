@@ -25,6 +25,10 @@
 #   DEVICE_CA_KMS_KEY_ARN   optional: deploy for X.509 devices (Attestation=x509) with this
 #                           KMS key as the device CA's key; the CA certificate goes in the SSM
 #                           parameter DEVICE_CA_PARAMETER (default /soracom-dps/device-ca)
+#   BEAM_PSK_PARAMETER      optional: deploy SORACOM Beam's front door (POST /register), with
+#                           Beam's pre-shared key in this SSM SecureString; unset: no Beam route
+#   BEAM_OPERATOR_ID        optional: the operator whose Beam signs (needed when
+#                           ALLOWED_OPERATOR_IDS lists several)
 #   SAM, AWS                the commands to use (default: from .venv-deploy); SAM's build
 #                           runs `cargo lambda build`, from .venv/bin (make deploy installs it)
 set -euo pipefail
@@ -67,6 +71,12 @@ overrides=(
 )
 if [ -n "${SERIAL_PATTERN:-}" ]; then
   overrides+=("SerialPattern=$SERIAL_PATTERN")
+fi
+if [ -n "${BEAM_PSK_PARAMETER:-}" ]; then
+  overrides+=("BeamPskParameterName=$BEAM_PSK_PARAMETER")
+  if [ -n "${BEAM_OPERATOR_ID:-}" ]; then
+    overrides+=("BeamOperatorId=$BEAM_OPERATOR_ID")
+  fi
 fi
 if [ -n "${DEVICE_CA_KMS_KEY_ARN:-}" ]; then
   overrides+=(

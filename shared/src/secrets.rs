@@ -39,7 +39,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Why a secret could not be had. Names the secret, never its value.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SecretError {
     #[error("secret {0} not found")]
     NotFound(String),
@@ -194,16 +194,32 @@ impl SecretStore for DynamoSecretStore {
 /// maybe its successor): the bound only matters if someone points the cache at many.
 pub const MAX_CACHED_SECRETS: usize = 16;
 
-/// Keeps successful lookups for `ttl`, at most [`MAX_CACHED_SECRETS`] of them. Failures are not
-/// cached, so a fixed parameter is picked up on the next call; a rotated key is picked up
-/// within `ttl`; an expired entry is wiped as soon as another lookup sees it.
+/// How long a transient failure (throttled, unavailable) is answered from the cache. Short, so a
+/// store that recovers is asked again soon; not zero, so that callers arriving faster than that
+/// (a flood on a public route, a reboot storm) do not turn one throttled lookup into thousands
+/// and throttle SSM for the whole account.
+pub const TRANSIENT_HOLD: Duration = Duration::from_secs(5);
+
+/// Keeps every answer of the inner store, for `ttl`: a secret, and also its absence or another
+/// configuration failure (not found, not a SecureString, empty), because a route anyone can call
+/// must cost at most one lookup per `ttl` whatever the store says. Transient failures are kept
+/// for [`TRANSIENT_HOLD`] only (or `ttl`, if shorter). A fixed or rotated parameter is therefore
+/// picked up within `ttl`; at most [`MAX_CACHED_SECRETS`] names are held; an expired entry is
+/// wiped as soon as another lookup sees it.
 pub struct CachedSecretStore<S> {
     inner: S,
     ttl: Duration,
-    /// Each entry: when it was fetched, its insertion number (ties of the clock broken in
-    /// insertion order), the secret.
-    entries: Mutex<HashMap<String, (Instant, u64, Secret)>>,
+    entries: Mutex<HashMap<String, Entry>>,
     inserted: std::sync::atomic::AtomicU64,
+}
+
+/// One remembered answer: when it was fetched and for how long it holds, its insertion number
+/// (ties of the clock broken in insertion order), the answer.
+struct Entry {
+    at: Instant,
+    hold: Duration,
+    n: u64,
+    answer: Result<Secret, SecretError>,
 }
 
 impl<S: SecretStore> CachedSecretStore<S> {
@@ -222,27 +238,39 @@ impl<S: SecretStore> CachedSecretStore<S> {
         &self.inner
     }
 
-    /// How many secrets are held now.
+    /// How many secrets are held now (remembered failures not counted).
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| e.answer.is_ok())
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn cached(&self, name: &str) -> Option<Secret> {
+    fn cached(&self, name: &str) -> Option<Result<Secret, SecretError>> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|_, (at, _, _)| at.elapsed() < self.ttl);
-        entries.get(name).map(|(_, _, s)| s.clone())
+        entries.retain(|_, e| e.at.elapsed() < e.hold);
+        entries.get(name).map(|e| e.answer.clone())
     }
 
-    fn remember(&self, name: &str, secret: &Secret) {
+    fn remember(&self, name: &str, answer: &Result<Secret, SecretError>) {
+        let hold = match answer {
+            Err(e) if e.is_transient() => self.ttl.min(TRANSIENT_HOLD),
+            _ => self.ttl,
+        };
+        if hold.is_zero() {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         while entries.len() >= MAX_CACHED_SECRETS && !entries.contains_key(name) {
             let oldest = entries
                 .iter()
-                .min_by_key(|(_, (at, n, _))| (*at, *n))
+                .min_by_key(|(_, e)| (e.at, e.n))
                 .map(|(k, _)| k.clone());
             match oldest {
                 Some(k) => entries.remove(&k),
@@ -252,20 +280,26 @@ impl<S: SecretStore> CachedSecretStore<S> {
         let n = self
             .inserted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        entries.insert(name.to_owned(), (Instant::now(), n, secret.clone()));
+        entries.insert(
+            name.to_owned(),
+            Entry {
+                at: Instant::now(),
+                hold,
+                n,
+                answer: answer.clone(),
+            },
+        );
     }
 }
 
 impl<S: SecretStore> SecretStore for CachedSecretStore<S> {
     async fn get(&self, name: &str) -> Result<Secret, SecretError> {
         if let Some(hit) = self.cached(name) {
-            return Ok(hit);
+            return hit;
         }
-        let fresh = self.inner.get(name).await?;
-        if !self.ttl.is_zero() {
-            self.remember(name, &fresh);
-        }
-        Ok(fresh)
+        let fresh = self.inner.get(name).await;
+        self.remember(name, &fresh);
+        fresh
     }
 }
 
@@ -277,15 +311,11 @@ mod tests {
     /// Counts lookups and answers with the current "version" of the secret.
     struct Counting {
         calls: AtomicUsize,
-        fail: bool,
     }
 
     impl SecretStore for Counting {
         async fn get(&self, name: &str) -> Result<Secret, SecretError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.fail {
-                return Err(SecretError::Throttled(name.to_owned()));
-            }
             Ok(Secret::new(format!("{name}-v{n}")))
         }
     }
@@ -295,7 +325,6 @@ mod tests {
         let store = CachedSecretStore::new(
             Counting {
                 calls: AtomicUsize::new(0),
-                fail: false,
             },
             Duration::from_secs(3600),
         );
@@ -307,7 +336,6 @@ mod tests {
         let expiring = CachedSecretStore::new(
             Counting {
                 calls: AtomicUsize::new(0),
-                fail: false,
             },
             Duration::ZERO,
         );
@@ -320,7 +348,6 @@ mod tests {
         let store = CachedSecretStore::new(
             Counting {
                 calls: AtomicUsize::new(0),
-                fail: false,
             },
             Duration::from_secs(3600),
         );
@@ -341,7 +368,6 @@ mod tests {
         let expiring = CachedSecretStore::new(
             Counting {
                 calls: AtomicUsize::new(0),
-                fail: false,
             },
             Duration::from_secs(300),
         );
@@ -353,18 +379,88 @@ mod tests {
         assert_eq!(expiring.len(), 1);
     }
 
-    #[tokio::test]
-    async fn failures_are_not_cached() {
-        let store = CachedSecretStore::new(
-            Counting {
+    /// Answers with `failure` (or a secret when `None`) and counts the lookups.
+    struct Failing {
+        calls: AtomicUsize,
+        failure: Option<SecretError>,
+    }
+
+    impl SecretStore for Failing {
+        async fn get(&self, name: &str) -> Result<Secret, SecretError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match &self.failure {
+                Some(e) => Err(e.clone()),
+                None => Ok(Secret::new(format!("{name}-value"))),
+            }
+        }
+    }
+
+    fn failing(failure: SecretError, ttl: Duration) -> CachedSecretStore<Failing> {
+        CachedSecretStore::new(
+            Failing {
                 calls: AtomicUsize::new(0),
-                fail: true,
+                failure: Some(failure),
             },
+            ttl,
+        )
+    }
+
+    /// The hole: a missing Beam PSK was never cached, so every unsigned request on the public
+    /// route asked SSM, and a flood throttled SSM for the whole account.
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_secret_costs_one_lookup_per_ttl_however_often_it_is_asked() {
+        let ttl = Duration::from_secs(300);
+        let store = failing(SecretError::NotFound("psk".into()), ttl);
+        for _ in 0..100 {
+            assert_eq!(
+                store.get("psk").await,
+                Err(SecretError::NotFound("psk".into()))
+            );
+        }
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
+        assert!(store.is_empty(), "a remembered absence is no secret held");
+        tokio::time::advance(ttl - Duration::from_secs(1)).await;
+        store.get("psk").await.unwrap_err();
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
+        // Once the period is over the store is asked again: a parameter created since is seen.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        store.get("psk").await.unwrap_err();
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
+        for failure in [
+            SecretError::NotEncrypted("psk".into()),
+            SecretError::Empty("psk".into()),
+        ] {
+            let store = failing(failure, ttl);
+            for _ in 0..10 {
+                store.get("psk").await.unwrap_err();
+            }
+            assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_held_briefly_then_asked_again() {
+        let store = failing(
+            SecretError::Throttled("a".into()),
             Duration::from_secs(3600),
         );
-        assert!(store.get("a").await.unwrap_err().is_transient());
+        for _ in 0..50 {
+            assert!(store.get("a").await.unwrap_err().is_transient());
+        }
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
+        tokio::time::advance(TRANSIENT_HOLD).await;
         assert!(store.get("a").await.is_err());
         assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
+        // A cache period shorter than the hold bounds it; none at all keeps nothing.
+        let short = failing(SecretError::Throttled("a".into()), Duration::from_secs(1));
+        short.get("a").await.unwrap_err();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        short.get("a").await.unwrap_err();
+        assert_eq!(short.inner.calls.load(Ordering::SeqCst), 2);
+        let none = failing(SecretError::NotFound("a".into()), Duration::ZERO);
+        none.get("a").await.unwrap_err();
+        none.get("a").await.unwrap_err();
+        assert_eq!(none.inner.calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use shared::soracom::{verify_beam, BeamError, BeamHeaders, SimIdentity};
 
 use crate::answer::Response;
 use crate::config::BeamConfig;
-use crate::handler::handle_identified;
+use crate::handler::{handle_identified, MAX_BODY_BYTES};
 use crate::ports::{DeviceCa, DeviceKeys, Dps, DpsLimits};
 use crate::state::State;
 
@@ -153,12 +153,13 @@ fn registry_reason(e: &RegistryError) -> String {
     format!("device table: {e}")
 }
 
-/// The request's lower-case headers and its body as JSON (`{}` when empty).
-fn request(event: &Value) -> Result<(HashMap<String, String>, Value), &'static str> {
+/// The request's lower-case headers, if it came by the Beam route. Nothing else of the event is
+/// read before the gate: the body (up to Lambda's 6 MB) is not decoded for a stranger.
+fn headers(event: &Value) -> Result<HashMap<String, String>, &'static str> {
     if event.get("routeKey").and_then(Value::as_str) != Some(ROUTE) {
         return Err("not the POST /register route");
     }
-    let headers = event
+    Ok(event
         .get("headers")
         .and_then(Value::as_object)
         .map(|h| {
@@ -166,20 +167,36 @@ fn request(event: &Value) -> Result<(HashMap<String, String>, Value), &'static s
                 .filter_map(|(k, v)| Some((k.to_ascii_lowercase(), v.as_str()?.to_owned())))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// The request's body as JSON (`{}` when empty), at most [`MAX_BODY_BYTES`] once decoded:
+/// what a Funk device may send, far below what API Gateway and Lambda let through.
+fn body(event: &Value) -> Result<Value, String> {
     let raw = event.get("body").and_then(Value::as_str).unwrap_or("");
-    let text = if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) {
+    let base64 = event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true);
+    // Base64 is 4/3 of its bytes: refuse by the text's length before decoding anything.
+    let most = if base64 {
+        MAX_BODY_BYTES.div_ceil(3) * 4
+    } else {
+        MAX_BODY_BYTES
+    };
+    if raw.len() > most {
+        return Err(format!("body exceeds {MAX_BODY_BYTES} bytes"));
+    }
+    let text = if base64 {
         let bytes = STANDARD.decode(raw).map_err(|_| "body is not base64")?;
         String::from_utf8(bytes).map_err(|_| "body is not UTF-8")?
     } else {
         raw.to_owned()
     };
-    let body = if text.trim().is_empty() {
-        json!({})
-    } else {
-        serde_json::from_str(&text).map_err(|_| "body is not JSON")?
-    };
-    Ok((headers, body))
+    if text.len() > MAX_BODY_BYTES {
+        return Err(format!("body exceeds {MAX_BODY_BYTES} bytes"));
+    }
+    if text.trim().is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_str(&text).map_err(|_| "body is not JSON".to_owned())
 }
 
 /// An HTTP API response with `answer` as its JSON body.
@@ -220,23 +237,9 @@ where
     S: SecretStore,
     G: OnceLog,
 {
-    let (headers, body) = match request(&event) {
-        Ok(parts) => parts,
-        Err(reason) => {
-            tracing::warn!(
-                outcome = "refused",
-                error = "beam-bad-request",
-                reason,
-                "Beam request refused"
-            );
-            lambda_support::metrics::emit("beam-bad-request", &[]);
-            return refused(
-                400,
-                "bad-request",
-                "The request is not a registration request.",
-                None,
-            );
-        }
+    let headers = match headers(&event) {
+        Ok(headers) => headers,
+        Err(reason) => return bad_request(reason),
     };
     let beam = BeamHeaders::from_lookup(|name| headers.get(name).map(String::as_str));
     let sim = match gate.admit(&beam, SystemTime::now()).await {
@@ -258,9 +261,30 @@ where
             };
         }
     };
+    // Signed by Beam: only now is the body worth reading.
+    let body = match body(&event) {
+        Ok(body) => body,
+        Err(reason) => return bad_request(&reason),
+    };
     let response: Response = handle_identified(body, sim, context, state).await;
     let answer = serde_json::to_value(&response).unwrap_or_else(|_| json!({}));
     http(response.status_code, &answer, response.retry_after)
+}
+
+fn bad_request(reason: &str) -> Value {
+    tracing::warn!(
+        outcome = "refused",
+        error = "beam-bad-request",
+        reason,
+        "Beam request refused"
+    );
+    lambda_support::metrics::emit("beam-bad-request", &[]);
+    refused(
+        400,
+        "bad-request",
+        "The request is not a registration request.",
+        None,
+    )
 }
 
 /// When to retry after our own outage (SSM or the device table).
@@ -291,20 +315,37 @@ mod tests {
 
     #[test]
     fn headers_are_read_case_blind_and_the_body_as_json() {
-        let (headers, body) = request(&event(
+        let signed = event(
             json!({"X-Soracom-IMSI": "440103123456789"}),
             &STANDARD.encode(br#"{"reprovision": true}"#),
             true,
-        ))
-        .unwrap();
-        assert_eq!(headers["x-soracom-imsi"], "440103123456789");
-        assert_eq!(body, json!({"reprovision": true}));
-        let (_, empty) = request(&event(json!({}), "", false)).unwrap();
-        assert_eq!(empty, json!({}));
-        assert!(request(&event(json!({}), "not json", false)).is_err());
+        );
+        assert_eq!(
+            headers(&signed).unwrap()["x-soracom-imsi"],
+            "440103123456789"
+        );
+        assert_eq!(body(&signed).unwrap(), json!({"reprovision": true}));
+        assert_eq!(body(&event(json!({}), "", false)).unwrap(), json!({}));
+        assert!(body(&event(json!({}), "not json", false)).is_err());
         let mut other = event(json!({}), "", false);
         other["routeKey"] = json!("GET /register");
-        assert!(request(&other).is_err());
+        assert!(headers(&other).is_err());
+    }
+
+    #[test]
+    fn bodies_are_bounded_at_the_funk_limit_before_and_after_decoding() {
+        let at_limit = format!(r#"{{"b":"{}"}}"#, "x".repeat(MAX_BODY_BYTES - 8));
+        assert_eq!(at_limit.len(), MAX_BODY_BYTES);
+        assert!(body(&event(json!({}), &at_limit, false)).is_ok());
+        assert!(body(&event(json!({}), &STANDARD.encode(&at_limit), true)).is_ok());
+        let over = format!(r#"{{"b":"{}"}}"#, "x".repeat(MAX_BODY_BYTES - 7));
+        for (text, base64) in [(over.clone(), false), (STANDARD.encode(&over), true)] {
+            let err = body(&event(json!({}), &text, base64)).unwrap_err();
+            assert!(err.contains("exceeds 4096"), "{err}");
+        }
+        // A huge base64 body is refused by its length, not decoded.
+        let huge = "A".repeat(6 * 1024 * 1024);
+        assert!(body(&event(json!({}), &huge, true)).is_err());
     }
 
     #[test]

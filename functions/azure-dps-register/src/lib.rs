@@ -7,6 +7,8 @@
 
 pub mod answer;
 pub mod beam;
+#[cfg(test)]
+mod beam_tests;
 pub mod config;
 pub mod handler;
 #[cfg(test)]

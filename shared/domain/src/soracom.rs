@@ -366,6 +366,27 @@ mod tests {
         );
     }
 
+    /// The window is inclusive: exactly `max_skew_ms` away either way verifies, one
+    /// millisecond more does not.
+    #[test]
+    fn beam_window_edges() {
+        let mut h = beam_vector();
+        h.signature = Some(beam_signature(b"mysecretkey", &h));
+        let ts = 1445587157992;
+        for (now, expected) in [
+            (ts + 60_000, Ok(())),
+            (ts - 60_000, Ok(())),
+            (ts + 60_001, Err(BeamError::Stale)),
+            (ts - 60_001, Err(BeamError::Stale)),
+        ] {
+            assert_eq!(
+                verify_beam(b"mysecretkey", &h, now, 60_000),
+                expected,
+                "{now}"
+            );
+        }
+    }
+
     #[test]
     fn beam_headers_from_lookup() {
         let map: HashMap<&str, &str> = [("x-soracom-imsi", "295000012345678")].into();
