@@ -12,9 +12,9 @@ use std::time::Duration;
 use crate::budget::{grant, window_start, Budget, Grant};
 use crate::quota::{decide, Quota, QuotaError, Verdict};
 use crate::registry::{
-    ClaimLog, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, Provisioning,
-    ProvisioningState, ProvisioningWrite, Registration, RegistryError, Replaces, SerialRegistry,
-    SimEntries, SimRegistry,
+    ClaimLog, ClaimRecord, ClaimUsed, Confirmation, Confirmations, DeviceId, DeviceRecord,
+    DeviceStatus, OnceLog, Provisioning, ProvisioningState, ProvisioningWrite, Registration,
+    RegistryError, Replaces, SerialRegistry, SimEntries, SimRegistry,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -26,6 +26,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct MemoryTable {
     devices: Mutex<HashMap<DeviceId, DeviceRecord>>,
     claims: Mutex<HashMap<String, ClaimRecord>>,
+    /// One-time uses (`OnceLog`), by key, with when they may be forgotten.
+    once: Mutex<HashMap<String, u64>>,
     /// Every call fails with this while set.
     failure: Mutex<Option<RegistryError>>,
     /// Every call waits this long first (a slow or hanging table).
@@ -108,10 +110,12 @@ fn serial_condition_holds(record: &DeviceRecord, write: &ProvisioningWrite) -> b
             Replaces::StalePending {
                 old,
                 pending_since_before,
+                issued_to,
             } => current.is_some_and(|p| {
                 &p.certificate_id == old
                     && p.state == ProvisioningState::Pending
                     && p.provisioned_at <= *pending_since_before
+                    && p.issued_to.as_ref() == Some(issued_to)
             }),
         }
 }
@@ -125,6 +129,25 @@ fn claim_condition_holds(claim: &ClaimRecord, write: &ProvisioningWrite, at: u64
             .as_ref()
             .is_none_or(|u| u.certificate_id == write.certificate_id)
         && claim.serial.as_ref().is_none_or(|s| *s == write.serial)
+}
+
+impl OnceLog for MemoryTable {
+    async fn first_use(&self, key: &str, until: u64) -> Result<bool, RegistryError> {
+        self.enter().await?;
+        let mut once = lock(&self.once);
+        if once.contains_key(key) {
+            return Ok(false);
+        }
+        once.insert(key.to_owned(), until);
+        Ok(true)
+    }
+}
+
+impl MemoryTable {
+    /// Until when a one-time use is kept, if it was recorded.
+    pub fn used_until(&self, key: &str) -> Option<u64> {
+        lock(&self.once).get(key).copied()
+    }
 }
 
 impl SimRegistry for MemoryTable {
@@ -210,7 +233,58 @@ impl SerialRegistry for MemoryTable {
             provisioned_at: write.at,
             state: ProvisioningState::Pending,
             replaced_certificate_id: replaced,
+            issued_to: write.issued_to.clone(),
+            confirmed_at: None,
         });
+        Ok(())
+    }
+}
+
+impl Confirmations for MemoryTable {
+    async fn confirm(
+        &self,
+        serial: &str,
+        certificate_id: &str,
+        at: u64,
+    ) -> Result<Confirmation, RegistryError> {
+        self.enter().await?;
+        let mut devices = lock(&self.devices);
+        let provisioning = devices
+            .get_mut(&DeviceId::Serial(serial.to_owned()))
+            .and_then(|r| r.provisioning.as_mut())
+            .filter(|p| p.certificate_id == certificate_id);
+        let Some(p) = provisioning else {
+            return Ok(Confirmation::NotRecorded);
+        };
+        let newly = p.state == ProvisioningState::Pending;
+        if newly {
+            p.state = ProvisioningState::Confirmed;
+            p.confirmed_at = Some(at);
+        }
+        Ok(Confirmation::Recorded {
+            newly,
+            replaced: p.replaced_certificate_id.clone(),
+        })
+    }
+
+    async fn retired(
+        &self,
+        serial: &str,
+        certificate_id: &str,
+        replaced: &str,
+    ) -> Result<(), RegistryError> {
+        self.enter().await?;
+        let mut devices = lock(&self.devices);
+        if let Some(p) = devices
+            .get_mut(&DeviceId::Serial(serial.to_owned()))
+            .and_then(|r| r.provisioning.as_mut())
+            .filter(|p| {
+                p.certificate_id == certificate_id
+                    && p.replaced_certificate_id.as_deref() == Some(replaced)
+            })
+        {
+            p.replaced_certificate_id = None;
+        }
         Ok(())
     }
 }

@@ -1,5 +1,7 @@
 //! A strict stand-in for the AWS IoT control plane's `CreateProvisioningClaim`, reachable by the
-//! real aws-sdk-iot client through the endpoint URL (REST-JSON over HTTP on loopback).
+//! real aws-sdk-iot client through the endpoint URL (REST-JSON over HTTP on loopback), and, once
+//! given the MQTT simulator's [`Fleet`], for `ListThingPrincipals`, `UpdateCertificate` and
+//! `DetachThingPrincipal` on the things and certificates the simulator provisioned.
 //!
 //! It rejects requests that carry no SigV4 `Authorization` header for the `iot` service, answers
 //! `ResourceNotFoundException` for templates it does not know, and issues real X.509 claim
@@ -16,6 +18,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 
+use crate::iot_mqtt::Fleet;
 use crate::mqtt_io::lock;
 use crate::tls::{certificate_authority, certificate_id};
 use serde_json::json;
@@ -49,6 +52,7 @@ struct State {
     issued: Mutex<Vec<IssuedClaim>>,
     requests: AtomicU64,
     unauthenticated: AtomicU64,
+    fleet: std::sync::OnceLock<Fleet>,
 }
 
 /// A running control-plane double; stops when dropped.
@@ -73,6 +77,7 @@ impl IotControlPlane {
             issued: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             unauthenticated: AtomicU64::new(0),
+            fleet: std::sync::OnceLock::new(),
         });
         let shared = Arc::clone(&state);
         let _task = crate::serve::http(
@@ -99,6 +104,11 @@ impl IotControlPlane {
     /// The CA that signs claim certificates (PEM).
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// Serves the things and certificates of an MQTT simulator (once; later calls are ignored).
+    pub fn serve_fleet(&self, fleet: Fleet) {
+        let _ = self.state.fleet.set(fleet);
     }
 
     pub fn set_faults(&self, faults: &[IotFault]) {
@@ -175,6 +185,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         );
     }
     let path = req.uri().path().to_owned();
+    if let Some(answer) = fleet_operation(state, &req) {
+        return answer;
+    }
     let template = path
         .strip_prefix("/provisioning-templates/")
         .and_then(|rest| rest.strip_suffix("/provisioning-claim"))
@@ -229,6 +242,64 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             &e.to_string(),
         ),
     }
+}
+
+/// ListThingPrincipals, UpdateCertificate and DetachThingPrincipal, if `req` is one of them
+/// and a fleet is served.
+fn fleet_operation(state: &State, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let fleet = state.fleet.get()?;
+    let path = req.uri().path();
+    let query: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let result = if let Some(thing) = path
+        .strip_prefix("/things/")
+        .and_then(|rest| rest.strip_suffix("/principals"))
+    {
+        let thing = decode(thing);
+        match *req.method() {
+            hyper::Method::GET => fleet
+                .principals(&thing)
+                .map(|principals| json!({"principals": principals})),
+            hyper::Method::DELETE => {
+                let principal = req
+                    .headers()
+                    .get("x-amzn-principal")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                fleet.detach(&thing, principal).map(|()| json!({}))
+            }
+            _ => return None,
+        }
+    } else if let Some(id) = path.strip_prefix("/certificates/") {
+        if *req.method() != hyper::Method::PUT {
+            return None;
+        }
+        let status = query.get("newStatus").map(String::as_str).unwrap_or("");
+        fleet
+            .update_certificate(&decode(id), status)
+            .map(|()| json!({}))
+    } else {
+        return None;
+    };
+    Some(match result {
+        Ok(body) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap_or_default(),
+        Err((status, kind, message)) => error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            kind,
+            &message,
+        ),
+    })
 }
 
 fn issue(

@@ -17,6 +17,12 @@
 //!   without clean start) keeps its subscriptions across connections for up to an hour, and
 //!   CONNACK says `session present`;
 //! - an ownership token is valid 1 hour, names the certificate it came with, and is used once;
+//! - a certificate set INACTIVE (UpdateCertificate) or detached from its thing
+//!   (DetachThingPrincipal, through the control-plane double) can no longer connect;
+//! - when a device certificate connects, the connect lifecycle event
+//!   (`$aws/events/presence/connected/<clientId>`: clientId, timestamp, eventType,
+//!   sessionIdentifier, principalIdentifier = the certificate id, ipAddress, versionNumber) goes to
+//!   the [`Lifecycle`] rule's function, as the stack's topic rule sends it to fleet-confirm;
 //! - RegisterThing calls the template's pre-provisioning hook with the 2020-04-01 payload and
 //!   denies when it answers anything but `allowProvisioning: true`, fails, or takes more than
 //!   5 seconds; then it applies the template (thing name = prefix + serial parameter, the hook's
@@ -123,6 +129,15 @@ impl Template {
     }
 }
 
+/// The topic rule on connect lifecycle events: `SELECT * FROM
+/// '$aws/events/presence/connected/+' WHERE startswith(clientId, prefix) AND NOT
+/// startswith(clientId, 'claim.')`, with a Lambda action.
+#[derive(Clone)]
+pub struct Lifecycle {
+    pub client_prefix: String,
+    pub function: Hook,
+}
+
 #[derive(Clone)]
 pub struct IotMqttConfig {
     pub templates: Vec<Template>,
@@ -138,6 +153,8 @@ pub struct IotMqttConfig {
     /// RegisterThing calls allowed per window, as the account's fleet provisioning quota
     /// throttles them (`None`: unthrottled); beyond it the device gets `429 ThrottlingException`.
     pub register_thing_limit: Option<(u32, Duration)>,
+    /// Where connect lifecycle events go (`None`: nowhere).
+    pub lifecycle: Option<Lifecycle>,
 }
 
 impl IotMqttConfig {
@@ -151,6 +168,7 @@ impl IotMqttConfig {
             region: "us-east-1".to_owned(),
             claim_client_prefix: "claim.".to_owned(),
             register_thing_limit: None,
+            lifecycle: None,
         }
     }
 }
@@ -174,6 +192,20 @@ pub struct Thing {
 pub enum CertificateStatus {
     PendingActivation,
     Active,
+    Inactive,
+    Revoked,
+}
+
+impl CertificateStatus {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ACTIVE" => Self::Active,
+            "INACTIVE" => Self::Inactive,
+            "REVOKED" => Self::Revoked,
+            "PENDING_ACTIVATION" => Self::PendingActivation,
+            _ => return None,
+        })
+    }
 }
 
 /// Counters for assertions and benchmarks.
@@ -186,6 +218,13 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Requests made on the `.../cbor` topics.
     pub cbor_requests: AtomicU64,
+}
+
+/// A connect lifecycle event the rule's function was given, and what it answered.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub event: Value,
+    pub answer: Result<Value, String>,
 }
 
 struct Certificate {
@@ -214,6 +253,8 @@ struct State {
     /// RegisterThing calls in the current throttling window, and when it started.
     register_window: Mutex<(tokio::time::Instant, u32)>,
     stats: Stats,
+    /// Lifecycle events delivered to the rule's function, in order of their answers.
+    delivered: tokio::sync::watch::Sender<Vec<Delivered>>,
 }
 
 /// A running simulator; stops when dropped.
@@ -246,6 +287,7 @@ impl IotMqttSimulator {
             sessions: Sessions::default(),
             register_window: Mutex::new((tokio::time::Instant::now(), 0)),
             stats: Stats::default(),
+            delivered: tokio::sync::watch::Sender::new(Vec::new()),
         });
         let shared = Arc::clone(&state);
         let _task = crate::serve::tls(
@@ -314,6 +356,24 @@ impl IotMqttSimulator {
         lock(&self.state.certificates)
             .get(certificate_id)
             .map(|c| c.status)
+    }
+
+    /// The control-plane operations on the fleet's things and certificates, for the
+    /// control-plane double to serve (`IotControlPlane::serve_fleet`).
+    pub fn fleet(&self) -> Fleet {
+        Fleet(Arc::clone(&self.state))
+    }
+
+    /// The first `n` lifecycle events delivered to the rule's function, once answered; `None`
+    /// if fewer were within `limit`.
+    pub async fn delivered(&self, n: usize, limit: Duration) -> Option<Vec<Delivered>> {
+        let mut delivered = self.state.delivered.subscribe();
+        let all = tokio::time::timeout(limit, delivered.wait_for(|all| all.len() >= n))
+            .await
+            .ok()?
+            .ok()?
+            .clone();
+        Some(all)
     }
 
     pub fn refusals(&self) -> Vec<String> {
@@ -408,6 +468,22 @@ fn admit(state: &State, certificate_id: &str, client_id: &str) -> Result<Peer, (
             Refusal::NotAuthorized,
             format!("client id '{client_id}' is not the thing name '{thing}' of its certificate"),
         )),
+        // The device policy's iot:Connection.Thing.IsAttached.
+        (CertificateStatus::Active, None) => Err((
+            Refusal::NotAuthorized,
+            "certificate is attached to no thing".into(),
+        )),
+        (CertificateStatus::Inactive | CertificateStatus::Revoked, _) => Err((
+            Refusal::NotAuthorized,
+            format!(
+                "certificate is {}",
+                if certificate.status == CertificateStatus::Inactive {
+                    "INACTIVE"
+                } else {
+                    "REVOKED"
+                }
+            ),
+        )),
         _ => Err((
             Refusal::NotAuthorized,
             "certificate is not active (RegisterThing has not accepted it)".into(),
@@ -447,6 +523,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let (mut subscriptions, session_present) = state.sessions.resume(&hello);
     connection.connack(session_present).await?;
+    if let Peer::Device { thing } = &peer {
+        publish_connected(state, thing, certificate_id);
+    }
     let served = converse(&mut connection, &hello, &peer, &mut subscriptions, state).await;
     state.sessions.keep(&hello, subscriptions);
     served
@@ -979,6 +1058,131 @@ fn record_thing(
         thing_groups: applied.thing_groups.clone(),
     });
     state.stats.provisioned.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The connect lifecycle event of a device certificate, to the rule's function if its WHERE
+/// clause holds; asynchronously, as a topic rule's Lambda action invokes (the connection does
+/// not wait for it).
+fn publish_connected(state: &State, thing: &str, certificate_id: &str) {
+    let Some(rule) = &state.config.lifecycle else {
+        return;
+    };
+    if !thing.starts_with(&rule.client_prefix) || thing.starts_with("claim.") {
+        return;
+    }
+    use ring::rand::SecureRandom;
+    let mut session = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut session);
+    let timestamp_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let event = json!({
+        "clientId": thing,
+        "timestamp": timestamp_ms,
+        "eventType": "connected",
+        "sessionIdentifier": session.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "principalIdentifier": certificate_id,
+        "ipAddress": "127.0.0.1",
+        "versionNumber": 0,
+    });
+    let function = rule.function.clone();
+    let delivered = state.delivered.clone();
+    tokio::spawn(async move {
+        let answer = match function.call(event.clone()).await {
+            Ok(answer) => Ok(answer.unwrap_or(Value::Null)),
+            Err(e) => Err(e),
+        };
+        delivered.send_modify(|all| all.push(Delivered { event, answer }));
+    });
+}
+
+/// Control-plane operations on the fleet's things and certificates, in AWS IoT's words.
+#[derive(Clone)]
+pub struct Fleet(Arc<State>);
+
+/// A control-plane refusal: HTTP status, error type, message.
+pub type ControlError = (u16, &'static str, String);
+
+impl Fleet {
+    fn arn(&self, certificate_id: &str) -> String {
+        format!(
+            "arn:aws:iot:{}:{}:cert/{certificate_id}",
+            self.0.config.region, self.0.config.account_id
+        )
+    }
+
+    fn thing_exists(&self, thing: &str) -> Result<(), ControlError> {
+        if lock(&self.0.things).iter().any(|t| t.thing_name == thing) {
+            Ok(())
+        } else {
+            Err((
+                404,
+                "ResourceNotFoundException",
+                format!("Thing {thing} cannot be found."),
+            ))
+        }
+    }
+
+    /// ListThingPrincipals: the ARNs of the certificates attached to `thing`.
+    pub fn principals(&self, thing: &str) -> Result<Vec<String>, ControlError> {
+        self.thing_exists(thing)?;
+        let certificates = lock(&self.0.certificates);
+        let mut ids: Vec<&String> = certificates
+            .iter()
+            .filter(|(_, c)| c.thing.as_deref() == Some(thing))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        Ok(ids.into_iter().map(|id| self.arn(id)).collect())
+    }
+
+    /// UpdateCertificate: a REVOKED certificate stays revoked, as in AWS IoT.
+    pub fn update_certificate(&self, id: &str, status: &str) -> Result<(), ControlError> {
+        let Some(new) =
+            CertificateStatus::parse(status).filter(|s| *s != CertificateStatus::PendingActivation)
+        else {
+            return Err((
+                400,
+                "InvalidRequestException",
+                format!("newStatus {status} is not ACTIVE, INACTIVE or REVOKED"),
+            ));
+        };
+        let mut certificates = lock(&self.0.certificates);
+        let Some(certificate) = certificates.get_mut(id) else {
+            return Err((
+                404,
+                "ResourceNotFoundException",
+                format!("The certificate {id} does not exist"),
+            ));
+        };
+        if certificate.status == CertificateStatus::Revoked && new != CertificateStatus::Revoked {
+            return Err((
+                400,
+                "CertificateStateException",
+                "a revoked certificate cannot change status".into(),
+            ));
+        }
+        certificate.status = new;
+        Ok(())
+    }
+
+    /// DetachThingPrincipal (a principal that is not attached: nothing to do).
+    pub fn detach(&self, thing: &str, principal_arn: &str) -> Result<(), ControlError> {
+        self.thing_exists(thing)?;
+        let Some((_, id)) = principal_arn.rsplit_once(":cert/") else {
+            return Err((
+                400,
+                "InvalidRequestException",
+                "principal is not a certificate ARN".into(),
+            ));
+        };
+        if let Some(c) = lock(&self.0.certificates).get_mut(id) {
+            if c.thing.as_deref() == Some(thing) {
+                c.thing = None;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Calls a Lambda Invoke API (`POST .../invocations`), as AWS IoT invokes the hook. A function

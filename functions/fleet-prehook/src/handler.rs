@@ -265,9 +265,6 @@ async fn check(
         });
     }
 
-    // What the new certificate replaces, if it may replace anything.
-    let replaces = replaces(&record, certificate_id, now, config.pending)?;
-
     // The claim: recorded claims are bound, short-lived and good for one device.
     let claim_id = request
         .claim_certificate_id
@@ -277,6 +274,10 @@ async fn check(
         Some(id) => registry.claim(id).await.map_err(registry_denial)?,
         None => None,
     };
+    let issued_to = claim.as_ref().map(|c| c.issued_to.as_str());
+
+    // What the new certificate replaces, if it may replace anything.
+    let replaces = replaces(&record, certificate_id, now, config.pending, issued_to)?;
     let spend_claim = check_claim(claim.as_ref(), serial, certificate_id, now, config)?;
 
     // Record it; the conditions of one transaction let exactly one of two concurrent requests
@@ -286,6 +287,7 @@ async fn check(
         certificate_id: certificate_id.to_owned(),
         claim_certificate_id: claim_id.map(str::to_owned),
         spend_claim,
+        issued_to: issued_to.map(str::to_owned),
         at: now,
         replaces,
     };
@@ -310,13 +312,15 @@ async fn check(
 
 /// Whether `certificate_id` may become the serial's certificate, and what it replaces: nothing
 /// yet, itself (AWS IoT retrying), the old one once through `allow_reprovision`, or a pending
-/// one nobody confirmed within `pending` (AWS IoT failed after the hook's yes, or the device
-/// lost its new key).
+/// one that never connected within `pending` (AWS IoT failed after the hook's yes, or the
+/// device lost its new key) — and then only through a claim of the installer whose claim made
+/// it (`issued_to`): another installer's claim for a live serial must not take the device over.
 fn replaces(
     record: &DeviceRecord,
     certificate_id: &str,
     now: u64,
     pending: Duration,
+    issued_to: Option<&str>,
 ) -> Result<Replaces, Denial> {
     let Some(previous) = &record.provisioning else {
         return Ok(Replaces::Nothing);
@@ -329,17 +333,30 @@ fn replaces(
         return Ok(Replaces::Reprovisioning { old });
     }
     let pending_since_before = now.saturating_sub(pending.as_secs());
+    let same_installer = match (previous.issued_to.as_deref(), issued_to) {
+        (Some(before), Some(now)) => before == now,
+        // Unknown on either side: nobody can show it is the same installer.
+        _ => false,
+    };
     if previous.state == ProvisioningState::Pending
         && previous.provisioned_at <= pending_since_before
+        && same_installer
     {
         return Ok(Replaces::StalePending {
             old,
             pending_since_before,
+            issued_to: issued_to.unwrap_or_default().to_owned(),
         });
     }
     Err(deny(
         Reason::AlreadyProvisioned,
-        "serial was provisioned with another certificate",
+        match previous.state {
+            ProvisioningState::Confirmed => "serial's device connected with another certificate",
+            ProvisioningState::Pending if !same_installer => {
+                "serial is pending with another certificate, from another installer's claim"
+            }
+            ProvisioningState::Pending => "serial is pending with another certificate",
+        },
     ))
 }
 
@@ -523,25 +540,123 @@ mod tests {
         }
     }
 
+    /// A claim for SN-1 issued to `installer`.
+    fn installer_claim(table: &MemoryTable, id: &str, installer: &str) {
+        let mut c = claim(id, Some("SN-1"), unix_now() + 300);
+        c.issued_to = installer.into();
+        table.put_claim(c);
+    }
+
+    fn provisioning(table: &MemoryTable) -> Provisioning {
+        table
+            .get(&DeviceId::Serial("SN-1".into()))
+            .unwrap()
+            .provisioning
+            .unwrap()
+    }
+
+    /// The hole: nothing ever confirmed a provisioning, so after PENDING_SECONDS any installer
+    /// could get a claim for a live serial and give its thing a certificate of their own.
     #[tokio::test]
-    async fn a_provisioned_serial_takes_no_other_certificate_unless_allowed_once_or_stale() {
-        let (table, c) = (table(), config(&[]));
-        assert!(evaluate(request("SN-1", "c1", "none"), &c, &table)
-            .await
-            .0
-            .is_ok());
-        // AWS IoT retrying the same certificate.
-        assert!(evaluate(request("SN-1", "c1", "none"), &c, &table)
+    async fn an_installer_cannot_take_over_a_provisioned_device_after_pending_seconds() {
+        use shared::registry::{Confirmation, Confirmations};
+        let stale = config(&[("PENDING_SECONDS", "0")]);
+        // Provisioned with cert-1 through installer A's claim; the device connected.
+        let table = table();
+        for (id, installer) in [
+            ("a-1", "installer-a"),
+            ("a-2", "installer-a"),
+            ("b-1", "installer-b"),
+        ] {
+            installer_claim(&table, id, installer);
+        }
+        assert!(evaluate(request("SN-1", "cert-1", "a-1"), &stale, &table)
             .await
             .0
             .is_ok());
         assert_eq!(
-            reason(request("SN-1", "c2", "none"), &c, &table).await,
+            provisioning(&table).issued_to.as_deref(),
+            Some("installer-a")
+        );
+        assert_eq!(
+            table.confirm("SN-1", "cert-1", unix_now()).await,
+            Ok(Confirmation::Recorded {
+                newly: true,
+                replaced: None
+            })
+        );
+        for claim in ["a-2", "b-1"] {
+            assert_eq!(
+                reason(request("SN-1", "cert-2", claim), &stale, &table).await,
+                Reason::AlreadyProvisioned,
+                "{claim} replaced a confirmed device"
+            );
+        }
+        assert_eq!(provisioning(&table).certificate_id, "cert-1");
+
+        // Never connected: only installer A's own claim may replace it.
+        let table = self::table();
+        for (id, installer) in [
+            ("a-1", "installer-a"),
+            ("a-2", "installer-a"),
+            ("b-1", "installer-b"),
+        ] {
+            installer_claim(&table, id, installer);
+        }
+        assert!(evaluate(request("SN-1", "cert-1", "a-1"), &stale, &table)
+            .await
+            .0
+            .is_ok());
+        assert_eq!(
+            reason(request("SN-1", "cert-2", "b-1"), &stale, &table).await,
             Reason::AlreadyProvisioned
         );
-        // Pending longer than PENDING_SECONDS: replaceable.
+        // Nor without a recorded claim at all: nobody could show it is the same installer.
+        assert_eq!(
+            reason(request("SN-1", "cert-2", "none"), &stale, &table).await,
+            Reason::AlreadyProvisioned
+        );
+        assert!(evaluate(request("SN-1", "cert-2", "a-2"), &stale, &table)
+            .await
+            .0
+            .is_ok());
+        let p = provisioning(&table);
+        assert_eq!(
+            (
+                p.certificate_id.as_str(),
+                p.replaced_certificate_id.as_deref()
+            ),
+            ("cert-2", Some("cert-1"))
+        );
+        // Within PENDING_SECONDS not even installer A may.
+        installer_claim(&table, "a-3", "installer-a");
+        assert_eq!(
+            reason(request("SN-1", "cert-3", "a-3"), &config(&[]), &table).await,
+            Reason::AlreadyProvisioned
+        );
+    }
+
+    #[tokio::test]
+    async fn a_provisioned_serial_takes_no_other_certificate_unless_allowed_once_or_stale() {
+        let (table, c) = (table(), config(&[]));
+        installer_claim(&table, "a-1", "installer");
+        installer_claim(&table, "a-2", "installer");
+        assert!(evaluate(request("SN-1", "c1", "a-1"), &c, &table)
+            .await
+            .0
+            .is_ok());
+        // AWS IoT retrying the same certificate.
+        assert!(evaluate(request("SN-1", "c1", "a-1"), &c, &table)
+            .await
+            .0
+            .is_ok());
+        assert_eq!(
+            reason(request("SN-1", "c2", "a-2"), &c, &table).await,
+            Reason::AlreadyProvisioned
+        );
+        // Pending longer than PENDING_SECONDS: replaceable by the same installer.
         let patient = config(&[("PENDING_SECONDS", "0")]);
-        assert!(evaluate(request("SN-1", "c2", "none"), &patient, &table)
+        assert!(evaluate(request("SN-1", "c2", "a-2"), &patient, &table)
             .await
             .0
             .is_ok());
@@ -652,8 +767,9 @@ mod tests {
             certificate_id: cert.into(),
             claim_certificate_id: None,
             spend_claim: None,
+            issued_to: None,
             at: now,
-            replaces: replaces(&record, cert, now, c.pending).unwrap(),
+            replaces: replaces(&record, cert, now, c.pending, None).unwrap(),
         };
         let (first, second) = (write("c1"), write("c2"));
         assert_eq!(first.replaces, Replaces::Nothing);

@@ -71,12 +71,14 @@ impl DynamoRegistry {
             Replaces::StalePending {
                 old,
                 pending_since_before,
+                issued_to,
             } => {
                 values.insert(":before".into(), n(*pending_since_before));
+                values.insert(":issuer".into(), s(issued_to));
                 (
                     format!(
                         "{QUALIFIES} AND certificate_id = :old AND provisioning_state = :pending \
-                         AND provisioned_at <= :before"
+                         AND provisioned_at <= :before AND issued_to = :issuer"
                     ),
                     Some(old),
                 )
@@ -145,6 +147,15 @@ fn pending_certificate(
         }
         None => remove.push("claim_certificate_id"),
     }
+    match &w.issued_to {
+        Some(installer) => {
+            set.push("issued_to = :installer");
+            values.insert(":installer".into(), s(installer));
+        }
+        None => remove.push("issued_to"),
+    }
+    // A new certificate has not connected yet.
+    remove.push("confirmed_at");
     match replaced {
         Some(old) => {
             set.push("replaced_certificate_id = :old");

@@ -183,7 +183,17 @@ fn provisioning(a: &Attributes) -> Result<Option<Provisioning>, RegistryError> {
             _ => ProvisioningState::Confirmed,
         },
         replaced_certificate_id: a.text("replaced_certificate_id")?,
+        issued_to: a.text("issued_to")?,
+        confirmed_at: a.number("confirmed_at")?,
     }))
+}
+
+/// Only the provisioning of a serial's item (what fleet-confirm reads).
+pub(super) fn decode_provisioning(
+    key: &str,
+    item: &HashMap<String, AttributeValue>,
+) -> Result<Option<Provisioning>, RegistryError> {
+    provisioning(&Attributes { key, item })
 }
 
 pub(super) fn decode_claim(
@@ -260,6 +270,12 @@ pub(super) fn encode(record: &DeviceRecord) -> HashMap<String, AttributeValue> {
         if let Some(old) = &p.replaced_certificate_id {
             item.insert("replaced_certificate_id".into(), s(old));
         }
+        if let Some(installer) = &p.issued_to {
+            item.insert("issued_to".into(), s(installer));
+        }
+        if let Some(at) = p.confirmed_at {
+            item.insert("confirmed_at".into(), n(at));
+        }
     }
     item
 }
@@ -311,6 +327,8 @@ mod tests {
             provisioned_at: 1_800_000_000,
             state: ProvisioningState::Pending,
             replaced_certificate_id: Some("c0".into()),
+            issued_to: Some("installer-sub".into()),
+            confirmed_at: Some(1_800_000_060),
         });
         let item = encode(&record);
         assert_eq!(decode(record.id.clone(), "serial#SN-1", &item), Ok(record));

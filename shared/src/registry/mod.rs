@@ -20,8 +20,10 @@
 //! | `blocked_by` | S | `soracom:<status>` when sim-lifecycle blocked the SIM (only such a block is lifted by an event) |
 //! | `certificate_id`, `claim_certificate_id` | S | certificate provisioned through fleet provisioning |
 //! | `provisioned_at` | N | Unix time of that provisioning |
-//! | `provisioning_state` | S | `pending` (the hook said yes; nothing confirmed the device since) or `confirmed` |
-//! | `replaced_certificate_id` | S | the certificate a re-provisioning replaced (for the operator to revoke) |
+//! | `provisioning_state` | S | `pending` (the hook said yes; the device has not connected with it since) or `confirmed` (fleet-confirm saw its first connection) |
+//! | `issued_to` | S | on a serial: the installer (`sub`) whose claim made the provisioning, if claim-issuer recorded it |
+//! | `confirmed_at` | N | when the device first connected with that certificate |
+//! | `replaced_certificate_id` | S | the certificate a re-provisioning replaced, until fleet-confirm set it (and any other the thing held) INACTIVE and detached it |
 //! | `expires_at` | N | DynamoDB TTL attribute, for records that expire (audit, rate limits) |
 //!
 //! Claim certificates issued by claim-issuer are recorded as `pk = claim#<certificateId>` with
@@ -35,6 +37,7 @@
 //! Beam signature azure-dps-register accepted is `pk = beam#<signature>` with `expires_at`.
 
 mod admin;
+mod confirm;
 mod dynamo;
 mod item;
 mod lifecycle;
@@ -46,6 +49,7 @@ use std::future::Future;
 use crate::aws::Failure;
 
 pub use admin::{device_id, Kind, Listing};
+pub use confirm::{Confirmation, Confirmations, CONFIRM_ATTRIBUTES};
 pub use dynamo::DynamoRegistry;
 pub use lifecycle::{Change, LIFECYCLE_ATTRIBUTES};
 pub use once::{beam_key, OnceLog, ONCE_ATTRIBUTES};
@@ -90,6 +94,8 @@ pub const SERIAL_ATTRIBUTES: &[&str] = &[
     "provisioned_at",
     "provisioning_state",
     "replaced_certificate_id",
+    "issued_to",
+    "confirmed_at",
 ];
 /// The attributes claim-issuer writes on a claim's item (`claim#`).
 pub const CLAIM_ISSUE_ATTRIBUTES: &[&str] = &[
@@ -196,15 +202,17 @@ pub struct IssuedCertificate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProvisioningState {
     /// The hook said yes; AWS IoT may still have failed after it, or the device lost its new
-    /// key. Another certificate may replace it once it is old enough.
+    /// key. Another certificate may replace it once it is old enough, through a claim of the
+    /// same installer.
     Pending,
-    /// The device is known to hold the certificate. Records written before the state existed
-    /// read as confirmed: only `allow_reprovision` replaces them.
+    /// The device connected with the certificate (fleet-confirm saw AWS IoT's lifecycle
+    /// event). Records written before the state existed read as confirmed: only
+    /// `allow_reprovision` replaces them.
     Confirmed,
 }
 
 impl ProvisioningState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Confirmed => "confirmed",
@@ -219,8 +227,12 @@ pub struct Provisioning {
     pub claim_certificate_id: Option<String>,
     pub provisioned_at: u64,
     pub state: ProvisioningState,
-    /// The certificate this provisioning replaced, if it replaced one.
+    /// The certificate this provisioning replaced, until it was retired.
     pub replaced_certificate_id: Option<String>,
+    /// The installer (Cognito `sub`) the provisioning's claim was issued to, if recorded.
+    pub issued_to: Option<String>,
+    /// When the device first connected with the certificate.
+    pub confirmed_at: Option<u64>,
 }
 
 /// What recording a new certificate for a serial replaces; each case is its own condition, so
@@ -233,10 +245,12 @@ pub enum Replaces {
     Itself,
     /// `old`, through the operator's one-time `allow_reprovision`, which the write consumes.
     Reprovisioning { old: String },
-    /// `old`, still pending and provisioned at or before `pending_since_before`.
+    /// `old`, still pending (never connected), provisioned at or before
+    /// `pending_since_before`, through a claim issued to the same installer as `old`'s.
     StalePending {
         old: String,
         pending_since_before: u64,
+        issued_to: String,
     },
 }
 
@@ -258,6 +272,8 @@ pub struct ProvisioningWrite {
     pub claim_certificate_id: Option<String>,
     /// Set when the claim is recorded: it is marked used in the same transaction.
     pub spend_claim: Option<ClaimUse>,
+    /// The installer the recorded claim was issued to, kept on the serial's item.
+    pub issued_to: Option<String>,
     pub at: u64,
     pub replaces: Replaces,
 }

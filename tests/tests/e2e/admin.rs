@@ -115,6 +115,8 @@ async fn allow_and_block_keep_what_the_functions_recorded() {
         provisioned_at: 1_800_000_000,
         state: ProvisioningState::Confirmed,
         replaced_certificate_id: None,
+        issued_to: None,
+        confirmed_at: Some(1_800_000_060),
     });
     registry.put(&serial).await.unwrap();
     admin(&registry, &["serials", "allow", "SN-1", "--reprovision"])

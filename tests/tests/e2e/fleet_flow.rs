@@ -1,7 +1,9 @@
 //! Trusted-user fleet provisioning end to end: installer → claim-issuer (real handler, real
 //! aws-sdk-iot against the control-plane double) → claim certificate → fleet-device (the CLI's
 //! library) → AWS IoT MQTT simulator over TLS with client certificates → fleet-prehook (real
-//! handler, real DynamoDB client on the local AWS endpoint) → thing.
+//! handler, real DynamoDB client on the local AWS endpoint) → thing; the thing's first
+//! connection → connect lifecycle event → fleet-confirm (real handler, real aws-sdk-iot against
+//! the control-plane double serving the simulator's things and certificates).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -17,9 +19,9 @@ use fleet_prehook::handler::handle;
 use local_emulators::fixtures::{self, temp_dir, TempDir};
 use local_emulators::iot_control::IotControlPlane;
 use local_emulators::iot_mqtt::{
-    CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Template,
+    CertificateStatus, Hook, IotMqttConfig, IotMqttSimulator, Lifecycle, Template,
 };
-use local_emulators::local_aws::LocalAws;
+use local_emulators::local_aws::{local_sdk_config, LocalAws};
 use serde_json::{json, Value};
 use shared::clock::unix_now;
 use shared::registry::{ClaimLog, ClaimRecord, DeviceId, DeviceRecord, DynamoRegistry};
@@ -39,6 +41,30 @@ fn prehook(registry: &DynamoRegistry, extra: &[(&str, &str)]) -> Hook {
             serde_json::to_value(handle(event, &config, &registry).await).map_err(|e| e.to_string())
         }
     })
+}
+
+/// The real fleet-confirm handler, as the stack's topic rule invokes it, with AWS IoT's control
+/// plane at `iot`.
+async fn confirm_rule(registry: &DynamoRegistry, iot: &IotControlPlane) -> Lifecycle {
+    let registry = registry.clone();
+    let client = aws_sdk_iot::Client::new(&local_sdk_config(&iot.endpoint()).await);
+    let config = fleet_confirm::config::Config::from_env(&fixtures::env(
+        &[("DEVICES_TABLE", TABLE), ("THING_NAME_PREFIX", PREFIX)],
+        &[],
+    ))
+    .unwrap();
+    Lifecycle {
+        client_prefix: PREFIX.into(),
+        function: Hook::handler(move |event| {
+            let (registry, client, config) = (registry.clone(), client.clone(), config.clone());
+            async move {
+                fleet_confirm::handler::handle(event, &config, &registry, &client)
+                    .await
+                    .map(|r| json!({"outcome": r.outcome.code(), "retired": r.retired}))
+                    .map_err(|e| e.to_string())
+            }
+        }),
+    }
 }
 
 pub(crate) struct Flow {
@@ -62,6 +88,19 @@ pub(crate) async fn flow_with(
     hook: Option<Hook>,
     configure: impl FnOnce(&mut IotMqttConfig),
 ) -> Flow {
+    flow_inner(hook, &[], configure).await
+}
+
+/// [`flow`] with the real hook configured by `hook_env` besides `REQUIRE_CLAIM_RECORD=true`.
+pub(crate) async fn flow_with_hook_env(hook_env: &[(&str, &str)]) -> Flow {
+    flow_inner(None, hook_env, |_| {}).await
+}
+
+async fn flow_inner(
+    hook: Option<Hook>,
+    hook_env: &[(&str, &str)],
+    configure: impl FnOnce(&mut IotMqttConfig),
+) -> Flow {
     let (aws, registry) = setup().await;
     registry
         .put(&DeviceRecord::allowed(DeviceId::Serial("SN-0002".into())))
@@ -78,12 +117,16 @@ pub(crate) async fn flow_with(
     );
     let issuer =
         crate::claim_issuer::state(&aws, &iot, IssuerConfig::from_env(&env).unwrap()).await;
-    let hook = hook.unwrap_or_else(|| prehook(&registry, &[("REQUIRE_CLAIM_RECORD", "true")]));
+    let mut env = vec![("REQUIRE_CLAIM_RECORD", "true")];
+    env.extend_from_slice(hook_env);
+    let hook = hook.unwrap_or_else(|| prehook(&registry, &env));
     let mut config = IotMqttConfig::new(iot.ca_pem(), vec![Template::new(TEMPLATE, PREFIX, hook)]);
+    config.lifecycle = Some(confirm_rule(&registry, &iot).await);
     configure(&mut config);
     let sim = IotMqttSimulator::start(config, ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
+    iot.serve_fleet(sim.fleet());
     let dir = temp_dir("device-flow").unwrap();
     std::fs::write(dir.path().join("server-ca.pem"), sim.ca_pem()).unwrap();
     Flow {
@@ -100,8 +143,16 @@ impl Flow {
     /// An installer asks claim-issuer for a claim bound to `serial`; its certificate and key go
     /// to `claim.pem.crt` / `claim.pem.key`, as an installer app would hand them to the device.
     pub(crate) async fn claim(&self, serial: &str) -> (PathBuf, PathBuf) {
+        self.claim_as(serial, None).await
+    }
+
+    /// [`Flow::claim`] by the installer `sub` (`None`: the sample event's).
+    pub(crate) async fn claim_as(&self, serial: &str, sub: Option<&str>) -> (PathBuf, PathBuf) {
         let mut event = fixtures::event("claim-issuer", "issue.json");
         event["body"] = Value::String(json!({ "serial": serial }).to_string());
+        if let Some(sub) = sub {
+            event["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = json!(sub);
+        }
         let response = issue(event, unix_now(), &self.issuer).await;
         assert_eq!(response.status_code, 200, "{}", response.body);
         let body: Value = serde_json::from_str(&response.body).unwrap();
@@ -560,4 +611,151 @@ async fn serials_at_the_default_patterns_edges_become_things() {
     let mut event = fixtures::event("claim-issuer", "issue.json");
     event["body"] = Value::String(json!({ "serial": "SN.0001" }).to_string());
     assert_eq!(issue(event, unix_now(), &f.issuer).await.status_code, 400);
+}
+
+impl Flow {
+    /// Provisions `serial` with a claim of installer `sub` into its own directory `label`;
+    /// with `connect`, the new certificate then connects as the thing (as fleet-device's
+    /// verification does), which AWS IoT reports as the thing's first connection.
+    async fn provision_as(
+        &self,
+        serial: &str,
+        sub: &str,
+        label: &str,
+        connect: bool,
+    ) -> Result<fleet_device::Provisioned, DeviceError> {
+        let claim = self.claim_as(serial, Some(sub)).await;
+        let mut options = self.options(serial, &claim, true);
+        options.out_dir = self.dir.path().join(format!("identity-{label}"));
+        options.verify = connect;
+        provision(&options, |_| {}).await
+    }
+
+    /// A connection as `thing` with a provisioned identity; `Err` if AWS IoT refuses it.
+    async fn connect_as(
+        &self,
+        thing: &str,
+        done: &fleet_device::Provisioned,
+    ) -> Result<Session, DeviceError> {
+        let port = self.sim.addr().port();
+        let config = tls::client_config(
+            Some(&self.dir.path().join("server-ca.pem")),
+            tls::read_certificates(&done.certificate_file).unwrap(),
+            tls::read_private_key(&done.private_key_file).unwrap(),
+            port,
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        Session::connect("localhost", port, thing, config, deadline).await
+    }
+
+    async fn provisioning(&self, serial: &str) -> shared::registry::Provisioning {
+        self.registry
+            .get(&DeviceId::Serial(serial.into()))
+            .await
+            .unwrap()
+            .unwrap()
+            .provisioning
+            .unwrap()
+    }
+}
+
+/// The hole (issue: "device takeover after ten minutes"): nothing ever confirmed a
+/// provisioning, so once it was PENDING_SECONDS old any installer could get a claim for the
+/// live serial and have AWS IoT attach a certificate of their own to the device's thing. Now
+/// the device's first connection confirms it (fleet-confirm, from AWS IoT's lifecycle event),
+/// a confirmed serial takes no other certificate, and an unconfirmed one only through the same
+/// installer — whose new certificate, once it connects, retires the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installer_cannot_take_over_a_device_after_pending_seconds() {
+    use shared::registry::ProvisioningState;
+    let f = flow_with_hook_env(&[("PENDING_SECONDS", "0")]).await;
+    let limit = Duration::from_secs(20);
+
+    // SN-0001: installer A provisions it, the device connects: confirmed.
+    let device = f
+        .provision_as("SN-0001", "installer-a", "a-1", true)
+        .await
+        .unwrap();
+    let delivered = f.sim.delivered(1, limit).await.expect("a lifecycle event");
+    assert_eq!(delivered[0].event["clientId"], "fleet-SN-0001");
+    assert_eq!(
+        delivered[0].event["principalIdentifier"],
+        device.certificate_id.as_str()
+    );
+    assert_eq!(
+        delivered[0].answer.as_ref().unwrap()["outcome"],
+        "confirmed"
+    );
+    let p = f.provisioning("SN-0001").await;
+    assert_eq!(
+        (p.state, p.issued_to.as_deref()),
+        (ProvisioningState::Confirmed, Some("installer-a"))
+    );
+    // Past PENDING_SECONDS, neither installer B nor A gets another certificate onto it.
+    for (installer, label) in [("installer-b", "b-1"), ("installer-a", "a-2")] {
+        let (status, _, _) = rejection(f.provision_as("SN-0001", installer, label, false).await);
+        assert_eq!(status, 403, "{installer}");
+    }
+    assert_eq!(
+        f.provisioning("SN-0001").await.certificate_id,
+        device.certificate_id
+    );
+    assert_eq!(f.sim.things().len(), 1);
+
+    // SN-0002: provisioned by A but never connected (the device lost power, say).
+    let lost = f
+        .provision_as("SN-0002", "installer-a", "lost", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.provisioning("SN-0002").await.state,
+        ProvisioningState::Pending
+    );
+    let (status, _, _) = rejection(f.provision_as("SN-0002", "installer-b", "b-2", false).await);
+    assert_eq!(status, 403, "another installer replaced a pending device");
+    // The same installer may; the new certificate's first connection retires the old one.
+    let replacement = f
+        .provision_as("SN-0002", "installer-a", "a-3", true)
+        .await
+        .unwrap();
+    let delivered = f
+        .sim
+        .delivered(2, limit)
+        .await
+        .expect("a second lifecycle event");
+    let answer = delivered[1].answer.as_ref().unwrap();
+    assert_eq!(answer["outcome"], "confirmed");
+    assert_eq!(answer["retired"], json!([lost.certificate_id]));
+    let p = f.provisioning("SN-0002").await;
+    assert_eq!(
+        (
+            p.certificate_id.as_str(),
+            p.state,
+            p.replaced_certificate_id
+        ),
+        (
+            replacement.certificate_id.as_str(),
+            ProvisioningState::Confirmed,
+            None
+        )
+    );
+    assert_eq!(
+        f.sim.certificate_status(&lost.certificate_id),
+        Some(CertificateStatus::Inactive)
+    );
+    let refused = f.connect_as("fleet-SN-0002", &lost).await;
+    assert!(refused.is_err(), "the retired certificate still connects");
+    assert!(f
+        .sim
+        .refusal_containing("certificate is INACTIVE", limit)
+        .await
+        .is_some());
+    // The replacement connects again; an old event's duplicate changes nothing.
+    f.connect_as("fleet-SN-0002", &replacement).await.unwrap();
+    let again = f.sim.delivered(3, limit).await.unwrap();
+    assert_eq!(
+        again[2].answer.as_ref().unwrap()["outcome"],
+        "already-confirmed"
+    );
 }

@@ -291,15 +291,29 @@ async fn allow_reprovision_is_single_use() {
 
 /// The hole: the hook recorded `provisioned` before AWS IoT finished; a device whose template
 /// then failed (or that lost its new key) was denied `already-provisioned` forever. Now the
-/// record is pending, and another certificate may replace it after PENDING_SECONDS.
+/// record is pending, and the installer whose claim made it may replace it after
+/// PENDING_SECONDS (another installer may not: `an_installer_cannot_take_over_...` in the
+/// hook's unit tests).
 #[tokio::test]
 async fn a_device_that_failed_after_the_hook_said_yes_is_not_locked_out() {
     let (_aws, registry) = setup().await;
-    assert!(evaluate(event("allowed.json"), &config(&[]), &registry)
-        .await
-        .0
-        .is_ok());
-    let retry = with_certificate(event("allowed.json"), "second-attempt");
+    let claim = |id: &str| ClaimRecord {
+        certificate_id: id.into(),
+        issued_to: "installer-sub".into(),
+        serial: Some("SN-0001".into()),
+        issued_at: unix_now(),
+        valid_until: unix_now() + 300,
+        retain_until: unix_now() + 86_400,
+        used: None,
+    };
+    let first = event("allowed.json");
+    let first_claim = first["claimCertificateId"].as_str().unwrap().to_owned();
+    for id in [first_claim.as_str(), "second-claim"] {
+        registry.record_claim(&claim(id)).await.unwrap();
+    }
+    assert!(evaluate(first, &config(&[]), &registry).await.0.is_ok());
+    let mut retry = with_certificate(event("allowed.json"), "second-attempt");
+    retry["claimCertificateId"] = Value::String("second-claim".into());
     // Within PENDING_SECONDS (default 600) the pending certificate stands.
     assert_eq!(
         denial(retry.clone(), &config(&[]), &registry)

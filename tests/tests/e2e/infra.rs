@@ -143,7 +143,7 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
         })
         .collect();
     let functions = functions(&t);
-    assert_eq!(functions.len(), 4);
+    assert_eq!(functions.len(), 5);
     for (binary, env) in &functions {
         for (name, value) in env {
             if let Some(target) = value
@@ -180,6 +180,7 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
                     "REQUIRE_CLAIM_RECORD" | "REQUIRE_SIM_ALLOWLIST" => "true",
                     "PENDING_SECONDS" => "600",
                     "ALLOWED_OPERATOR_IDS" => "",
+                    "BEAM_OPERATOR_ID" => "OP0012345678",
                     _ => "value",
                 };
                 (k.clone(), v.to_owned())
@@ -192,6 +193,7 @@ fn every_function_environment_is_complete_and_names_defined_resources() {
             "fleet-prehook" => fleet_prehook::config::Config::from_env(&dummy).map(|_| ()),
             "claim-issuer" => claim_issuer::config::Config::from_env(&dummy).map(|_| ()),
             "sim-lifecycle" => sim_lifecycle::config::Config::from_env(&dummy).map(|_| ()),
+            "fleet-confirm" => fleet_confirm::config::Config::from_env(&dummy).map(|_| ()),
             other => panic!("unknown function binary {other}"),
         };
         assert!(loaded.is_ok(), "{binary}: {loaded:?}");
@@ -249,6 +251,144 @@ fn the_device_ca_key_signs_only_device_certificates_and_only_in_x509_mode() {
     assert!(serde_yaml::to_string(rule)
         .unwrap()
         .contains("DeviceCaKmsKeyArn"));
+}
+
+/// The hole: the Beam route was deployed whether or not anyone used Beam, and unsigned
+/// requests on it throttled SSM for the whole account. Without a PSK parameter there is no
+/// route, no integration, no permission, no PSK grant and no PSK variable.
+#[test]
+fn without_beam_there_is_no_beam_route() {
+    let t = template();
+    assert_eq!(
+        t["Parameters"]["BeamPskParameterName"]["Default"].as_str(),
+        Some(""),
+        "Beam must be off unless the operator names its PSK"
+    );
+    let resources = t["Resources"].as_mapping().unwrap();
+    let beam: Vec<&str> = resources
+        .iter()
+        .filter_map(|(name, _)| name.as_str())
+        .filter(|name| name.starts_with("Beam"))
+        .collect();
+    for name in [
+        "BeamApi",
+        "BeamStage",
+        "BeamIntegration",
+        "BeamRoute",
+        "BeamInvokePermission",
+    ] {
+        assert!(beam.contains(&name), "{name} missing");
+    }
+    for name in &beam {
+        assert_eq!(
+            resources[*name]["Condition"].as_str(),
+            Some("HasBeam"),
+            "{name} exists without Beam"
+        );
+    }
+    // Nothing else reaches the Beam API or names the PSK unconditionally.
+    for (name, resource) in resources {
+        let name = name.as_str().unwrap();
+        if name.starts_with("Beam") {
+            continue;
+        }
+        let yaml = serde_yaml::to_string(resource).unwrap();
+        assert!(!yaml.contains("BeamApi"), "{name} uses the Beam API");
+        for line in yaml.lines().filter(|l| l.contains("BeamPskParameterName")) {
+            assert!(
+                line.contains("!If") || yaml.contains("- HasBeam"),
+                "{name} names the PSK without HasBeam: {line}"
+            );
+        }
+    }
+    let azure = &t["Resources"]["AzureDpsRegisterFunction"]["Properties"];
+    assert!(
+        azure.get("Events").is_none(),
+        "a SAM event cannot be conditional"
+    );
+    let env = &azure["Environment"]["Variables"];
+    for variable in ["BEAM_PSK_PARAMETER", "BEAM_OPERATOR_ID"] {
+        assert!(
+            text(&env[variable]).unwrap().starts_with("!If HasBeam"),
+            "{variable} set without Beam"
+        );
+    }
+    assert_eq!(
+        t["Outputs"]["BeamRegisterUrl"]["Condition"].as_str(),
+        Some("HasBeam")
+    );
+    // deploy.sh turns Beam on only when told, with the operator when given.
+    let off = String::from_utf8(deploy_script(true, &DEPLOY_SETTINGS).stdout).unwrap();
+    assert!(!off.contains("BeamPskParameterName"), "{off}");
+    let mut with_beam = DEPLOY_SETTINGS.to_vec();
+    with_beam.push(("BEAM_PSK_PARAMETER", "/soracom-dps/beam-psk"));
+    with_beam.push(("BEAM_OPERATOR_ID", "OP0012345678"));
+    let on = String::from_utf8(deploy_script(true, &with_beam).stdout).unwrap();
+    assert!(
+        on.contains("BeamPskParameterName=/soracom-dps/beam-psk"),
+        "{on}"
+    );
+    assert!(on.contains("BeamOperatorId=OP0012345678"), "{on}");
+}
+
+/// fleet-confirm gets the fleet's connect lifecycle events (never a claim's), AWS IoT may
+/// invoke it from that rule only, and its role may only read and confirm serials, list and
+/// detach the fleet's things' certificates and set certificates inactive.
+#[test]
+fn a_devices_first_connection_reaches_fleet_confirm_and_nothing_else() {
+    let t = template();
+    let r = &t["Resources"];
+    let rule = &r["FleetConfirmRule"]["Properties"]["TopicRulePayload"];
+    let sql = text(&rule["Sql"]).unwrap();
+    assert!(
+        sql.contains("FROM '$aws/events/presence/connected/+'"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("startswith(clientId, '${ThingNamePrefix}')"),
+        "{sql}"
+    );
+    assert!(sql.contains("NOT startswith(clientId, 'claim.')"), "{sql}");
+    assert_eq!(
+        text(&rule["Actions"][0]["Lambda"]["FunctionArn"]).as_deref(),
+        Some("!GetAtt FleetConfirmFunction.Arn")
+    );
+    let permission = &r["FleetConfirmInvokePermission"]["Properties"];
+    assert_eq!(permission["Principal"].as_str(), Some("iot.amazonaws.com"));
+    assert_eq!(
+        text(&permission["SourceArn"]).as_deref(),
+        Some("!GetAtt FleetConfirmRule.Arn")
+    );
+    assert!(permission.get("SourceAccount").is_some());
+    let env = &r["FleetConfirmFunction"]["Properties"]["Environment"]["Variables"];
+    assert_eq!(
+        text(&env["THING_NAME_PREFIX"]).as_deref(),
+        Some("!Ref ThingNamePrefix")
+    );
+    let role: Vec<Value> = statements(&t)
+        .into_iter()
+        .filter(|(owner, _)| owner == "FleetConfirmRole")
+        .map(|(_, s)| s)
+        .filter(|s| s.get("Principal").is_none())
+        .collect();
+    let actions: Vec<String> = role.iter().flat_map(|s| list(s.get("Action"))).collect();
+    assert_eq!(
+        actions,
+        [
+            "logs:CreateLogStream",
+            "logs:PutLogEvents",
+            "dynamodb:GetItem",
+            "dynamodb:UpdateItem",
+            "iot:ListThingPrincipals",
+            "iot:DetachThingPrincipal",
+            "iot:UpdateCertificate"
+        ]
+    );
+    let things = role
+        .iter()
+        .find(|s| list(s.get("Action")).contains(&"iot:DetachThingPrincipal".to_owned()))
+        .unwrap();
+    assert!(list(things.get("Resource"))[0].ends_with(":thing/${ThingNamePrefix}*"));
 }
 
 #[test]
@@ -310,15 +450,34 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
     let azure = &r["AzureDpsRegisterFunction"]["Properties"];
     assert_eq!(azure["AutoPublishAlias"].as_str(), Some("live"));
     // SORACOM Beam's route: POST /register on its own throttled API, no authorizer (the
-    // function verifies Beam's signature first), payload 2.0 (what `beam::is_http_event` reads).
-    let route = &azure["Events"]["Beam"]["Properties"];
+    // function verifies Beam's signature first), payload 2.0 (what `beam::is_http_event` reads),
+    // invoking the alias, and API Gateway allowed that one route of that API only.
+    let route = &r["BeamRoute"]["Properties"];
     assert_eq!(text(&route["ApiId"]).as_deref(), Some("!Ref BeamApi"));
+    assert_eq!(route["RouteKey"].as_str(), Some("POST /register"));
+    assert_eq!(route["AuthorizationType"].as_str(), Some("NONE"));
     assert_eq!(
-        (route["Method"].as_str(), route["Path"].as_str()),
-        (Some("POST"), Some("/register"))
+        text(&route["Target"]).as_deref(),
+        Some("!Sub integrations/${BeamIntegration}")
     );
-    assert_eq!(route["PayloadFormatVersion"].as_str(), Some("2.0"));
-    assert!(route.get("Auth").is_none());
+    let integration = &r["BeamIntegration"]["Properties"];
+    assert_eq!(integration["PayloadFormatVersion"].as_str(), Some("2.0"));
+    assert_eq!(
+        text(&integration["IntegrationUri"]).as_deref(),
+        Some("!Ref AzureDpsRegisterFunction.Alias")
+    );
+    let permission = &r["BeamInvokePermission"]["Properties"];
+    assert_eq!(
+        permission["Principal"].as_str(),
+        Some("apigateway.amazonaws.com")
+    );
+    assert_eq!(
+        text(&permission["FunctionName"]).as_deref(),
+        Some("!Ref AzureDpsRegisterFunction.Alias")
+    );
+    assert!(text(&permission["SourceArn"])
+        .unwrap()
+        .ends_with(":${BeamApi}/*/POST/register"));
     // A reboot storm cannot take the concurrency fleet-prehook needs within AWS IoT's 5 s.
     assert_eq!(
         text(&azure["ReservedConcurrentExecutions"]).as_deref(),
@@ -653,8 +812,8 @@ fn each_function_touches_only_its_own_items_and_attributes() {
     use shared::budget::BUDGET_ATTRIBUTES;
     use shared::quota::RATE_ATTRIBUTES;
     use shared::registry::{
-        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE, LIFECYCLE_ATTRIBUTES,
-        ONCE_ATTRIBUTES, SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
+        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, CONFIRM_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE,
+        LIFECYCLE_ATTRIBUTES, ONCE_ATTRIBUTES, SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
     };
     let t = template();
     let azure: Vec<&str> = SIM_ATTRIBUTES
@@ -677,7 +836,7 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         .collect();
     // (role, attributes its code uses, keys it must reach, keys it must not reach)
     type Expectation<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let roles: [Expectation; 4] = [
+    let roles: [Expectation; 5] = [
         (
             "AzureDpsRegisterRole",
             &azure,
@@ -707,6 +866,12 @@ fn each_function_touches_only_its_own_items_and_attributes() {
                 "rate#installer#1",
                 "budget#dps#1",
             ],
+        ),
+        (
+            "FleetConfirmRole",
+            CONFIRM_ATTRIBUTES,
+            &["serial#1"],
+            &["sim#1", "simid#1", "claim#1", "rate#dps#1", "budget#dps#1"],
         ),
         (
             "ClaimIssuerRole",
@@ -780,8 +945,16 @@ fn provisioning_role_claim_policy_api_and_sign_in_are_locked_down() {
     assert!(!thing_name.is_match(prefix.trim_end_matches('*')));
     assert!(prefix.contains('.'));
 
-    for api in ["ClaimsApi", "BeamApi"] {
-        let settings = &r[api]["Properties"]["DefaultRouteSettings"];
+    for (api, settings) in [
+        (
+            "ClaimsApi",
+            &r["ClaimsApi"]["Properties"]["DefaultRouteSettings"],
+        ),
+        (
+            "BeamApi",
+            &r["BeamStage"]["Properties"]["DefaultRouteSettings"],
+        ),
+    ] {
         for limit in ["ThrottlingRateLimit", "ThrottlingBurstLimit"] {
             assert!(settings.get(limit).is_some(), "{api} lacks {limit}");
         }
@@ -813,6 +986,11 @@ fn alarms_watch_what_the_functions_emit() {
         .map(|r| r.code())
         .chain(fleet_prehook::handler::Reason::ALL.iter().map(|r| r.code()))
         .chain(sim_lifecycle::handler::OUTCOMES.iter().copied())
+        .chain(
+            fleet_confirm::handler::Outcome::ALL
+                .iter()
+                .map(|o| o.code()),
+        )
         .collect();
     let mut watched = Vec::new();
     for (name, resource) in t["Resources"].as_mapping().unwrap() {

@@ -11,9 +11,9 @@ use local_emulators::local_aws::{random_key_base64, LocalAws};
 use shared::budget::{Budget, DynamoBudget, Grant};
 use shared::keys::{KeyError, SymmetricKey};
 use shared::registry::{
-    ClaimLog, ClaimRecord, ClaimUse, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus,
-    DynamoRegistry, IssuedCertificate, Provisioning, ProvisioningState, ProvisioningWrite,
-    Registration, RegistryError, Replaces, SerialRegistry, SimRegistry,
+    ClaimLog, ClaimRecord, ClaimUse, ClaimUsed, Confirmation, Confirmations, DeviceId,
+    DeviceRecord, DeviceStatus, DynamoRegistry, IssuedCertificate, Provisioning, ProvisioningState,
+    ProvisioningWrite, Registration, RegistryError, Replaces, SerialRegistry, SimRegistry,
 };
 use shared::secrets::{
     load_key, CachedSecretStore, DynamoSecretStore, KeyLookupError, SecretError, SecretStore,
@@ -221,6 +221,7 @@ fn write(serial: &str, cert: &str, replaces: Replaces) -> ProvisioningWrite {
         certificate_id: cert.into(),
         claim_certificate_id: Some("claim-1".into()),
         spend_claim: None,
+        issued_to: Some("installer-a".into()),
         at: AT,
         replaces,
     }
@@ -297,6 +298,8 @@ async fn allow_reprovision_is_consumed_by_the_write_that_uses_it() {
         provisioned_at: AT - 10,
         state: ProvisioningState::Confirmed,
         replaced_certificate_id: None,
+        issued_to: None,
+        confirmed_at: Some(AT - 5),
     });
     registry.put(&record).await.unwrap();
     let registry = Arc::new(registry);
@@ -334,22 +337,99 @@ async fn a_stale_pending_certificate_may_be_replaced_a_recent_one_not() {
         .record_provisioning(&write("SN-P", "c1", Replaces::Nothing))
         .await
         .unwrap();
-    let stale = |before| Replaces::StalePending {
+    let stale = |before, installer: &str| Replaces::StalePending {
         old: "c1".into(),
         pending_since_before: before,
+        issued_to: installer.into(),
     };
     // Provisioned at AT: not pending since before AT - 1.
     assert!(registry
-        .record_provisioning(&write("SN-P", "c2", stale(AT - 1)))
+        .record_provisioning(&write("SN-P", "c2", stale(AT - 1, "installer-a")))
         .await
         .is_err());
+    // Not through another installer's claim, however stale.
+    assert_eq!(
+        registry
+            .record_provisioning(&write("SN-P", "c2", stale(AT, "installer-b")))
+            .await,
+        Err(RegistryError::Conflict("serial#SN-P".into()))
+    );
     registry
-        .record_provisioning(&write("SN-P", "c2", stale(AT)))
+        .record_provisioning(&write("SN-P", "c2", stale(AT, "installer-a")))
         .await
         .unwrap();
     let provisioning = provisioned(&registry, "SN-P").await.provisioning.unwrap();
     assert_eq!(provisioning.certificate_id, "c2");
     assert_eq!(provisioning.replaced_certificate_id.as_deref(), Some("c1"));
+}
+
+/// fleet-confirm's writes: only the recorded certificate confirms, once; a replaced one is
+/// forgotten only while the serial still holds the certificate that replaced it.
+#[tokio::test]
+async fn a_provisioning_is_confirmed_only_by_its_own_certificate() {
+    let (_aws, registry) = with_table().await;
+    registry
+        .put(&DeviceRecord::allowed(DeviceId::Serial("SN-C".into())))
+        .await
+        .unwrap();
+    registry
+        .record_provisioning(&write("SN-C", "c1", Replaces::Nothing))
+        .await
+        .unwrap();
+    registry
+        .record_provisioning(&write(
+            "SN-C",
+            "c2",
+            Replaces::StalePending {
+                old: "c1".into(),
+                pending_since_before: AT,
+                issued_to: "installer-a".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    for (serial, cert) in [("SN-C", "c1"), ("SN-C", "c9"), ("SN-404", "c2")] {
+        assert_eq!(
+            registry.confirm(serial, cert, AT + 5).await,
+            Ok(Confirmation::NotRecorded),
+            "{serial} {cert}"
+        );
+    }
+    let pending = provisioned(&registry, "SN-C").await.provisioning.unwrap();
+    assert_eq!(pending.state, ProvisioningState::Pending);
+    assert_eq!(pending.issued_to.as_deref(), Some("installer-a"));
+    assert_eq!(
+        registry.confirm("SN-C", "c2", AT + 5).await,
+        Ok(Confirmation::Recorded {
+            newly: true,
+            replaced: Some("c1".into())
+        })
+    );
+    assert_eq!(
+        registry.confirm("SN-C", "c2", AT + 9).await,
+        Ok(Confirmation::Recorded {
+            newly: false,
+            replaced: Some("c1".into())
+        })
+    );
+    // Not by another certificate's name; then by the holder's.
+    registry.retired("SN-C", "c9", "c1").await.unwrap();
+    assert!(provisioned(&registry, "SN-C")
+        .await
+        .provisioning
+        .unwrap()
+        .replaced_certificate_id
+        .is_some());
+    registry.retired("SN-C", "c2", "c1").await.unwrap();
+    let confirmed = provisioned(&registry, "SN-C").await.provisioning.unwrap();
+    assert_eq!(
+        (
+            confirmed.state,
+            confirmed.confirmed_at,
+            confirmed.replaced_certificate_id
+        ),
+        (ProvisioningState::Confirmed, Some(AT + 5), None)
+    );
 }
 
 #[tokio::test]
