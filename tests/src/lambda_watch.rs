@@ -14,9 +14,10 @@ use tokio::process::{Child, Command};
 
 use crate::local_aws::venv_bin;
 
-pub const FUNCTIONS: [&str; 4] = [
+pub const FUNCTIONS: [&str; 5] = [
     "azure-dps-register",
     "claim-issuer",
+    "fleet-confirm",
     "fleet-prehook",
     "sim-lifecycle",
 ];

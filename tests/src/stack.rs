@@ -172,6 +172,8 @@ impl LocalStack {
             ),
             ("GROUP_KEY_PARAMETER", GROUP_KEY_PARAMETER.to_owned()),
             ("PROVISIONING_TEMPLATE", TEMPLATE.to_owned()),
+            // The demo's template names things fleet-<serial> (story::device::THING_PREFIX).
+            ("THING_NAME_PREFIX", "fleet-".to_owned()),
             (
                 "IOT_DATA_ENDPOINT",
                 "local-ats.iot.us-east-1.amazonaws.com".to_owned(),

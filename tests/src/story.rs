@@ -208,6 +208,7 @@ async fn device_steps(stack: &LocalStack, watch: &LambdaWatch) -> Vec<Step> {
     match device::Device::start(stack, watch).await {
         Ok(device) => vec![
             device.provisions_sn_0001(watch).await,
+            device.sn_0001_is_confirmed(stack).await,
             device.official_sdk_provisions_sn_0002(watch).await,
             device.unknown_serial_is_rejected(watch).await,
         ],

@@ -30,6 +30,7 @@ async fn the_sample_story_replays_through_cargo_lambda() {
         "cargo lambda invoke claim-issuer",
         "cargo lambda invoke fleet-prehook",
         "cargo lambda invoke sim-lifecycle",
+        "-> fleet-confirm",
         "fleet-device ",
         "provisioning-admin ",
         "--client-context-file",

@@ -1,6 +1,7 @@
 //! The device's part of the story: the `fleet-device` program, and the official AWS IoT Device
 //! SDK for Python (its fleet provisioning over MQTT 5), run as a user runs them, against the AWS
-//! IoT simulator whose pre-provisioning hook is fleet-prehook in `cargo lambda watch`.
+//! IoT simulator whose pre-provisioning hook is fleet-prehook in `cargo lambda watch`, and whose
+//! connect lifecycle events go to fleet-confirm there, as the stack's topic rule sends them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::{logged_reason_is, Step};
-use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Template, Thing};
+use crate::iot_mqtt::{Hook, IotMqttConfig, IotMqttSimulator, Lifecycle, Template, Thing};
 use crate::lambda_watch::{fleet_device_bin, workspace, LambdaWatch};
 use crate::local_aws::venv_bin;
 use crate::stack::{LocalStack, TEMPLATE};
@@ -83,13 +84,18 @@ pub(super) async fn run_program(
 impl Device {
     pub async fn start(stack: &LocalStack, watch: &LambdaWatch) -> Result<Self, String> {
         let hook = Hook::lambda(&watch.invoke_base(), "fleet-prehook");
-        let config = IotMqttConfig::new(
+        let mut config = IotMqttConfig::new(
             stack.iot.ca_pem(),
             vec![Template::new(TEMPLATE, THING_PREFIX, hook)],
         );
+        config.lifecycle = Some(Lifecycle {
+            client_prefix: THING_PREFIX.into(),
+            function: Hook::lambda(&watch.invoke_base(), "fleet-confirm"),
+        });
         let sim = IotMqttSimulator::start(config, ([127, 0, 0, 1], 0).into())
             .await
             .map_err(|e| e.to_string())?;
+        stack.iot.serve_fleet(sim.fleet());
         let dir = stack.dir().to_owned();
         std::fs::write(dir.join(SERVER_CA), sim.ca_pem()).map_err(|e| e.to_string())?;
         Ok(Self { sim, dir })
@@ -167,6 +173,51 @@ impl Device {
                 )
             })
         })
+    }
+
+    /// The device's connection with its new certificate (fleet-device `--verify`) reached
+    /// fleet-confirm as AWS IoT's lifecycle event: SN-0001's provisioning is confirmed, so no
+    /// later claim can put another certificate on its thing.
+    pub async fn sn_0001_is_confirmed(&self, stack: &LocalStack) -> Step {
+        use shared::registry::{ProvisioningState, SerialRegistry};
+        let title = "its first connection confirms it: AWS IoT's lifecycle event (simulated) -> fleet-confirm -> SN-0001 confirmed";
+        let delivered = self.sim.delivered(1, Duration::from_secs(20)).await;
+        let record = stack.registry.serial("SN-0001").await;
+        let provisioning = record.ok().flatten().and_then(|r| r.provisioning);
+        let (ok, detail) = match (delivered.as_deref(), provisioning) {
+            (Some([first, ..]), Some(p))
+                if first
+                    .answer
+                    .as_ref()
+                    .is_ok_and(|a| a["outcome"] == "confirmed")
+                    && p.state == ProvisioningState::Confirmed
+                    && first.event["principalIdentifier"] == p.certificate_id.as_str() =>
+            {
+                (
+                    true,
+                    format!(
+                        "{} connected with certificate {}…: provisioning_state confirmed",
+                        first.event["clientId"].as_str().unwrap_or(""),
+                        short(&p.certificate_id)
+                    ),
+                )
+            }
+            (delivered, p) => (
+                false,
+                format!(
+                    "lifecycle events: {:?}; provisioning: {p:?}",
+                    delivered.map(|d| d.iter().map(|e| e.answer.clone()).collect::<Vec<_>>())
+                ),
+            ),
+        };
+        Step {
+            title,
+            command:
+                "(AWS IoT topic rule) $aws/events/presence/connected/fleet-SN-0001 -> fleet-confirm"
+                    .into(),
+            ok,
+            detail,
+        }
     }
 
     pub async fn official_sdk_provisions_sn_0002(&self, watch: &LambdaWatch) -> Step {
