@@ -194,18 +194,13 @@ impl SecretStore for DynamoSecretStore {
 /// maybe its successor): the bound only matters if someone points the cache at many.
 pub const MAX_CACHED_SECRETS: usize = 16;
 
-/// How long a transient failure (throttled, unavailable) is answered from the cache. Short, so a
-/// store that recovers is asked again soon; not zero, so that callers arriving faster than that
-/// (a flood on a public route, a reboot storm) do not turn one throttled lookup into thousands
-/// and throttle SSM for the whole account.
-pub const TRANSIENT_HOLD: Duration = Duration::from_secs(5);
-
-/// Keeps every answer of the inner store, for `ttl`: a secret, and also its absence or another
-/// configuration failure (not found, not a SecureString, empty), because a route anyone can call
-/// must cost at most one lookup per `ttl` whatever the store says. Transient failures are kept
-/// for [`TRANSIENT_HOLD`] only (or `ttl`, if shorter). A fixed or rotated parameter is therefore
-/// picked up within `ttl`; at most [`MAX_CACHED_SECRETS`] names are held; an expired entry is
-/// wiped as soon as another lookup sees it.
+/// Keeps every answer of the inner store for `ttl` but transient failures: a secret, and also
+/// its absence or another configuration failure (not found, not a SecureString, empty), because
+/// a route anyone can call must cost at most one lookup per `ttl` whatever the store says. A
+/// transient failure (throttled, unavailable) is not kept, so that a store that recovers serves
+/// the next call. A fixed or rotated parameter is therefore picked up within `ttl`; at most
+/// [`MAX_CACHED_SECRETS`] names are held; an expired entry is wiped as soon as another lookup
+/// sees it.
 pub struct CachedSecretStore<S> {
     inner: S,
     ttl: Duration,
@@ -259,11 +254,8 @@ impl<S: SecretStore> CachedSecretStore<S> {
     }
 
     fn remember(&self, name: &str, answer: &Result<Secret, SecretError>) {
-        let hold = match answer {
-            Err(e) if e.is_transient() => self.ttl.min(TRANSIENT_HOLD),
-            _ => self.ttl,
-        };
-        if hold.is_zero() {
+        let hold = self.ttl;
+        if hold.is_zero() || answer.as_ref().is_err_and(SecretError::is_transient) {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -438,25 +430,15 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn transient_failures_are_held_briefly_then_asked_again() {
+    #[tokio::test]
+    async fn transient_failures_are_not_kept() {
         let store = failing(
             SecretError::Throttled("a".into()),
             Duration::from_secs(3600),
         );
-        for _ in 0..50 {
-            assert!(store.get("a").await.unwrap_err().is_transient());
-        }
-        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
-        tokio::time::advance(TRANSIENT_HOLD).await;
+        assert!(store.get("a").await.unwrap_err().is_transient());
         assert!(store.get("a").await.is_err());
         assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
-        // A cache period shorter than the hold bounds it; none at all keeps nothing.
-        let short = failing(SecretError::Throttled("a".into()), Duration::from_secs(1));
-        short.get("a").await.unwrap_err();
-        tokio::time::advance(Duration::from_secs(1)).await;
-        short.get("a").await.unwrap_err();
-        assert_eq!(short.inner.calls.load(Ordering::SeqCst), 2);
         let none = failing(SecretError::NotFound("a".into()), Duration::ZERO);
         none.get("a").await.unwrap_err();
         none.get("a").await.unwrap_err();
