@@ -15,6 +15,9 @@
 #   DPS_ID_SCOPE            required: Azure DPS ID scope
 #   SORACOM_AWS_ACCOUNT_ID  required: SORACOM's AWS account (SORACOM console, credential store)
 #   SORACOM_EXTERNAL_ID     required: external id of the SORACOM credential (never printed)
+#   SORACOM_EVENT_HANDLER_EXTERNAL_ID
+#                           optional: the external id of the Event Handler's credential set
+#                           (sim-lifecycle), not the Funk one; unset: no Event Handler role
 #   GROUP_KEY_PARAMETER     default /soracom-dps/group-key (store the key there first)
 #   PROVISIONING_TEMPLATE   default fleet-template
 #   SERIAL_PATTERN          optional: the regular expression device serials match in full
@@ -69,6 +72,9 @@ overrides=(
   "ProvisioningTemplateName=$PROVISIONING_TEMPLATE"
   "AllowedOperatorIds=$ALLOWED_OPERATOR_IDS"
 )
+if [ -n "${SORACOM_EVENT_HANDLER_EXTERNAL_ID:-}" ]; then
+  overrides+=("SoracomEventHandlerExternalId=$SORACOM_EVENT_HANDLER_EXTERNAL_ID")
+fi
 if [ -n "${SERIAL_PATTERN:-}" ]; then
   overrides+=("SerialPattern=$SERIAL_PATTERN")
 fi
@@ -91,6 +97,7 @@ show() {
   for arg in "$@"; do
     case "$arg" in
       SoracomExternalId=*) out+=("SoracomExternalId=****") ;;
+      SoracomEventHandlerExternalId=*) out+=("SoracomEventHandlerExternalId=****") ;;
       *[[:space:]]*) out+=("'$arg'") ;;
       *) out+=("$arg") ;;
     esac

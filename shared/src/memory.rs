@@ -28,6 +28,8 @@ pub struct MemoryTable {
     claims: Mutex<HashMap<String, ClaimRecord>>,
     /// One-time uses (`OnceLog`), by key, with when they may be forgotten.
     once: Mutex<HashMap<String, u64>>,
+    /// The IMSIs each SIM card lists (by SIM ID), as `record_registration` adds them.
+    card_imsis: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Every call fails with this while set.
     failure: Mutex<Option<RegistryError>>,
     /// Every call waits this long first (a slow or hanging table).
@@ -35,6 +37,9 @@ pub struct MemoryTable {
     calls: AtomicUsize,
     /// The next this many registration records fail as an overloaded table's do.
     failing_records: AtomicUsize,
+    /// The next registration record finds its SIM blocked (by an operator, between the
+    /// function's check and its write).
+    block_before_record: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryTable {
@@ -49,6 +54,14 @@ impl MemoryTable {
 
     pub fn get(&self, id: &DeviceId) -> Option<DeviceRecord> {
         lock(&self.devices).get(id).cloned()
+    }
+
+    /// The IMSIs the card `sim_id` lists, in order.
+    pub fn card_imsis(&self, sim_id: &str) -> Vec<String> {
+        lock(&self.card_imsis)
+            .get(sim_id)
+            .map(|imsis| imsis.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn put_claim(&self, claim: ClaimRecord) {
@@ -72,6 +85,12 @@ impl MemoryTable {
     /// The next `n` registration records fail with `Unavailable`, then they work again.
     pub fn fail_next_records(&self, n: usize) {
         self.failing_records.store(n, Ordering::Relaxed);
+    }
+
+    /// The next registration record finds its IMSI's entry blocked: the operator blocked the
+    /// SIM while its registration was in flight.
+    pub fn block_before_next_record(&self) {
+        self.block_before_record.store(true, Ordering::Relaxed);
     }
 
     /// Calls made so far (reads and writes).
@@ -163,6 +182,7 @@ impl SimRegistry for MemoryTable {
     async fn record_registration(
         &self,
         imsi: &str,
+        sim_id: Option<&str>,
         registration: &Registration,
     ) -> Result<(), RegistryError> {
         self.enter().await?;
@@ -178,6 +198,15 @@ impl SimRegistry for MemoryTable {
             status: DeviceStatus::Unlisted,
             ..DeviceRecord::allowed(id.clone())
         });
+        if let Some(sim_id) = sim_id {
+            lock(&self.card_imsis)
+                .entry(sim_id.to_owned())
+                .or_default()
+                .insert(imsi.to_owned());
+        }
+        if self.block_before_record.swap(false, Ordering::Relaxed) {
+            entry.status = DeviceStatus::Blocked;
+        }
         if entry.status == DeviceStatus::Blocked {
             return Err(RegistryError::Conflict(id.key()));
         }
@@ -349,6 +378,15 @@ impl Quota for MemoryQuota {
             Err(retry_after) => Ok(Verdict::Exceeded { retry_after }),
         }
     }
+
+    async fn exceeded(&self, subject: &str, now: u64) -> Result<Option<u64>, QuotaError> {
+        if let Some(failure) = lock(&self.failure).clone() {
+            return Err(failure);
+        }
+        let uses = lock(&self.uses);
+        let used = uses.get(subject).map(Vec::as_slice).unwrap_or_default();
+        Ok(decide(used, now, self.limit, self.window_secs).err())
+    }
 }
 
 /// A fleet-wide budget, in memory, with the DynamoDB adapter's decision.
@@ -356,6 +394,8 @@ pub struct MemoryBudget {
     limit: u32,
     window_secs: u64,
     counts: Mutex<HashMap<u64, u64>>,
+    /// Every unit ever taken, given back or not.
+    taken: AtomicUsize,
     failure: Mutex<Option<QuotaError>>,
 }
 
@@ -365,12 +405,18 @@ impl MemoryBudget {
             limit,
             window_secs: window_secs.max(1),
             counts: Mutex::new(HashMap::new()),
+            taken: AtomicUsize::new(0),
             failure: Mutex::new(None),
         }
     }
 
     pub fn fail_with(&self, failure: Option<QuotaError>) {
         *lock(&self.failure) = failure;
+    }
+
+    /// How many units were ever taken, including those given back.
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Relaxed)
     }
 
     /// How many starts were asked for in the window `now` falls in.
@@ -385,6 +431,7 @@ impl Budget for MemoryBudget {
         if let Some(failure) = lock(&self.failure).clone() {
             return Err(failure);
         }
+        self.taken.fetch_add(1, Ordering::Relaxed);
         let start = window_start(now, self.window_secs);
         let mut counts = lock(&self.counts);
         let count = counts.entry(start).or_insert(0);

@@ -69,6 +69,14 @@ pub trait Quota: Send + Sync {
         subject: &str,
         now: u64,
     ) -> impl std::future::Future<Output = Result<Verdict, QuotaError>> + Send;
+
+    /// When the subject may come back, if its window is full now; counts nothing (a check
+    /// before something scarcer is taken on the subject's behalf).
+    fn exceeded(
+        &self,
+        subject: &str,
+        now: u64,
+    ) -> impl std::future::Future<Output = Result<Option<u64>, QuotaError>> + Send;
 }
 
 /// The DynamoDB adapter.
@@ -117,6 +125,12 @@ impl Quota for DynamoQuota {
         Err(QuotaError::Unavailable(
             "rate-limit item contended; retry".into(),
         ))
+    }
+
+    async fn exceeded(&self, subject: &str, now: u64) -> Result<Option<u64>, QuotaError> {
+        let key = AttributeValue::S(format!("rate#{}#{subject}", self.scope));
+        let (used_at, _) = self.read(&key).await?;
+        Ok(decide(&used_at, now, self.limit, self.window_secs).err())
     }
 }
 

@@ -275,6 +275,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: Device
     let recorded = cleared?;
     let key = key.map_err(key_refusal)?;
     let sim = ClearedSim {
+        identity: &sim,
         imsi: &sim.imsi,
         registration_id,
         fingerprint: key.fingerprint(),
@@ -286,6 +287,7 @@ async fn register<R: SimRegistry, K: DeviceKeys, D: Dps, L: DpsLimits, C: Device
 
 /// A SIM the device table allows, with its device key and its recorded registration.
 struct ClearedSim<'a> {
+    identity: &'a SimIdentity,
     imsi: &'a str,
     registration_id: String,
     key: SymmetricKey,
@@ -350,7 +352,7 @@ async fn connect<'s, R: SimRegistry, K, D: Dps, L: DpsLimits, C>(
         key_fingerprint: Some(sim.fingerprint.clone()),
         ..registration(&sim.registration_id, &assignment)
     };
-    record(state, sim.imsi, &recorded, deadlines).await;
+    record(state, sim.identity, &recorded, deadlines).await?;
     Ok(Registered::from_dps(
         sim.registration_id,
         assignment,
@@ -526,20 +528,32 @@ pub(crate) fn registration(registration_id: &str, assignment: &Assignment) -> Re
 
 /// Records the registration for operators. DPS has registered the device; failing the device
 /// now would only make it retry, so a failed or late write is logged loudly instead, and it
-/// never holds the answer past the deadline.
+/// never holds the answer past the deadline. A SIM blocked while its registration was in
+/// flight (the write's condition) is refused: it gets no key and no certificate.
 pub(crate) async fn record<R: SimRegistry, K, D, L, C>(
     state: &State<R, K, D, L, C>,
-    imsi: &str,
+    sim: &SimIdentity,
     recorded: &Registration,
     deadlines: Deadlines,
-) {
+) -> Result<(), Refusal> {
+    let imsi = sim.imsi.as_str();
     // Retried while the invocation has time: a registration not recorded costs a DPS
     // registration at the device's next boot (the 10,000-SIM storm lost some to the local
     // endpoint's queue). A blocked SIM's refusal (a conflict) is final.
     for attempt in 1..=RECORD_ATTEMPTS {
-        let write = state.registry.record_registration(imsi, recorded);
+        let write = state
+            .registry
+            .record_registration(imsi, sim.sim_id.as_deref(), recorded);
         let (passing, error) = match timeout_at(deadlines.answer_by, write).await {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(RegistryError::Conflict(_))) => {
+                tracing::warn!(imsi = %imsi, registration_id = %recorded.registration_id,
+                    "SIM blocked while its registration was in flight: nothing is sent");
+                return Err(refuse(
+                    Refused::SimBlocked,
+                    "the SIM was blocked while DPS registered it",
+                ));
+            }
             Ok(Err(e)) => (
                 matches!(e, RegistryError::Throttled | RegistryError::Unavailable(_)),
                 e.to_string(),
@@ -555,11 +569,12 @@ pub(crate) async fn record<R: SimRegistry, K, D, L, C>(
         if !retry {
             tracing::error!(imsi = %imsi, attempt, error = %error,
                 "registration not recorded in the device table");
-            return;
+            return Ok(());
         }
         tracing::warn!(imsi = %imsi, attempt, error = %error, "recording the registration again");
         tokio::time::sleep(RECORD_RETRY_PAUSE).await;
     }
+    Ok(())
 }
 
 fn is_registration_id(id: &str) -> bool {

@@ -27,7 +27,7 @@ use crate::state::{Limits, State, SIM_WINDOW_SECS};
 const FLEET_WINDOW_SECS: u64 = 60;
 
 pub(crate) const IMSI: &str = "440103123456789";
-const SIM_ID: &str = "8981100012345678901";
+pub(crate) const SIM_ID: &str = "8981100012345678901";
 pub(crate) const GROUP_KEY: &str = "VGhpcyB0aGluZyBhbGwgdGhpbmdzIGl0IGRldm91cnM=";
 
 /// Keys derived from the group key (`GROUP_KEY` until rotated), or failing as told.

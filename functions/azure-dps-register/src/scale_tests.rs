@@ -379,3 +379,63 @@ async fn a_record_write_that_fails_is_tried_again() {
     assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
     assert_eq!(dps_calls(&s), 2);
 }
+
+/// Issue: one SIM over its share held fleet-budget units with concurrent calls (taken, then
+/// given back), pushing other SIMs' `retryAfter` later. A SIM known past its share never
+/// touches the fleet's budget.
+#[tokio::test]
+async fn a_sim_past_its_share_holds_no_fleet_unit_even_concurrently() {
+    let mut s = state(&[("DPS_PER_SIM_PER_HOUR", "1")]);
+    s.limits.fleet = MemoryBudget::new(40, 1 << 40);
+    assert_eq!(call(&s, json!({})).await.source, Some(Source::Dps));
+    let taken = s.limits.fleet.taken();
+    let looping = (0..40).map(|_| call(&s, json!({"reprovision": true})));
+    for r in futures::future::join_all(looping).await {
+        assert_eq!(r.source, Some(Source::Record), "{}", r.outline());
+    }
+    assert_eq!(
+        s.limits.fleet.taken(),
+        taken,
+        "no unit taken, not even for a moment"
+    );
+    let other = call_as(&s, "440103000000204", json!({})).await;
+    assert_eq!(
+        (other.status_code, other.source),
+        (200, Some(Source::Dps)),
+        "{}",
+        other.outline()
+    );
+}
+
+/// Issue: a SIM blocked while its registration was in flight still got its key (the record's
+/// conditional write failed, was logged, and the answer went out).
+#[tokio::test]
+async fn a_sim_blocked_while_dps_registers_it_gets_no_key() {
+    let s = state(&[]);
+    s.registry.block_before_next_record();
+    let r = call(&s, json!({})).await;
+    assert_eq!(
+        (r.status_code, r.error),
+        (403, Some("sim-blocked")),
+        "{}",
+        r.outline()
+    );
+    assert_eq!(
+        dps_calls(&s),
+        1,
+        "DPS registered it before the block landed"
+    );
+    assert!(!r.body.contains("SharedAccessKey"), "{}", r.body);
+    // Recorded for the card (its termination must find the device), not for the IMSI.
+    assert_eq!(
+        s.registry.card_imsis(crate::handler_tests::SIM_ID),
+        vec![IMSI.to_owned()]
+    );
+    assert_eq!(recorded_or_none(&s), None);
+}
+
+fn recorded_or_none(s: &TestState) -> Option<Registration> {
+    s.registry
+        .get(&DeviceId::Sim(IMSI.into()))
+        .and_then(|r| r.registration)
+}

@@ -109,11 +109,18 @@ impl<Q: Quota, B: Budget> DpsLimits for Limits<Q, B> {
         now >= self.spent_until.load(Ordering::Relaxed)
     }
 
-    /// The fleet's budget first, then the SIM's share: a call the fleet refuses spends none of
-    /// its SIM's hour (in a storm, a device refused six times by the budget would otherwise be
-    /// locked out for an hour), and a SIM past its share gives its unit of the fleet's budget
-    /// back (a looping device cannot spend the fleet's budget).
+    /// A SIM known past its share is refused before it touches the fleet's budget (concurrent
+    /// calls of one looping SIM would otherwise hold units of it, and push every other SIM's
+    /// `retryAfter` later). Then the fleet's budget, then the SIM's share: a call the fleet
+    /// refuses spends none of its SIM's hour (in a storm, a device refused six times by the
+    /// budget would otherwise be locked out for an hour), and a SIM that went past its share
+    /// meanwhile gives its unit of the fleet's budget back.
     async fn admit(&self, imsi: &str, now: u64) -> Result<Admission, QuotaError> {
+        if let Some(retry_after) = self.per_sim.exceeded(imsi, now).await? {
+            return Ok(Admission::SimLimited {
+                retry_after: Duration::from_secs(retry_after),
+            });
+        }
         if let Grant::Spent { retry_after } = self.fleet.take(now).await? {
             let window_ends = now - now % self.fleet_window + self.fleet_window;
             self.spent_until.fetch_max(window_ends, Ordering::Relaxed);

@@ -99,7 +99,7 @@ pub(crate) async fn register<R: SimRegistry, K, D: Dps, L: DpsLimits, C: DeviceC
         certificate: Some(issued),
         ..registration(&registration_id, &assignment)
     };
-    record(state, &sim.imsi, &recorded, deadlines).await;
+    record(state, sim, &recorded, deadlines).await?;
     Ok(Registered::from_dps(
         registration_id,
         assignment,

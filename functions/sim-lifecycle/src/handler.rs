@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shared::registry::{Change, DeviceId, DynamoRegistry, RegistryError};
+use shared::registry::{Change, DeviceId, DeviceStatus, DynamoRegistry, Lift, RegistryError};
 use shared::secrets::{SecretError, SecretStore};
 use tracing::{info, warn};
 
@@ -91,63 +91,94 @@ pub async fn handle<S: SecretStore>(
 }
 
 async fn apply<S: SecretStore>(change: &StatusChange, state: &State<S>) -> Result<Value, Failure> {
-    let ids: Vec<DeviceId> = std::iter::once(DeviceId::Sim(change.imsi.clone()))
-        .chain(change.sim_id.clone().map(DeviceId::SimCard))
-        .collect();
+    let imsi = DeviceId::Sim(change.imsi.clone());
+    let card = change.sim_id.clone().map(DeviceId::SimCard);
     let status = change.new_status.as_str();
-    let (outcome, table, hub_state) =
-        match action(change.new_status, state.config.unblock_on_active) {
-            Action::Nothing => {
-                return Ok(json!({"outcome": "unchanged", "imsi": change.imsi, "status": status}));
-            }
-            Action::Block => {
-                let mut table = Change::AlreadySo;
-                for id in &ids {
-                    if state.registry.block_for_soracom(id, status).await? == Change::Done {
-                        table = Change::Done;
-                    }
+    let unchanged = |table: Option<&str>| {
+        let mut answer = json!({"outcome": "unchanged", "imsi": change.imsi, "status": status});
+        if let Some(table) = table {
+            answer["table"] = json!(table);
+        }
+        answer
+    };
+    let (outcome, table, target) = match action(change.new_status, state.config.unblock_on_active) {
+        Action::Nothing => return Ok(unchanged(None)),
+        Action::Block => {
+            let mut table = "already-blocked";
+            for id in std::iter::once(&imsi).chain(&card) {
+                if state.registry.block_for_soracom(id, status).await? == Change::Done {
+                    table = "blocked";
                 }
-                let table = if table == Change::Done {
-                    "blocked"
-                } else {
-                    "already-blocked"
-                };
-                ("blocked", table, DeviceState::Disabled)
             }
-            Action::Unblock => {
-                // The IMSI's entry decides: a SIM the operator blocked stays blocked, and its
-                // IoT Hub device stays disabled.
-                let lifted = state.registry.lift_soracom_block(&ids[0]).await?;
-                if let Some(card) = ids.get(1) {
-                    state.registry.lift_soracom_block(card).await?;
-                }
-                if lifted == Change::AlreadySo {
-                    return Ok(json!({
-                        "outcome": "unchanged",
-                        "imsi": change.imsi,
-                        "status": status,
-                        "table": "not-blocked-by-soracom"
-                    }));
-                }
-                ("unblocked", "allowed", DeviceState::Enabled)
+            ("blocked", table, DeviceState::Disabled)
+        }
+        Action::Unblock => {
+            // Each entry goes back to what it was before SORACOM's block; the IMSI's entry
+            // decides whether anything else happens.
+            let lifted = state.registry.lift_soracom_block(&imsi).await?;
+            let card_now = match &card {
+                Some(card) => Some(match state.registry.lift_soracom_block(card).await? {
+                    Lift::Restored(now) | Lift::NotSoracoms(now) => now,
+                }),
+                None => None,
+            };
+            let Lift::Restored(restored) = lifted else {
+                return Ok(unchanged(Some("not-blocked-by-soracom")));
+            };
+            // The hub device comes back only where nothing blocks the SIM any more.
+            if restored == DeviceStatus::Blocked || card_now == Some(DeviceStatus::Blocked) {
+                return Ok(json!({
+                    "outcome": "unblocked",
+                    "imsi": change.imsi,
+                    "status": status,
+                    "table": restored.as_str(),
+                    "iotHub": "kept-disabled",
+                }));
             }
-        };
-    let hub = set_hub_state(change, state, hub_state).await?;
-    Ok(json!({
+            ("unblocked", restored.as_str(), DeviceState::Enabled)
+        }
+    };
+    let hub = set_hub_state(&change.imsi, change, state, target).await?;
+    let mut answer = json!({
         "outcome": outcome,
         "imsi": change.imsi,
         "status": status,
         "table": table,
         "iotHub": hub,
-    }))
+    });
+    // SORACOM reports the card's status: every IMSI registered through the card has a
+    // device of its own in IoT Hub, and each follows the card.
+    if let Some(sim_id) = &change.sim_id {
+        let mut others = serde_json::Map::new();
+        for other in state.registry.card_imsis(sim_id).await? {
+            if other == change.imsi {
+                continue;
+            }
+            let hub = set_hub_state(&other, change, state, target).await?;
+            others.insert(other, json!(hub));
+        }
+        if !others.is_empty() {
+            answer["cardImsis"] = Value::Object(others);
+        }
+    }
+    Ok(answer)
 }
 
+/// Sets `imsi`'s IoT Hub device to `target`, where its last registration put it. A device is
+/// never enabled for an IMSI whose own entry is blocked.
 async fn set_hub_state<S: SecretStore>(
+    imsi: &str,
     change: &StatusChange,
     state: &State<S>,
     target: DeviceState,
 ) -> Result<&'static str, Failure> {
-    let Some(registration) = state.registry.last_registration(&change.imsi).await? else {
+    let Some(entry) = state.registry.sim_entry(imsi).await? else {
+        return Ok("not-registered");
+    };
+    if target == DeviceState::Enabled && entry.status == DeviceStatus::Blocked {
+        return Ok("kept-disabled");
+    }
+    let Some(registration) = entry.registration else {
         return Ok("not-registered");
     };
     let parameter = format!(

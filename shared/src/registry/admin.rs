@@ -92,7 +92,7 @@ impl DynamoRegistry {
         let mut set = vec!["#status = :status"];
         // The operator's word replaces SORACOM's: a SIM the operator lists is never unblocked
         // (or re-blocked on its own) by a lifecycle event's mark.
-        let mut remove = vec!["blocked_by"];
+        let mut remove = vec!["blocked_by", super::lifecycle::PRIOR_ATTRIBUTE];
         let mut values = HashMap::from([(":status".to_owned(), s(listing.status.as_str()))]);
         match listing.valid_until {
             Some(until) => {

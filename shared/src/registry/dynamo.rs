@@ -259,8 +259,23 @@ impl SimRegistry for DynamoRegistry {
     async fn record_registration(
         &self,
         imsi: &str,
+        sim_id: Option<&str>,
         registration: &Registration,
     ) -> Result<(), RegistryError> {
+        if let Some(sim_id) = sim_id {
+            // Before the IMSI's record: a registration recorded is always one the card lists.
+            let card = DeviceId::SimCard(sim_id.to_owned()).key();
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key(KEY_ATTRIBUTE, s(&card))
+                .update_expression("ADD #imsis :imsi")
+                .expression_attribute_names("#imsis", CARD_IMSIS_ATTRIBUTE)
+                .expression_attribute_values(":imsi", AttributeValue::Ss(vec![imsi.to_owned()]))
+                .send()
+                .await
+                .map_err(|e| write_error(&card, e))?;
+        }
         let key = DeviceId::Sim(imsi.to_owned()).key();
         let mut set = "SET registration_id = :rid, assigned_hub = :hub, device_id = :dev, \
                    registered_at = :at"

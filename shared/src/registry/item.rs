@@ -106,13 +106,11 @@ pub(super) fn decode(
     item: &HashMap<String, AttributeValue>,
 ) -> Result<DeviceRecord, RegistryError> {
     let a = Attributes { key, item };
-    // Deny by default: an unknown status value is a blocked device, not an allowed one. No
-    // status at all is an item nobody listed (see `DeviceStatus::Unlisted`).
-    let status = match a.text("status")?.as_deref() {
-        Some("allowed") => DeviceStatus::Allowed,
-        None | Some("unlisted") => DeviceStatus::Unlisted,
-        Some(_) => DeviceStatus::Blocked,
-    };
+    // No status at all is an item nobody listed (see `DeviceStatus::Unlisted`).
+    let status = a
+        .text("status")?
+        .as_deref()
+        .map_or(DeviceStatus::Unlisted, DeviceStatus::parse);
     Ok(DeviceRecord {
         id,
         status,

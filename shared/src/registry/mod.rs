@@ -51,7 +51,7 @@ use crate::aws::Failure;
 pub use admin::{device_id, Kind, Listing};
 pub use confirm::{Confirmation, Confirmations, CONFIRM_ATTRIBUTES};
 pub use dynamo::DynamoRegistry;
-pub use lifecycle::{Change, LIFECYCLE_ATTRIBUTES};
+pub use lifecycle::{Change, Lift, CARD_IMSIS_ATTRIBUTE, LIFECYCLE_ATTRIBUTES};
 pub use once::{beam_key, OnceLog, ONCE_ATTRIBUTES};
 
 /// Device serial numbers unless configured otherwise: letters, digits and `_:-`, 1 to 64
@@ -79,6 +79,7 @@ pub const SIM_ATTRIBUTES: &[&str] = &[
     "cert_serial",
     "cert_fingerprint",
     "cert_expires_at",
+    lifecycle::CARD_IMSIS_ATTRIBUTE,
 ];
 /// The individual-enrollment key on a SIM's item: read by the secret store only.
 pub const DEVICE_KEY_ATTRIBUTE: &str = "device_key";
@@ -160,6 +161,16 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    /// A stored status. Deny by default: an unknown value is a blocked device, not an allowed
+    /// one.
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "allowed" => Self::Allowed,
+            "unlisted" => Self::Unlisted,
+            _ => Self::Blocked,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
@@ -387,10 +398,13 @@ pub trait SimRegistry: Send + Sync {
         sim_id: Option<&str>,
     ) -> impl Future<Output = Result<SimEntries, RegistryError>> + Send;
 
-    /// Records a DPS registration of `imsi`, unless the SIM is blocked meanwhile.
+    /// Records a DPS registration of `imsi`, unless the SIM is blocked meanwhile (then
+    /// `Conflict`). With the SIM card's `sim_id`, the card's item lists the IMSI first, so
+    /// that a card's termination finds every device registered through it.
     fn record_registration(
         &self,
         imsi: &str,
+        sim_id: Option<&str>,
         registration: &Registration,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 }

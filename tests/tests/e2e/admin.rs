@@ -73,7 +73,7 @@ async fn allow_and_block_keep_what_the_functions_recorded() {
     let imsi = "440103000000001";
     admin(&registry, &["sims", "allow", imsi]).await.unwrap();
     registry
-        .record_registration(imsi, &registration(1_800_000_000))
+        .record_registration(imsi, None, &registration(1_800_000_000))
         .await
         .unwrap();
 
@@ -277,7 +277,7 @@ async fn a_soracom_export_blocks_terminated_sims_and_keeps_their_registrations()
         .await
         .unwrap();
     registry
-        .record_registration("440103000000001", &registration(1_800_000_000))
+        .record_registration("440103000000001", None, &registration(1_800_000_000))
         .await
         .unwrap();
     let export = file(
@@ -392,7 +392,7 @@ async fn claims_and_registrations_are_reported_for_operators() {
         let mut r = registration(at);
         r.registration_id = imsi.into();
         r.device_id = imsi.into();
-        registry.record_registration(imsi, &r).await.unwrap();
+        registry.record_registration(imsi, None, &r).await.unwrap();
     }
     admin(&registry, &["sims", "allow", "440103000000003"])
         .await

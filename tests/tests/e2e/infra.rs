@@ -424,12 +424,37 @@ fn the_hook_and_funk_role_are_wired_as_aws_requires() {
         list(funk[0].1.get("Resource")),
         vec!["!Ref AzureDpsRegisterFunction.Alias"]
     );
-    // SORACOM's Event Handler: its own role, the same trust, sim-lifecycle's alias only.
-    let trust =
-        &r["SoracomEventHandlerRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
-    assert!(trust["Condition"]["StringEquals"]
-        .get("sts:ExternalId")
-        .is_some());
+    // SORACOM's Event Handler: its own role with its own external id (a leaked Funk id opens
+    // no second door), only when the operator gave one, sim-lifecycle's alias only.
+    let role = &r["SoracomEventHandlerRole"];
+    assert_eq!(role["Condition"].as_str(), Some("HasEventHandler"));
+    let trust = &role["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert_eq!(
+        text(&trust["Condition"]["StringEquals"]["sts:ExternalId"]).as_deref(),
+        Some("!Ref SoracomEventHandlerExternalId")
+    );
+    let funk_trust =
+        &r["SoracomFunkRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0];
+    assert_eq!(
+        text(&funk_trust["Condition"]["StringEquals"]["sts:ExternalId"]).as_deref(),
+        Some("!Ref SoracomExternalId")
+    );
+    let rule = serde_yaml::to_string(&t["Rules"]["EventHandlerHasItsOwnExternalId"]).unwrap();
+    assert!(
+        rule.contains("SoracomEventHandlerExternalId") && rule.contains("SoracomExternalId"),
+        "{rule}"
+    );
+    assert_eq!(
+        t["Outputs"]["SoracomEventHandlerRoleArn"]["Condition"].as_str(),
+        Some("HasEventHandler")
+    );
+    let handler_id = [("SORACOM_EVENT_HANDLER_EXTERNAL_ID", "other-s3cret-id")];
+    let with_handler = [&DEPLOY_SETTINGS[..], &handler_id[..]].concat();
+    let plan = String::from_utf8(deploy_script(true, &with_handler).stdout).unwrap();
+    assert!(
+        plan.contains("SoracomEventHandlerExternalId=****") && !plan.contains("other-s3cret-id"),
+        "{plan}"
+    );
     let handler = statements(&t)
         .into_iter()
         .filter(|(o, s)| o == "SoracomEventHandlerRole" && s.get("Principal").is_none())
@@ -517,6 +542,7 @@ fn deploy_script(plan: bool, env: &[(&str, &str)]) -> std::process::Output {
         "DPS_ID_SCOPE",
         "SORACOM_AWS_ACCOUNT_ID",
         "SORACOM_EXTERNAL_ID",
+        "SORACOM_EVENT_HANDLER_EXTERNAL_ID",
         "ALLOWED_OPERATOR_IDS",
         "STACK_NAME",
         "DEVICE_CA_KMS_KEY_ARN",

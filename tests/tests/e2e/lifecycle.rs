@@ -19,6 +19,8 @@ const TABLE: &str = "devices";
 const HUB: &str = "lifecycle-hub.azure-devices.net";
 const PREFIX: &str = "/soracom-dps/iot-hub/";
 const IMSI: &str = "440103123456789";
+/// The card the events name.
+const SIM_ID: &str = "8942310000000000001";
 const BUDGET: Duration = Duration::from_secs(8);
 
 struct Fixture {
@@ -59,22 +61,34 @@ async fn fixture(unblock_on_active: bool) -> Fixture {
 
 /// A SIM that registered through DPS: allowed, recorded, and a device in the hub.
 async fn registered(f: &Fixture) {
-    let allowed = Listing {
-        status: DeviceStatus::Allowed,
-        valid_until: None,
-        allow_reprovision: false,
+    registered_as(f, IMSI, None).await;
+}
+
+/// The IMSI `imsi` (of the card `sim_id`, when Funk named it) listed as allowed, registered,
+/// and a device named after it in the hub.
+async fn registered_as(f: &Fixture, imsi: &str, sim_id: Option<&str>) {
+    list(f, &DeviceId::Sim(imsi.into()), DeviceStatus::Allowed).await;
+    let registration = Registration {
+        registration_id: imsi.into(),
+        device_id: imsi.into(),
+        ..registration()
     };
     f.state
         .registry
-        .list_device(&DeviceId::Sim(IMSI.into()), &allowed)
+        .record_registration(imsi, sim_id, &registration)
         .await
         .unwrap();
-    f.state
-        .registry
-        .record_registration(IMSI, &registration())
-        .await
-        .unwrap();
-    f.hub.add_device(HUB, IMSI);
+    f.hub.add_device(HUB, imsi);
+}
+
+/// The operator's listing of `id` (provisioning-admin).
+async fn list(f: &Fixture, id: &DeviceId, status: DeviceStatus) {
+    let listing = Listing {
+        status,
+        valid_until: None,
+        allow_reprovision: false,
+    };
+    f.state.registry.list_device(id, &listing).await.unwrap();
 }
 
 fn registration() -> Registration {
@@ -90,11 +104,15 @@ fn registration() -> Registration {
 }
 
 fn event(status: &str) -> Value {
+    event_for(IMSI, status)
+}
+
+fn event_for(imsi: &str, status: &str) -> Value {
     json!({
-        "parameter1": IMSI,
+        "parameter1": imsi,
         "parameter2": status,
         "parameter3": "active",
-        "parameter4": "8942310000000000001",
+        "parameter4": SIM_ID,
         "parameter5": ""
     })
 }
@@ -102,6 +120,15 @@ fn event(status: &str) -> Value {
 async fn sim_status(f: &Fixture) -> DeviceStatus {
     let entries = f.state.registry.sim(IMSI, None).await.unwrap();
     entries.by_imsi.unwrap().status
+}
+
+/// The IMSI's and the card's status (`None`: no item).
+async fn statuses(f: &Fixture) -> (Option<DeviceStatus>, Option<DeviceStatus>) {
+    let entries = f.state.registry.sim(IMSI, Some(SIM_ID)).await.unwrap();
+    (
+        entries.by_imsi.map(|e| e.status),
+        entries.by_card.map(|e| e.status),
+    )
 }
 
 #[tokio::test]
@@ -243,9 +270,110 @@ async fn a_sim_never_registered_or_gone_from_the_hub_is_still_blocked() {
     elsewhere.device_id = gone_device.into();
     f.state
         .registry
-        .record_registration(IMSI, &elsewhere)
+        .record_registration(IMSI, None, &elsewhere)
         .await
         .unwrap();
     let gone = handle(event("terminated"), &f.state, BUDGET).await.unwrap();
     assert_eq!(gone["iotHub"], "no-such-device", "{gone}");
+}
+
+/// Issue: an `active` event listed SIMs nobody listed (a lift set `allowed`, and a card
+/// allowed that way admits every IMSI of the card). A lift restores exactly what was there.
+#[tokio::test]
+async fn an_active_event_restores_exactly_what_soracoms_block_replaced() {
+    let f = fixture(true).await;
+    // Nobody listed the IMSI or the card.
+    handle(event("suspended"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(
+        statuses(&f).await,
+        (Some(DeviceStatus::Blocked), Some(DeviceStatus::Blocked))
+    );
+    let back = handle(event("active"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(back["outcome"], "unblocked", "{back}");
+    assert_eq!(back["table"], "unlisted", "{back}");
+    assert_eq!(
+        statuses(&f).await,
+        (Some(DeviceStatus::Unlisted), Some(DeviceStatus::Unlisted)),
+        "neither the IMSI nor the card became allowed"
+    );
+    let raw = f
+        .aws
+        .dynamodb()
+        .await
+        .get_item()
+        .table_name(TABLE)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(format!("simid#{SIM_ID}")),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert!(
+        !raw.contains_key("status") && !raw.contains_key("soracom_prior"),
+        "absent stays absent: {raw:?}"
+    );
+
+    // The operator blocked the IMSI (and never listed the card): its card stays unallowed.
+    let f = fixture(true).await;
+    list(&f, &DeviceId::Sim(IMSI.into()), DeviceStatus::Blocked).await;
+    handle(event("suspended"), &f.state, BUDGET).await.unwrap();
+    let kept = handle(event("active"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(kept["outcome"], "unchanged", "{kept}");
+    assert_eq!(
+        statuses(&f).await,
+        (Some(DeviceStatus::Blocked), Some(DeviceStatus::Unlisted))
+    );
+
+    // A card the operator allowed is allowed again; an IMSI the operator blocked meanwhile
+    // (its word replaces SORACOM's mark) is not lifted.
+    let f = fixture(true).await;
+    list(&f, &DeviceId::SimCard(SIM_ID.into()), DeviceStatus::Allowed).await;
+    handle(event("terminated"), &f.state, BUDGET).await.unwrap();
+    list(&f, &DeviceId::Sim(IMSI.into()), DeviceStatus::Blocked).await;
+    let kept = handle(event("active"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(kept["outcome"], "unchanged", "{kept}");
+    assert_eq!(
+        statuses(&f).await,
+        (Some(DeviceStatus::Blocked), Some(DeviceStatus::Allowed))
+    );
+}
+
+/// Issue: the termination of a multi-IMSI SIM disabled only the event IMSI's hub device; the
+/// card's other IMSI kept a working connection string.
+#[tokio::test]
+async fn a_terminated_card_disables_the_hub_device_of_every_imsi_it_registered() {
+    let f = fixture(true).await;
+    const OTHER: &str = "295050123456789";
+    registered_as(&f, IMSI, Some(SIM_ID)).await;
+    registered_as(&f, OTHER, Some(SIM_ID)).await;
+    assert_eq!(
+        f.state.registry.card_imsis(SIM_ID).await.unwrap(),
+        vec![OTHER.to_owned(), IMSI.to_owned()]
+    );
+    let answer = handle(event("terminated"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(answer["iotHub"], "disabled", "{answer}");
+    assert_eq!(answer["cardImsis"][OTHER], "disabled", "{answer}");
+    for imsi in [IMSI, OTHER] {
+        assert_eq!(
+            f.hub.device(HUB, imsi).unwrap().status,
+            "disabled",
+            "{imsi}"
+        );
+    }
+
+    // Back to active: both come back, except an IMSI the operator blocked on its own.
+    list(&f, &DeviceId::Sim(OTHER.into()), DeviceStatus::Blocked).await;
+    let back = handle(event("active"), &f.state, BUDGET).await.unwrap();
+    assert_eq!(back["iotHub"], "enabled", "{back}");
+    assert_eq!(back["cardImsis"][OTHER], "kept-disabled", "{back}");
+    assert_eq!(f.hub.device(HUB, IMSI).unwrap().status, "enabled");
+    assert_eq!(f.hub.device(HUB, OTHER).unwrap().status, "disabled");
+    // The event may name the card's other IMSI: the same card, the same devices.
+    let again = handle(event_for(OTHER, "suspended"), &f.state, BUDGET)
+        .await
+        .unwrap();
+    assert_eq!(again["cardImsis"][IMSI], "disabled", "{again}");
 }

@@ -172,7 +172,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
     };
     // An unknown SIM (group enrollment without an allowlist entry) gets a record.
     registry
-        .record_registration("440103123456789", &registration)
+        .record_registration("440103123456789", None, &registration)
         .await
         .unwrap();
     let record = registry
@@ -191,7 +191,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
         ..registration.clone()
     };
     registry
-        .record_registration("440103123456789", &unknown_key)
+        .record_registration("440103123456789", None, &unknown_key)
         .await
         .unwrap();
     let record = registry
@@ -206,7 +206,7 @@ async fn registration_is_recorded_unless_the_sim_is_blocked() {
     registry.put(&blocked).await.unwrap();
     assert_eq!(
         registry
-            .record_registration("440103999999999", &registration)
+            .record_registration("440103999999999", None, &registration)
             .await
             .unwrap_err(),
         RegistryError::Conflict("sim#440103999999999".into())
