@@ -334,12 +334,19 @@ async function start() {
     tell('');
     show('claim');
   });
-  $('sign-out').addEventListener('click', () => {
+  $('sign-out').addEventListener('click', async () => {
+    const refresh = tokens && tokens.RefreshToken;
     tokens = undefined;
     forgetClaim();
     $('who').hidden = true;
-    tell('Signed out.', 'info');
     show('sign-in');
+    // Signed out here whatever Cognito answers; the refresh token is revoked if it can be.
+    try {
+      if (refresh) await pool.revoke(refresh);
+      tell('Signed out.', 'info');
+    } catch (e) {
+      tell('Signed out on this device; the sign-in service could not be told (the session ends within the hour).', 'info');
+    }
   });
   show('sign-in');
 }

@@ -50,6 +50,15 @@ export class UserPool {
     return json;
   }
 
+  /**
+   * Revokes a refresh token (and the tokens issued with it), as signing out should: a copy
+   * of it taken off this device can mint no new tokens. Access tokens already issued stay
+   * good until they expire (15 minutes): the claims API checks signatures, not revocation.
+   */
+  async revoke(refreshToken) {
+    await this.call('RevokeToken', { Token: refreshToken, ClientId: this.clientId });
+  }
+
   /** Starts a sign-in: the next step (`{challenge, session, parameters}`) or `{tokens}`. */
   async signIn(username, password) {
     const ephemeral = newEphemeral();

@@ -60,7 +60,8 @@ pub struct Response {
     /// X.509 attestation: the certificate's private key (PKCS#8 PEM), made for this answer
     /// and kept nowhere else.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub private_key_pem: Option<String>,
+    /// Wiped when the answer is dropped (the runtime's serialized copy is its own).
+    pub private_key_pem: Option<zeroize::Zeroizing<String>>,
     /// X.509 attestation: the certificates to present above the device's own, PEM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_chain_pem: Option<String>,
@@ -139,7 +140,7 @@ impl Response {
             source: Some(Source::Dps),
             return_data,
             certificate_pem: Some(certificate.certificate_pem.clone()),
-            private_key_pem: Some(certificate.private_key_pem.to_string()),
+            private_key_pem: Some(certificate.private_key_pem.clone()),
             ca_chain_pem: Some(credentials.chain_pem.clone()),
             expires_at: Some(unix_seconds(certificate.not_after)),
             ..Self::bare(200, body)

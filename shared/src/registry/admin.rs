@@ -1,13 +1,15 @@
 //! What operators do to the device table (the `provisioning-admin` CLI): list and unlist
 //! devices without losing what the functions recorded on them, read the table whole, and
-//! import thousands of entries in batches.
+//! import thousands of entries. An import's writes are conditional on what its
+//! plan read: a function or SORACOM's event that wrote an item meanwhile (a block) is never
+//! overwritten.
 //!
 //! No function calls this: their IAM policies allow none of it (no `Scan`, no batch writes).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 
 use super::item::{decode, decode_claim, encode, n, projection, s};
 use super::*;
@@ -50,8 +52,8 @@ impl Listing {
     }
 }
 
-/// Items per BatchWriteItem (DynamoDB's limit) and keys per BatchGetItem.
-const WRITE_BATCH: usize = 25;
+/// Conditional puts in flight at once, and keys per BatchGetItem (DynamoDB's limit).
+const WRITE_BATCH: usize = 32;
 const READ_BATCH: usize = 100;
 /// Rounds of retrying what DynamoDB left unprocessed (throttling), with growing pauses.
 const UNPROCESSED_ROUNDS: u32 = 8;
@@ -88,6 +90,17 @@ impl DynamoRegistry {
     /// answered from its record); a serial's certificate stays (so `allow_reprovision` is what
     /// lets a new one replace it).
     pub async fn list_device(&self, id: &DeviceId, listing: &Listing) -> Result<(), RegistryError> {
+        self.list_device_if(id, listing, None).await.map(|_| ())
+    }
+
+    /// [`list_device`](Self::list_device), only while the item's status is still `seen` (what
+    /// an import's plan read): `false`, and nothing written, if it changed meanwhile.
+    pub async fn list_device_if(
+        &self,
+        id: &DeviceId,
+        listing: &Listing,
+        seen: Option<DeviceStatus>,
+    ) -> Result<bool, RegistryError> {
         let key = id.key();
         let mut set = vec!["#status = :status"];
         // The operator's word replaces SORACOM's: a SIM the operator lists is never unblocked
@@ -113,17 +126,27 @@ impl DynamoRegistry {
         if !remove.is_empty() {
             expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
         }
-        self.client
+        let condition = seen.map(|seen| {
+            values.insert(":seen".into(), s(seen.as_str()));
+            match seen {
+                DeviceStatus::Unlisted => {
+                    "attribute_exists(pk) AND (attribute_not_exists(#status) OR #status = :seen)"
+                }
+                _ => "#status = :seen",
+            }
+        });
+        let result = self
+            .client
             .update_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(&key))
             .update_expression(expression)
+            .set_condition_expression(condition.map(str::to_owned))
             .expression_attribute_names("#status", "status")
             .set_expression_attribute_values(Some(values))
             .send()
-            .await
-            .map_err(|e| RegistryError::from_failure(classify(&e)))?;
-        Ok(())
+            .await;
+        crate::aws::conditional(result).map_err(RegistryError::from_failure)
     }
 
     /// Every device of `kind`, in key order. A whole-table scan: an operator's tool, not a
@@ -256,68 +279,54 @@ impl DynamoRegistry {
         Ok(found)
     }
 
-    /// Writes new entries (devices with no item yet: a put replaces a whole item) in batches of
-    /// 25, retrying what DynamoDB leaves unprocessed. `written` is told after each batch how
-    /// many entries are in the table so far, for progress and for saying how far an error
-    /// got.
+    /// Writes new entries, each only if its device still has no item (a put replaces a whole
+    /// item, and SORACOM's event or a function may have written one since the plan read the
+    /// table): `WRITE_BATCH` conditional puts in flight at once (a batch write cannot carry a
+    /// condition; a transaction of them copies moto's whole table and costs real DynamoDB
+    /// twice). Returns the keys that had an item by then, which are left as they are.
+    /// `written` is told after each batch how many entries are in the table so far, for
+    /// progress and for saying how far an error got (every put of a batch that went through
+    /// is counted).
     pub async fn put_new(
         &self,
         records: &[DeviceRecord],
         mut written: impl FnMut(usize),
-    ) -> Result<(), RegistryError> {
+    ) -> Result<Vec<String>, RegistryError> {
         let mut done = 0;
+        let mut taken = Vec::new();
         for chunk in records.chunks(WRITE_BATCH) {
-            let requests: Vec<WriteRequest> = chunk
-                .iter()
-                .map(|r| {
-                    PutRequest::builder()
-                        .set_item(Some(encode(r)))
-                        .build()
-                        .map(|put| WriteRequest::builder().put_request(put).build())
-                        .map_err(not_built)
-                })
-                .collect::<Result<_, _>>()?;
-            write_all(requests, |batch| async move {
-                let out = self
+            let mut puts = tokio::task::JoinSet::new();
+            for (i, record) in chunk.iter().enumerate() {
+                let put = self
                     .client
-                    .batch_write_item()
-                    .request_items(&self.table, batch)
-                    .send()
-                    .await
-                    .map_err(|e| RegistryError::from_failure(classify(&e)))?;
-                Ok(out
-                    .unprocessed_items
-                    .unwrap_or_default()
-                    .remove(&self.table)
-                    .unwrap_or_default())
-            })
-            .await?;
-            done += chunk.len();
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(encode(record)))
+                    .condition_expression("attribute_not_exists(pk)");
+                puts.spawn(async move { (i, crate::aws::conditional(put.send().await)) });
+            }
+            let mut failure = None;
+            let mut taken_here = Vec::new();
+            while let Some(joined) = puts.join_next().await {
+                let (i, result) = joined
+                    .map_err(|e| RegistryError::Unavailable(format!("a write task ended: {e}")))?;
+                match result {
+                    Ok(true) => done += 1,
+                    Ok(false) => taken_here.push(i),
+                    Err(e) => {
+                        failure.get_or_insert(RegistryError::from_failure(e));
+                    }
+                }
+            }
+            taken_here.sort_unstable();
+            taken.extend(taken_here.into_iter().map(|i| chunk[i].id.key()));
             written(done);
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
         }
-        Ok(())
+        Ok(taken)
     }
-}
-
-/// Sends `requests`, then what each answer leaves unprocessed, until nothing is left or
-/// [`UNPROCESSED_ROUNDS`] rounds have passed (then `Throttled`: the caller says how far it got).
-async fn write_all<F, Fut>(
-    mut requests: Vec<WriteRequest>,
-    mut send: F,
-) -> Result<(), RegistryError>
-where
-    F: FnMut(Vec<WriteRequest>) -> Fut,
-    Fut: Future<Output = Result<Vec<WriteRequest>, RegistryError>>,
-{
-    let mut round = 0;
-    while !requests.is_empty() {
-        if round > 0 {
-            pause(round).await?;
-        }
-        round += 1;
-        requests = send(requests).await?;
-    }
-    Ok(())
 }
 
 /// The pause before retry round `round` (1-based): 100 ms doubling to 3.2 s, as DynamoDB asks
@@ -337,43 +346,6 @@ fn not_built(e: aws_sdk_dynamodb::error::BuildError) -> RegistryError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn put(i: u32) -> WriteRequest {
-        let item = HashMap::from([(KEY_ATTRIBUTE.to_owned(), n(u64::from(i)))]);
-        WriteRequest::builder()
-            .put_request(PutRequest::builder().set_item(Some(item)).build().unwrap())
-            .build()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unprocessed_items_are_sent_again_until_none_is_left() {
-        let mut sent = Vec::new();
-        let result = write_all((0..25).map(put).collect(), |batch| {
-            sent.push(batch.len());
-            // DynamoDB throttles part of each batch: the last 10, then 3, then none.
-            let left = match sent.len() {
-                1 => batch[15..].to_vec(),
-                2 => batch[7..].to_vec(),
-                _ => Vec::new(),
-            };
-            async move { Ok(left) }
-        })
-        .await;
-        assert_eq!(result, Ok(()));
-        assert_eq!(sent, vec![25, 10, 3]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_table_that_never_takes_the_rest_is_throttling() {
-        let mut rounds = 0;
-        let result = write_all(vec![put(1)], |batch| {
-            rounds += 1;
-            async move { Ok(batch) }
-        })
-        .await;
-        assert_eq!(result, Err(RegistryError::Throttled));
-        assert_eq!(rounds, UNPROCESSED_ROUNDS);
-    }
 
     #[test]
     fn item_keys_name_their_devices() {

@@ -172,6 +172,22 @@ fn pending_certificate(
     expression
 }
 
+/// Why DynamoDB cancelled a transaction, item by item (`None`: it failed otherwise).
+pub(super) fn cancellation_reasons<R>(
+    err: &aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+        R,
+    >,
+) -> Option<Vec<aws_sdk_dynamodb::types::CancellationReason>> {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    match err.as_service_error()? {
+        TransactWriteItemsError::TransactionCanceledException(c) => {
+            Some(c.cancellation_reasons().to_vec())
+        }
+        _ => None,
+    }
+}
+
 /// A transaction item the SDK's builder refused (a required field unset): a bug, answered as
 /// an unavailable table rather than a panic that would end the Lambda sandbox.
 fn not_built(e: aws_sdk_dynamodb::error::BuildError) -> RegistryError {
@@ -362,15 +378,7 @@ impl SerialRegistry for DynamoRegistry {
             return Ok(());
         };
         // Which condition failed: the serial's (first item) or the claim's (second).
-        let reasons = err
-            .as_service_error()
-            .and_then(|e| match e {
-                aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
-                    Some(c.cancellation_reasons().to_vec())
-                }
-                _ => None,
-            });
-        match reasons {
+        match cancellation_reasons(&err) {
             Some(reasons) => {
                 let failed = |i: usize| {
                     reasons

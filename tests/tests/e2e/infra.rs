@@ -999,6 +999,22 @@ fn provisioning_role_claim_policy_api_and_sign_in_are_locked_down() {
         );
         assert!(minutes <= 15, "{token} lives {minutes} minutes");
     }
+    // Issue: refresh tokens lived 30 days (Cognito's default) and sign-out revoked nothing.
+    assert_eq!(client["RefreshTokenValidity"].as_u64(), Some(60));
+    assert_eq!(
+        client["TokenValidityUnits"]["RefreshToken"].as_str(),
+        Some("minutes")
+    );
+    assert_eq!(client["EnableTokenRevocation"].as_bool(), Some(true));
+    let page = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web/app.js"),
+    )
+    .unwrap();
+    let sign_out = &page[page.find("$('sign-out')").unwrap()..];
+    assert!(
+        sign_out[..sign_out.find("});").unwrap()].contains("pool.revoke(refresh)"),
+        "the page revokes the refresh token on sign-out"
+    );
 }
 
 /// The alarms watch the metrics the functions write (`lambda_support::metrics`): the same

@@ -17,20 +17,34 @@ fn io(path: &Path, what: &str, e: std::io::Error) -> DeviceError {
     DeviceError::Setup(format!("cannot {what} {}: {e}", path.display()))
 }
 
-/// The output directory, created with mode 0700 if missing. An existing identity is not
+/// The output directory, created with mode 0700 if missing; an existing one must be 0700
+/// already (anyone who may enter it may swap the key file between our write and the
+/// device's next read, or read a key someone made readable). An existing identity is not
 /// overwritten unless `force`: a device that loses its key loses its thing.
 pub fn prepare(dir: &Path, force: bool) -> Result<(), DeviceError> {
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| io(dir, "create directory", e))?;
-    } else if !dir.is_dir() {
-        return Err(DeviceError::Setup(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io(dir, "create directory", e))?;
+        }
+        Ok(meta) if !meta.is_dir() => {
+            return Err(DeviceError::Setup(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            return Err(DeviceError::Setup(format!(
+                "{} is open to others (mode {:o}): make it 0700 (chmod 700) or choose a new \
+                 directory, which is created 0700",
+                dir.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        Ok(_) => {}
     }
     let existing = [CERTIFICATE_FILE, PRIVATE_KEY_FILE]
         .iter()
@@ -81,5 +95,34 @@ pub fn commit(dir: &Path, name: &str) -> Result<PathBuf, DeviceError> {
 pub fn discard(dir: &Path) {
     for name in [CERTIFICATE_FILE, PRIVATE_KEY_FILE, THING_FILE] {
         let _ = std::fs::remove_file(dir.join(format!("{name}{PENDING}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue: 0700 was enforced only on a directory fleet-device created.
+    #[test]
+    fn an_existing_directory_open_to_others_is_refused() {
+        let base = std::env::temp_dir().join(format!("fleet-device-files-{}", std::process::id()));
+        let open = base.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = prepare(&open, false).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 755") && err.contains("chmod 700"),
+            "{err}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(prepare(&open, false).is_ok());
+        let created = base.join("new/identity");
+        prepare(&created, false).unwrap();
+        let mode = std::fs::metadata(&created).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let file = base.join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(prepare(&file, false).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -16,8 +16,8 @@ use crate::output::Format;
     about = "List, block and import the SIMs and serials that may provision; report claims and registrations",
     after_help = "Exit codes: 0 done; 1 the table or AWS failed (nothing more was written than \
                   the message says); 2 usage; 3 not found; 4 input file rejected (nothing \
-                  written); 5 import stopped part way (the message says how far; run it again \
-                  to finish)."
+                  written); 5 import stopped part way, or entries changed meanwhile were left \
+                  as they are (the message says how far and which; run it again to finish)."
 )]
 pub struct Cli {
     /// The device table (the stack's DevicesTable output).
@@ -182,6 +182,11 @@ pub struct ImportArgs {
     /// The status of rows that do not say (a `status` column, or SORACOM's status).
     #[arg(long, value_enum, default_value = "allowed")]
     pub status: ListedStatus,
+    /// Let the file allow entries the table blocks (by an operator or SORACOM's event);
+    /// without it they stay blocked and are counted (an export older than the block would
+    /// otherwise lift it).
+    #[arg(long)]
+    pub unblock: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,10 +5,10 @@
 pub mod cli;
 mod dates;
 mod ids;
-mod import;
+pub mod import;
 mod output;
 mod progress;
-mod rows;
+pub mod rows;
 mod views;
 
 use std::io::{self, Write};
@@ -46,6 +46,19 @@ pub enum AdminError {
         total: usize,
         cause: RegistryError,
     },
+    /// Entries written by someone else after the import's plan read them: left as they are.
+    #[error(
+        "{count} entries changed in the table after the plan read it (SORACOM's event, a \
+         function or another operator wrote them) and were left as they are: {shown}; \
+         {written} of {total} entries were written; run the import again to plan them anew",
+        count = .keys.len(),
+        shown = .keys.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+    )]
+    ChangedMeanwhile {
+        written: usize,
+        total: usize,
+        keys: Vec<String>,
+    },
     /// `allow`/`block` of several devices: those printed before the error were done.
     #[error("{cause}: {done} of {total} were done (printed above), the rest were not")]
     Stopped {
@@ -69,7 +82,7 @@ impl AdminError {
             Self::Usage(_) => 2,
             Self::NotFound(_) => 3,
             Self::Input { .. } => 4,
-            Self::Partial { .. } => 5,
+            Self::Partial { .. } | Self::ChangedMeanwhile { .. } => 5,
         }
     }
 
@@ -358,7 +371,7 @@ async fn import_file(
         file: name.clone(),
         errors,
     })?;
-    let plan = import::plan(registry, entries).await?;
+    let plan = import::plan(registry, entries, args.unblock).await?;
     if args.dry_run {
         writeln!(
             out,
