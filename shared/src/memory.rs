@@ -12,9 +12,10 @@ use std::time::Duration;
 use crate::budget::{grant, window_start, Budget, Grant};
 use crate::quota::{decide, Quota, QuotaError, Verdict};
 use crate::registry::{
-    ClaimLog, ClaimRecord, ClaimUsed, Confirmation, Confirmations, DeviceId, DeviceRecord,
-    DeviceStatus, OnceLog, Provisioning, ProvisioningState, ProvisioningWrite, Registration,
-    RegistryError, Replaces, SerialRegistry, SimEntries, SimRegistry,
+    certificate_key, CertificateIssue, ClaimLog, ClaimRecord, ClaimUsed, Confirmation,
+    Confirmations, DeviceId, DeviceRecord, DeviceStatus, OnceLog, Provisioning, ProvisioningState,
+    ProvisioningWrite, Registration, RegistryError, Replaces, SerialRegistry, SimEntries,
+    SimRegistry,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -28,6 +29,8 @@ pub struct MemoryTable {
     claims: Mutex<HashMap<String, ClaimRecord>>,
     /// One-time uses (`OnceLog`), by key, with when they may be forgotten.
     once: Mutex<HashMap<String, u64>>,
+    /// Certificates recorded as issued, by serial.
+    certificates: Mutex<std::collections::BTreeMap<String, CertificateIssue>>,
     /// The IMSIs each SIM card lists (by SIM ID), as `record_registration` adds them.
     card_imsis: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Every call fails with this while set.
@@ -54,6 +57,11 @@ impl MemoryTable {
 
     pub fn get(&self, id: &DeviceId) -> Option<DeviceRecord> {
         lock(&self.devices).get(id).cloned()
+    }
+
+    /// The certificates recorded as issued, by serial.
+    pub fn certificates(&self) -> Vec<CertificateIssue> {
+        lock(&self.certificates).values().cloned().collect()
     }
 
     /// The IMSIs the card `sim_id` lists, in order.
@@ -170,6 +178,16 @@ impl MemoryTable {
 }
 
 impl SimRegistry for MemoryTable {
+    async fn record_certificate(&self, issue: &CertificateIssue) -> Result<(), RegistryError> {
+        self.enter().await?;
+        let mut certificates = lock(&self.certificates);
+        if certificates.contains_key(&issue.serial) {
+            return Err(RegistryError::Conflict(certificate_key(&issue.serial)));
+        }
+        certificates.insert(issue.serial.clone(), issue.clone());
+        Ok(())
+    }
+
     async fn sim(&self, imsi: &str, sim_id: Option<&str>) -> Result<SimEntries, RegistryError> {
         self.enter().await?;
         let devices = lock(&self.devices);

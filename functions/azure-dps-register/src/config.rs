@@ -40,6 +40,10 @@ pub struct X509Settings {
     /// A device asking again while its certificate has longer than this to live is refused
     /// (it should have kept it) unless it asks to rotate.
     pub renew_before: Duration,
+    /// The least time between two certificates of one device, even when it asks to rotate:
+    /// every certificate issued stays valid in IoT Hub until it expires, so a SIM held for an
+    /// hour must not be able to mint a handful.
+    pub min_rotation: Duration,
 }
 
 const DAY_SECONDS: u64 = 86_400;
@@ -174,11 +178,21 @@ fn x509_settings(env: &impl Env) -> Result<X509Settings, ConfigError> {
             expected: "fewer days than DEVICE_CERT_DAYS",
         });
     }
+    // By default a thirtieth of the renewal window (a day for the default 30 days): a device
+    // that renews on time is never held back, one that rotates in a loop gets one a day.
+    let default_rotation = u32::try_from((renew_before * 24 / 30).max(1)).unwrap_or(u32::MAX);
+    let min_rotation_hours = config::positive(
+        env,
+        "MIN_ROTATION_HOURS",
+        default_rotation,
+        "a whole number of hours of at least 1",
+    )?;
     Ok(X509Settings {
         kms_key_id: config::required(env, "CA_KMS_KEY_ID")?,
         ca_certificate_parameter: config::required(env, "CA_CERTIFICATE_PARAMETER")?,
         lifetime: Duration::from_secs(lifetime * DAY_SECONDS),
         renew_before: Duration::from_secs(renew_before * DAY_SECONDS),
+        min_rotation: Duration::from_secs(u64::from(min_rotation_hours) * 3600),
     })
 }
 
@@ -390,6 +404,7 @@ mod tests {
                 ca_certificate_parameter: "/dps/device-ca".into(),
                 lifetime: Duration::from_secs(365 * 86_400),
                 renew_before: Duration::from_secs(30 * 86_400),
+                min_rotation: Duration::from_secs(24 * 3600),
             })
         );
         for name in ["CA_KMS_KEY_ID", "CA_CERTIFICATE_PARAMETER"] {

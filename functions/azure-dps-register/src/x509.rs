@@ -4,8 +4,10 @@
 //! that still holds a certificate with long to live is told to keep it.
 //!
 //! Order, each step only if the one before passed: the SIM (identity, operator, device
-//! table), its current certificate, the SIM's and the fleet's DPS limits, then the key and the
-//! certificate (KMS), then DPS, then the record. A refused SIM costs no key and no signature.
+//! table), its current certificate (and, for a rotation, the last one's age), the SIM's and
+//! the fleet's DPS limits, then the key and the certificate (KMS), its record among the
+//! certificates issued, then DPS, then the SIM's record. A refused SIM costs no key and no
+//! signature.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use dps_client::DpsError;
 use shared::ca::CaError;
 use shared::clock::{unix_now, unix_seconds};
-use shared::registry::{IssuedCertificate, Registration, SimRegistry};
+use shared::registry::{CertificateIssue, IssuedCertificate, Registration, SimRegistry};
 use shared::soracom::SimIdentity;
 use tokio::time::{timeout_at, Instant};
 
@@ -50,6 +52,17 @@ pub(crate) async fn register<R: SimRegistry, K, D: Dps, L: DpsLimits, C: DeviceC
             .retry_in(wait));
         }
     }
+    // Rotation on request, but not in a loop: every certificate stays valid until it expires.
+    if let Some(wait) = rotation_wait(recorded.as_ref(), &registration_id, settings, now) {
+        return Err(refuse(
+            Refused::CertificateCurrent,
+            format!(
+                "its last certificate was issued less than MIN_ROTATION_HOURS ago; the next in {} s",
+                wait.as_secs()
+            ),
+        )
+        .retry_in(wait));
+    }
     // No record can answer for an X.509 device: past a limit it is refused.
     if let Some(never) =
         admit_or::<Infallible, _, _, _, _, _>(state, &sim.imsi, &request, None, now, deadlines)
@@ -71,6 +84,27 @@ pub(crate) async fn register<R: SimRegistry, K, D: Dps, L: DpsLimits, C: DeviceC
     })?
     .map_err(ca_refusal)?;
     let certificate = &credentials.certificate;
+    // Recorded before anyone can use it: a certificate this function cannot record is thrown
+    // away unused (nobody else ever sees its key).
+    let issue = CertificateIssue {
+        serial: certificate.serial.clone(),
+        fingerprint: certificate.fingerprint.clone(),
+        imsi: sim.imsi.clone(),
+        registration_id: registration_id.clone(),
+        issued_at: now,
+        expires_at: unix_seconds(certificate.not_after),
+    };
+    timeout_at(
+        deadlines.answer_by,
+        state.registry.record_certificate(&issue),
+    )
+    .await
+    .map_err(|_| store_unavailable("device table gave no answer before the deadline"))?
+    .map_err(|e| {
+        tracing::warn!(imsi = %sim.imsi, serial = %certificate.serial, error = %e,
+                "the issued certificate is discarded: it could not be recorded");
+        refuse(Refused::RegistryUnavailable, e.to_string()).retry_in(RETRY_SOON)
+    })?;
     let payload = dps_payload(request.payload, state.config.model_id.as_deref());
     let enrollment = Enrollment {
         registration_id: &registration_id,
@@ -124,6 +158,26 @@ fn renewal_wait(
         .expires_at
         .saturating_sub(settings.renew_before.as_secs());
     (now < renew_from).then(|| Duration::from_secs(renew_from - now))
+}
+
+/// How long until the device may have another certificate, if its recorded one (for this
+/// registration id) was issued less than `min_rotation` ago. Issue time is the recorded
+/// expiry less the configured lifetime.
+fn rotation_wait(
+    recorded: Option<&Registration>,
+    registration_id: &str,
+    settings: &X509Settings,
+    now: u64,
+) -> Option<Duration> {
+    let certificate = recorded
+        .filter(|r| r.registration_id == registration_id)?
+        .certificate
+        .as_ref()?;
+    let issued = certificate
+        .expires_at
+        .saturating_sub(settings.lifetime.as_secs());
+    let next = issued.saturating_add(settings.min_rotation.as_secs());
+    (now < next).then(|| Duration::from_secs(next - now))
 }
 
 /// KMS or SSM unavailable, or refusing (the key disabled, access denied): nothing was issued,

@@ -7,7 +7,9 @@ use dps_client::DpsError;
 use serde_json::{json, Value};
 use shared::ca::CaError;
 use shared::clock::unix_now;
-use shared::registry::{DeviceId, DeviceStatus, IssuedCertificate, Registration};
+use shared::registry::{
+    CertificateIssue, DeviceId, DeviceStatus, IssuedCertificate, Registration, SimRegistry,
+};
 
 use crate::answer::{Response, Source};
 use crate::handler::handle;
@@ -35,6 +37,15 @@ fn recorded(s: &TestState) -> Option<Registration> {
     s.registry
         .get(&DeviceId::Sim(IMSI.into()))
         .and_then(|r| r.registration)
+}
+
+/// The recorded certificate as if it had been issued `seconds` earlier.
+fn age_certificate(s: &TestState, seconds: u64) {
+    let mut entry = s.registry.get(&DeviceId::Sim(IMSI.into())).unwrap();
+    let registration = entry.registration.as_mut().unwrap();
+    let certificate = registration.certificate.as_mut().unwrap();
+    certificate.expires_at -= seconds;
+    s.registry.put(entry);
 }
 
 fn issued(s: &TestState) -> usize {
@@ -105,6 +116,8 @@ async fn a_device_asking_again_keeps_its_certificate_unless_it_rotates() {
         (1, 1)
     );
 
+    // A day later (MIN_ROTATION_HOURS' default for 30 renewal days), it may rotate.
+    age_certificate(&s, DAY);
     let rotated = call(&s, json!({"rotate": true, "site": "a"})).await;
     assert_eq!(rotated.status_code, 200, "{}", rotated.outline());
     assert_eq!(
@@ -165,7 +178,9 @@ async fn refused_sims_get_no_key_made() {
 async fn limits_refuse_before_a_certificate_is_made() {
     let s = x509(&[("DPS_PER_SIM_PER_HOUR", "2")]);
     assert_eq!(call(&s, json!({})).await.status_code, 200);
+    age_certificate(&s, DAY);
     assert_eq!(call(&s, json!({"rotate": true})).await.status_code, 200);
+    age_certificate(&s, DAY);
     let limited = call(&s, json!({"rotate": true})).await;
     assert_eq!(
         (limited.status_code, limited.error),
@@ -234,5 +249,64 @@ async fn a_sim_blocked_while_dps_registers_it_gets_no_certificate() {
         "issued and registered before the block landed"
     );
     assert_eq!((r.certificate_pem, r.private_key_pem), (None, None));
+    assert_eq!(recorded(&s), None);
+}
+
+/// Issue: `rotate` revoked nothing and only the last certificate was recorded, so a SIM held
+/// for an hour could mint six 365-day certificates IoT Hub would all accept. Every certificate
+/// is recorded before anyone can use it, and rotations are at most one per MIN_ROTATION_HOURS.
+#[tokio::test]
+async fn every_certificate_is_recorded_and_rotations_are_bounded() {
+    let s = x509(&[("MIN_ROTATION_HOURS", "6")]);
+    assert_eq!(call(&s, json!({})).await.status_code, 200);
+    for _ in 0..5 {
+        let r = call(&s, json!({"rotate": true})).await;
+        assert_eq!(
+            (r.status_code, r.error),
+            (409, Some("certificate-current")),
+            "{}",
+            r.outline()
+        );
+        let wait = r.retry_after.unwrap();
+        assert!((6 * 3600 - 5..=6 * 3600).contains(&wait), "{wait}");
+        assert!(r.private_key_pem.is_none());
+    }
+    assert_eq!(issued(&s), 1, "a refused rotation costs no signature");
+    age_certificate(&s, 6 * 3600);
+    let rotated = call(&s, json!({"rotate": true})).await;
+    assert_eq!(rotated.status_code, 200, "{}", rotated.outline());
+    let certificates = s.registry.certificates();
+    assert_eq!(certificates.len(), 2, "{certificates:?}");
+    for (n, issue) in certificates.iter().enumerate() {
+        assert_eq!(issue.serial, format!("{:032x}", n + 1));
+        assert_eq!(
+            (issue.imsi.as_str(), issue.registration_id.as_str()),
+            (IMSI, IMSI)
+        );
+        assert!(issue.expires_at > issue.issued_at + 364 * DAY);
+    }
+    assert_eq!(certificates[1].expires_at, rotated.expires_at.unwrap());
+
+    // A certificate that cannot be recorded is discarded before DPS or the device sees it
+    // (here: its serial is recorded already).
+    let s = x509(&[]);
+    let taken = CertificateIssue {
+        serial: format!("{:032x}", 1),
+        fingerprint: "ff".into(),
+        imsi: "440103000000999".into(),
+        registration_id: "440103000000999".into(),
+        issued_at: 1,
+        expires_at: 2,
+    };
+    s.registry.record_certificate(&taken).await.unwrap();
+    let r = call(&s, json!({})).await;
+    assert_eq!(
+        (r.status_code, r.error),
+        (503, Some("registry-unavailable")),
+        "{}",
+        r.outline()
+    );
+    assert!(r.certificate_pem.is_none() && r.private_key_pem.is_none());
+    assert!(s.dps.certificates.lock().unwrap().is_empty());
     assert_eq!(recorded(&s), None);
 }

@@ -153,7 +153,7 @@ impl DynamoRegistry {
     /// function's path.
     pub async fn devices(&self, kind: Kind) -> Result<Vec<DeviceRecord>, RegistryError> {
         let mut records = Vec::new();
-        for item in self.scan(kind.prefixes()).await? {
+        for item in self.scan(kind.prefixes(), &listing_attributes()).await? {
             let Some(AttributeValue::S(key)) = item.get(KEY_ATTRIBUTE) else {
                 continue;
             };
@@ -169,7 +169,7 @@ impl DynamoRegistry {
     /// first.
     pub async fn claims(&self) -> Result<Vec<ClaimRecord>, RegistryError> {
         let mut claims = Vec::new();
-        for item in self.scan(&["claim#"]).await? {
+        for item in self.scan(&["claim#"], &listing_attributes()).await? {
             if let Some(AttributeValue::S(key)) = item.get(KEY_ATTRIBUTE) {
                 if let Some(id) = key.strip_prefix("claim#") {
                     claims.push(decode_claim(id, &item)?);
@@ -182,11 +182,49 @@ impl DynamoRegistry {
         Ok(claims)
     }
 
+    /// Every device certificate recorded as issued and not yet expired (the TTL removes the
+    /// rest, within a day or two of their expiry), by IMSI and then by issue time.
+    pub async fn certificates(&self, now: u64) -> Result<Vec<CertificateIssue>, RegistryError> {
+        let mut issued = Vec::new();
+        for item in self.scan(&["cert#"], CERTIFICATE_ATTRIBUTES).await? {
+            let Some(AttributeValue::S(key)) = item.get(KEY_ATTRIBUTE) else {
+                continue;
+            };
+            let text = |field: &'static str| match item.get(field) {
+                Some(AttributeValue::S(v)) => Ok(v.clone()),
+                _ => Err(RegistryError::Malformed {
+                    key: key.clone(),
+                    field,
+                }),
+            };
+            let number = |field: &'static str| {
+                text_number(item.get(field)).ok_or_else(|| RegistryError::Malformed {
+                    key: key.clone(),
+                    field,
+                })
+            };
+            let issue = CertificateIssue {
+                serial: key.trim_start_matches("cert#").to_owned(),
+                fingerprint: text("fingerprint")?,
+                imsi: text("imsi")?,
+                registration_id: text("registration_id")?,
+                issued_at: number("issued_at")?,
+                expires_at: number("expires_at")?,
+            };
+            if issue.expires_at > now {
+                issued.push(issue);
+            }
+        }
+        issued.sort_by(|a, b| (&a.imsi, a.issued_at).cmp(&(&b.imsi, b.issued_at)));
+        Ok(issued)
+    }
+
     async fn scan(
         &self,
         prefixes: &[&str],
+        attributes: &[&str],
     ) -> Result<Vec<HashMap<String, AttributeValue>>, RegistryError> {
-        let (expression, mut names) = projection(&listing_attributes());
+        let (expression, mut names) = projection(attributes);
         names.insert("#key".into(), KEY_ATTRIBUTE.into());
         let filter = (0..prefixes.len())
             .map(|i| format!("begins_with(#key, :prefix{i})"))
@@ -326,6 +364,13 @@ impl DynamoRegistry {
             }
         }
         Ok(taken)
+    }
+}
+
+fn text_number(value: Option<&AttributeValue>) -> Option<u64> {
+    match value {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
     }
 }
 

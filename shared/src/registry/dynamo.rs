@@ -256,6 +256,25 @@ impl DynamoRegistry {
 }
 
 impl SimRegistry for DynamoRegistry {
+    async fn record_certificate(&self, issue: &CertificateIssue) -> Result<(), RegistryError> {
+        let key = certificate_key(&issue.serial);
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item(KEY_ATTRIBUTE, s(&key))
+            .item("fingerprint", s(&issue.fingerprint))
+            .item("imsi", s(&issue.imsi))
+            .item("registration_id", s(&issue.registration_id))
+            .item("issued_at", n(issue.issued_at))
+            .item("expires_at", n(issue.expires_at))
+            // A serial is issued once (random, 16 bytes): never overwrite another's record.
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await
+            .map_err(|e| write_error(&key, e))?;
+        Ok(())
+    }
+
     async fn sim(&self, imsi: &str, sim_id: Option<&str>) -> Result<SimEntries, RegistryError> {
         let by_imsi = DeviceId::Sim(imsi.to_owned());
         let by_card = sim_id.map(|id| DeviceId::SimCard(id.to_owned()));

@@ -388,6 +388,35 @@ pub struct SimEntries {
     pub by_card: Option<DeviceRecord>,
 }
 
+/// A device certificate azure-dps-register issued (X.509 attestation), kept until it expires:
+/// IoT Hub accepts every unexpired certificate the CA signed for a device id, so operators
+/// must be able to see every one that may still be in use, not only the last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateIssue {
+    pub serial: String,
+    pub fingerprint: String,
+    pub imsi: String,
+    pub registration_id: String,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+/// The item key of an issued certificate.
+pub fn certificate_key(serial: &str) -> String {
+    format!("cert#{serial}")
+}
+
+/// The attributes of an issued certificate's item (`expires_at` is also the table's TTL: the
+/// item goes once the certificate is no longer valid).
+pub const CERTIFICATE_ATTRIBUTES: &[&str] = &[
+    KEY_ATTRIBUTE,
+    "fingerprint",
+    "imsi",
+    "registration_id",
+    "issued_at",
+    "expires_at",
+];
+
 /// What azure-dps-register needs of the device table. Writes that decide who gets in are
 /// conditional, so two concurrent requests cannot both pass.
 pub trait SimRegistry: Send + Sync {
@@ -397,6 +426,13 @@ pub trait SimRegistry: Send + Sync {
         imsi: &str,
         sim_id: Option<&str>,
     ) -> impl Future<Output = Result<SimEntries, RegistryError>> + Send;
+
+    /// Records a certificate issued, before it is registered or handed out (a certificate
+    /// never recorded is one nobody gets).
+    fn record_certificate(
+        &self,
+        issue: &CertificateIssue,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// Records a DPS registration of `imsi`, unless the SIM is blocked meanwhile (then
     /// `Conflict`). With the SIM card's `sim_id`, the card's item lists the IMSI first, so

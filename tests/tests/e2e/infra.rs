@@ -838,8 +838,9 @@ fn each_function_touches_only_its_own_items_and_attributes() {
     use shared::budget::BUDGET_ATTRIBUTES;
     use shared::quota::RATE_ATTRIBUTES;
     use shared::registry::{
-        CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, CONFIRM_ATTRIBUTES, DEVICE_KEY_ATTRIBUTE,
-        LIFECYCLE_ATTRIBUTES, ONCE_ATTRIBUTES, SERIAL_ATTRIBUTES, SIM_ATTRIBUTES,
+        CERTIFICATE_ATTRIBUTES, CLAIM_ATTRIBUTES, CLAIM_ISSUE_ATTRIBUTES, CONFIRM_ATTRIBUTES,
+        DEVICE_KEY_ATTRIBUTE, LIFECYCLE_ATTRIBUTES, ONCE_ATTRIBUTES, SERIAL_ATTRIBUTES,
+        SIM_ATTRIBUTES,
     };
     let t = template();
     let azure: Vec<&str> = SIM_ATTRIBUTES
@@ -847,6 +848,7 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         .chain(RATE_ATTRIBUTES)
         .chain(BUDGET_ATTRIBUTES)
         .chain(ONCE_ATTRIBUTES)
+        .chain(CERTIFICATE_ATTRIBUTES)
         .copied()
         .chain([DEVICE_KEY_ATTRIBUTE])
         .collect();
@@ -866,7 +868,14 @@ fn each_function_touches_only_its_own_items_and_attributes() {
         (
             "AzureDpsRegisterRole",
             &azure,
-            &["sim#1", "simid#1", "rate#dps#1", "budget#dps#1", "beam#1"],
+            &[
+                "sim#1",
+                "simid#1",
+                "rate#dps#1",
+                "budget#dps#1",
+                "beam#1",
+                "cert#1",
+            ],
             &["serial#1", "claim#1", "rate#installer#1"],
         ),
         (
@@ -897,7 +906,14 @@ fn each_function_touches_only_its_own_items_and_attributes() {
             "FleetConfirmRole",
             CONFIRM_ATTRIBUTES,
             &["serial#1"],
-            &["sim#1", "simid#1", "claim#1", "rate#dps#1", "budget#dps#1"],
+            &[
+                "sim#1",
+                "simid#1",
+                "claim#1",
+                "rate#dps#1",
+                "budget#dps#1",
+                "cert#1",
+            ],
         ),
         (
             "ClaimIssuerRole",

@@ -329,6 +329,25 @@ mod function {
         entries.by_imsi.and_then(|r| r.registration)
     }
 
+    /// The SIM's recorded certificate as if issued a day earlier (MIN_ROTATION_HOURS'
+    /// default): its device may rotate.
+    async fn a_day_later(s: &X509Setup) {
+        let registry = DynamoRegistry::new(
+            aws_sdk_dynamodb::Client::new(&s.aws.sdk_config().await),
+            "devices",
+        );
+        let id = shared::registry::DeviceId::Sim(IMSI.into());
+        let mut record = registry.get(&id).await.unwrap().unwrap();
+        if let Some(c) = record
+            .registration
+            .as_mut()
+            .and_then(|r| r.certificate.as_mut())
+        {
+            c.expires_at -= 86_400;
+        }
+        registry.put(&record).await.unwrap();
+    }
+
     /// A TLS server like IoT Hub's for X.509 devices (client certificate required, chaining to
     /// the operator's root): what CN the device's handshake proves.
     async fn hub_handshake(root_pem: &str, answer: &Response) -> Result<String, String> {
@@ -418,14 +437,36 @@ mod function {
             (again.status_code, again.error),
             (409, Some("certificate-current"))
         );
+        a_day_later(&s).await;
         let rotated = call(&s, json!({"rotate": true})).await;
         assert_eq!(rotated.status_code, 200, "{}", rotated.outline());
         assert_ne!(rotated.private_key_pem, r.private_key_pem);
-        assert_ne!(
-            recorded(&s).await.unwrap().certificate.unwrap().serial,
-            issued.serial
-        );
+        let last = recorded(&s).await.unwrap().certificate.unwrap();
+        assert_ne!(last.serial, issued.serial);
         assert_eq!(s.dps.assigned().len(), 2);
+        // Both stay valid in IoT Hub until they expire: operators see both (what
+        // `provisioning-admin certificates list` prints).
+        let registry = DynamoRegistry::new(
+            aws_sdk_dynamodb::Client::new(&s.aws.sdk_config().await),
+            "devices",
+        );
+        let now = shared::clock::unix_now();
+        let mut listed: Vec<String> = registry
+            .certificates(now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial)
+            .collect();
+        listed.sort();
+        let mut both = vec![issued.serial.clone(), last.serial.clone()];
+        both.sort();
+        assert_eq!(listed, both);
+        assert!(registry
+            .certificates(last.expires_at)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     /// The operator renews the device CA's certificate and puts it where the function reads it.
@@ -455,6 +496,7 @@ mod function {
         // The operator renews the device CA's certificate (same KMS key, same root).
         let renewed = renew_in_ssm(&s).await;
         assert_ne!(renewed, s.ca.intermediate_pem);
+        a_day_later(&s).await;
         let next = call(&s, json!({"rotate": true})).await;
         assert_eq!(next.status_code, 200, "{}", next.outline());
         assert_eq!(next.ca_chain_pem.as_deref(), Some(renewed.as_str()));
@@ -467,6 +509,7 @@ mod function {
         proxy.set(Mode::ThrottleOperation("AmazonSSM.GetParameter"));
         let unread = renew_in_ssm(&s).await;
         assert_ne!(unread, renewed);
+        a_day_later(&s).await;
         let during = call(&s, json!({"rotate": true})).await;
         assert_eq!(during.status_code, 200, "{}", during.outline());
         assert_eq!(during.ca_chain_pem.as_deref(), Some(renewed.as_str()));

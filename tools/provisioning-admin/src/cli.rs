@@ -47,6 +47,9 @@ pub enum Command {
     /// Azure DPS registrations the SIMs made.
     #[command(subcommand)]
     Registrations(Registrations),
+    /// X.509 device certificates azure-dps-register issued that have not yet expired.
+    #[command(subcommand)]
+    Certificates(Certificates),
     /// The X.509 device CA whose key is in AWS KMS.
     #[command(subcommand)]
     Ca(Ca),
@@ -210,6 +213,19 @@ pub enum Claims {
         /// Only those issued to this installer (their Cognito `sub`).
         #[arg(long, value_name = "SUB")]
         installer: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Certificates {
+    /// Every certificate still valid, by IMSI and issue time: IoT Hub accepts each one the CA
+    /// signed for a device until it expires, so a device may hold more than its last.
+    List {
+        /// Only this SIM's.
+        #[arg(long)]
+        imsi: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },

@@ -22,7 +22,7 @@ use shared::registry::{
     DeviceId, DeviceStatus, DynamoRegistry, Kind, Listing, RegistryError, SerialRegistry,
 };
 
-use cli::{Claims, Command, ListArgs, Registrations, Serials, Sims, Status};
+use cli::{Certificates, Claims, Command, ListArgs, Registrations, Serials, Sims, Status};
 use ids::SerialRule;
 pub use progress::Progress;
 use rows::{RowError, Subject};
@@ -128,6 +128,16 @@ pub async fn run(
                 claims
                     .iter()
                     .filter(|c| installer.as_deref().is_none_or(|sub| c.issued_to == sub)),
+            );
+            rows.write(*format, out)?;
+            Ok(())
+        }
+        Command::Certificates(Certificates::List { imsi, format }) => {
+            let issued = registry.certificates(now()).await?;
+            let rows = views::certificates(
+                issued
+                    .iter()
+                    .filter(|c| imsi.as_deref().is_none_or(|imsi| c.imsi == imsi)),
             );
             rows.write(*format, out)?;
             Ok(())

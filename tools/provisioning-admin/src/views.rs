@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use shared::registry::{
-    ClaimRecord, DeviceId, DeviceRecord, DeviceStatus, Listing, ProvisioningState,
+    CertificateIssue, ClaimRecord, DeviceId, DeviceRecord, DeviceStatus, Listing, ProvisioningState,
 };
 
 use crate::dates;
@@ -122,6 +122,31 @@ pub fn claims<'a>(claims: impl IntoIterator<Item = &'a ClaimRecord>) -> Rows {
             time(used.map(|u| u.at)),
             text(used.map(|u| u.serial.as_str())),
             text(used.map(|u| u.certificate_id.as_str())),
+        ]);
+    }
+    rows
+}
+
+const CERTIFICATE_COLUMNS: &[&str] = &[
+    "imsi",
+    "registration_id",
+    "serial",
+    "fingerprint",
+    "issued_at",
+    "expires_at",
+];
+
+/// The device certificates still valid, as the device table lists them.
+pub fn certificates<'a>(issued: impl IntoIterator<Item = &'a CertificateIssue>) -> Rows {
+    let mut rows = Rows::new(CERTIFICATE_COLUMNS);
+    for c in issued {
+        rows.push(vec![
+            json!(c.imsi),
+            json!(c.registration_id),
+            json!(c.serial),
+            json!(c.fingerprint),
+            time(Some(c.issued_at)),
+            time(Some(c.expires_at)),
         ]);
     }
     rows
