@@ -18,6 +18,8 @@
 #   SORACOM_EVENT_HANDLER_EXTERNAL_ID
 #                           optional: the external id of the Event Handler's credential set
 #                           (sim-lifecycle), not the Funk one; unset: no Event Handler role
+#   SIM_CARDS_LISTED        optional: true if the device table lists SIM cards (then every
+#                           request must name its card; see SimCardsListed)
 #   GROUP_KEY_PARAMETER     default /soracom-dps/group-key (store the key there first)
 #   PROVISIONING_TEMPLATE   default fleet-template
 #   SERIAL_PATTERN          optional: the regular expression device serials match in full
@@ -74,6 +76,9 @@ overrides=(
 )
 if [ -n "${SORACOM_EVENT_HANDLER_EXTERNAL_ID:-}" ]; then
   overrides+=("SoracomEventHandlerExternalId=$SORACOM_EVENT_HANDLER_EXTERNAL_ID")
+fi
+if [ -n "${SIM_CARDS_LISTED:-}" ]; then
+  overrides+=("SimCardsListed=$SIM_CARDS_LISTED")
 fi
 if [ -n "${SERIAL_PATTERN:-}" ]; then
   overrides+=("SerialPattern=$SERIAL_PATTERN")

@@ -91,6 +91,10 @@ pub struct Config {
     pub allowed_operators: Vec<String>,
     /// Refuse SIMs that have no `allowed` entry in the device table.
     pub require_allowlist: bool,
+    /// Refuse a request that does not name the SIM card (Funk's `simId`, Beam's
+    /// `x-soracom-sim-id`): where the table lists cards, a request without one would skip the
+    /// card's entry, and its block.
+    pub require_sim_id: bool,
     pub secret_cache: Duration,
     /// Longest time spent on DPS, whatever the Lambda timeout (Funk waits about 10 s at most).
     pub dps_budget: Duration,
@@ -255,6 +259,7 @@ impl Config {
                 false,
                 "true or false",
             )?,
+            require_sim_id: config::parsed(env, "REQUIRE_SIM_ID", false, "true or false")?,
             secret_cache: Duration::from_secs(config::parsed(
                 env,
                 "SECRET_CACHE_SECONDS",

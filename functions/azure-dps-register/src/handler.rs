@@ -467,6 +467,12 @@ pub(crate) async fn check_sim<R: SimRegistry, K, D, L, C>(
     state: &State<R, K, D, L, C>,
     sim: &SimIdentity,
 ) -> Result<Option<Registration>, Refusal> {
+    if state.config.require_sim_id && sim.sim_id.is_none() {
+        return Err(refuse(
+            Refused::BadIdentity,
+            "no SIM ID (REQUIRE_SIM_ID: the table lists SIM cards; Beam must add x-soracom-sim-id)",
+        ));
+    }
     let entries = state
         .registry
         .sim(&sim.imsi, sim.sim_id.as_deref())

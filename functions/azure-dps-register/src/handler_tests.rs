@@ -318,6 +318,45 @@ async fn the_device_table_decides_before_dps_is_asked() {
     );
 }
 
+/// Issue: a request without the SIM ID skipped the card's entry, so a blocked card's IMSI got
+/// in through Beam without `x-soracom-sim-id`. Where the table lists cards, the SIM ID is
+/// required.
+#[tokio::test]
+async fn without_the_sim_id_a_blocked_card_cannot_be_skipped() {
+    let anonymous = |imsi: &str| {
+        let mut identity = sim(imsi);
+        identity.as_object_mut().unwrap().remove("simId");
+        identity
+    };
+    for require in [false, true] {
+        let s = state(&[
+            ("REQUIRE_SIM_ALLOWLIST", "true"),
+            ("REQUIRE_SIM_ID", if require { "true" } else { "false" }),
+        ]);
+        s.registry.put(entry(
+            DeviceId::Sim(IMSI.into()),
+            DeviceStatus::Allowed,
+            None,
+        ));
+        s.registry.put(entry(
+            DeviceId::SimCard(SIM_ID.into()),
+            DeviceStatus::Blocked,
+            None,
+        ));
+        assert_eq!(
+            answer(&s, json!({}), &funk(sim(IMSI), None)).await,
+            (403, "sim-blocked")
+        );
+        let without = answer(&s, json!({}), &funk(anonymous(IMSI), None)).await;
+        let expected = if require {
+            (403, "bad-identity")
+        } else {
+            (200, "-")
+        };
+        assert_eq!(without, expected, "REQUIRE_SIM_ID={require}");
+    }
+}
+
 #[tokio::test]
 async fn key_store_failures_answer_by_cause() {
     let s = state(&[]);
