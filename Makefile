@@ -12,7 +12,7 @@ NODE_STAMP := tests/interop/node_modules/.installed
 export PATH := $(VENV)/bin:$(PATH)
 LOCAL_ENV := $(CURDIR)/target/local.env
 
-.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan bench bench-storm
+.PHONY: help tools demo test fmt lint clean emulators watch invoke build deploy deploy-plan bench bench-storm mutants
 DEPLOY_VENV := $(CURDIR)/.venv-deploy
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bench  benchmarks against the Node.js baseline; writes bench/results.md"
 	@echo "make bench-storm  a reboot storm of 10,000 SIMs (STORM_ARGS=--storm-sims N); writes bench/storm.md"
 	@echo "make deploy-plan / make deploy   print / run the deployment (settings: infra/deploy.sh)"
+	@echo "make mutants  mutation testing of the security rules (cargo-mutants, pinned; long, not in CI)"
 
 # Pinned Python tools (moto server, SDKs, cargo-lambda) in a project-local virtual environment.
 $(TOOLS_STAMP): tests/requirements.txt tools/requirements-build.txt
@@ -91,6 +92,25 @@ bench-storm: tools
 bench: build $(BENCH_NODE_STAMP)
 	cargo build --release --package azure-dps-register --package fleet-prehook --package claim-issuer
 	cargo run --quiet --profile bench-harness --package local-emulators --bin bench -- $(BENCH_ARGS)
+
+# Mutation testing of the modules that decide who gets in (SECURITY.md records the score):
+# the domain checks, the hook's rules, the Beam gate, azure-dps-register's SIM checks and
+# limits, each with its own crate's unit tests (no server). cargo-mutants is pinned and built
+# into .tools/ from crates.io. About an hour on 2 cores: not part of `make test`.
+MUTANTS_VERSION := 26.2.0
+MUTANTS := $(CURDIR)/.tools/bin/cargo-mutants
+$(MUTANTS):
+	cargo install --locked --quiet cargo-mutants --version $(MUTANTS_VERSION) --root $(CURDIR)/.tools
+
+mutants: $(MUTANTS)
+	$(MUTANTS) mutants --package domain --file shared/domain/src/sas.rs \
+	  --file shared/domain/src/soracom.rs --file shared/domain/src/keys.rs \
+	  --output target/mutants/domain
+	$(MUTANTS) mutants --package fleet-prehook --file functions/fleet-prehook/src/handler.rs \
+	  --output target/mutants/fleet-prehook
+	$(MUTANTS) mutants --package azure-dps-register --file functions/azure-dps-register/src/beam.rs \
+	  --file functions/azure-dps-register/src/handler.rs --file functions/azure-dps-register/src/state.rs \
+	  --output target/mutants/azure-dps-register
 
 # Deploy-time tools (AWS SAM CLI, AWS CLI), pinned, only for `make deploy`.
 $(DEPLOY_VENV)/.installed: infra/requirements.txt

@@ -127,17 +127,17 @@ output() {
     --query "Stacks[0].Outputs[?OutputKey=='$1'].OutputValue" --output text
 }
 if $plan; then
-  echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, ClaimsApiUrl, SerialPattern)"
+  echo "+ write target/page-config.json from the stack's outputs (InstallersUserPoolId, InstallersAppClientId, SerialPattern; apiUrl empty: /claims is the page's own origin)"
   echo "+ $AWS s3 sync web/ s3://<InstallerPageBucketName>/ --delete --exclude config.json --exclude README.md --exclude 'screenshots/*'"
   echo "+ $AWS s3 cp target/page-config.json s3://<InstallerPageBucketName>/config.json"
 else
   mkdir -p target
-  api=$(output ClaimsApiUrl)
-  # JSON by a JSON encoder: the serial pattern may hold backslashes and quotes.
+  # JSON by a JSON encoder: the serial pattern may hold backslashes and quotes. apiUrl is
+  # empty: the page's own CloudFront origin serves /claims.
   python3 -c 'import json, sys
 keys = ["region", "userPoolId", "clientId", "apiUrl", "serialPattern"]
 print(json.dumps(dict(zip(keys, sys.argv[1:]))))' \
-    "$AWS_REGION" "$(output InstallersUserPoolId)" "$(output InstallersAppClientId)" "${api%/claims}" \
+    "$AWS_REGION" "$(output InstallersUserPoolId)" "$(output InstallersAppClientId)" "" \
     "$(output SerialPattern)" > target/page-config.json
   bucket=$(output InstallerPageBucketName)
   run "$AWS" s3 sync web/ "s3://$bucket/" --delete --exclude config.json --exclude README.md \

@@ -13,8 +13,32 @@ Usage: python local_aws_server.py [--host 127.0.0.1] [--port 0]; prints werkzeug
 import argparse
 import os
 
+from moto.cognitoidp.exceptions import InvalidParameterException, NotAuthorizedError
+from moto.cognitoidp.responses import CognitoIdpResponse
+from moto.core.responses import EmptyResult
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
+
+
+def revoke_token(self):
+    """Cognito's RevokeToken, which moto lacks (the installers' page calls it on sign-out): the
+    refresh token is revoked, and nothing can refresh with it again. As Cognito does, a token it
+    does not know is answered with success, and a token of another app client is refused."""
+    token = self._get_param("Token")
+    client_id = self._get_param("ClientId")
+    if not token or not client_id:
+        raise InvalidParameterException("Token and ClientId are required")
+    for pool in self.backend.user_pools.values():
+        if token in pool.refresh_tokens:
+            held = pool.refresh_tokens[token]
+            if held is not None and held[0] != client_id:
+                raise NotAuthorizedError("the token was not issued to this client")
+            pool.refresh_tokens[token] = None
+            break
+    return EmptyResult()
+
+
+CognitoIdpResponse.revoke_token = revoke_token
 
 
 def main() -> None:

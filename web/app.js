@@ -255,7 +255,8 @@ async function requestClaim() {
   try {
     let response;
     try {
-      response = await fetch(`${config.apiUrl.replace(/\/$/, '')}/claims`, {
+      // No apiUrl: the page's own origin serves /claims (the deployed CloudFront distribution).
+      response = await fetch(`${(config.apiUrl || '').replace(/\/$/, '')}/claims`, {
         method: 'POST',
         headers: { Authorization: `Bearer ${tokens.AccessToken}`, 'Content-Type': 'application/json' },
         body: JSON.stringify({ serial }),

@@ -147,8 +147,11 @@ class Page:
         return secret, uri
 
     def sign_out(self):
+        """Signs out and returns what the page said once Cognito answered its RevokeToken."""
         self.driver.find_element(By.ID, "sign-out").click()
         self.step("sign-in")
+        self.wait.until(lambda d: "Signed out" in self.message())
+        return self.message()
 
 
 def downloaded(directory, names):
@@ -294,8 +297,9 @@ def main():
             " && !document.getElementById('scan').hidden"
         )
 
-        # Signing in again asks for the authenticator's code.
-        page.sign_out()
+        # Signing out revokes the refresh token; signing in again asks for the authenticator's
+        # code.
+        out["signedOut"] = page.sign_out()
         page.fill("username", env["INSTALLER_USER"])
         page.fill("password", env["INSTALLER_NEW_PASSWORD"])
         page.submit("sign-in")

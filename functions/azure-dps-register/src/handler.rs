@@ -769,6 +769,26 @@ mod tests {
         assert!(device_payload(&big).unwrap_err().contains("at most 4096"));
     }
 
+    /// Mutation testing: the limits' `>` turned `>=` survived. The exact edges: 4096 bytes of
+    /// body are accepted, 4097 not; a wrapped payload of 8192 characters is decoded, 8193 not.
+    #[test]
+    fn body_limits_hold_at_their_exact_edges() {
+        // `{"blob":"` + n + `"}`
+        let body = |n: usize| json!({"blob": "x".repeat(n)});
+        assert_eq!(body(MAX_BODY_BYTES - 11).to_string().len(), MAX_BODY_BYTES);
+        assert!(device_payload(&body(MAX_BODY_BYTES - 11)).is_ok());
+        assert!(device_payload(&body(MAX_BODY_BYTES - 10)).is_err());
+        let padded = |len: usize| format!("{{\"a\":1}}{}", " ".repeat(len - 7));
+        assert_eq!(padded(2 * MAX_BODY_BYTES).len(), 2 * MAX_BODY_BYTES);
+        assert_eq!(
+            decode_wrapped(&padded(2 * MAX_BODY_BYTES)),
+            Ok(json!({"a": 1}))
+        );
+        assert!(decode_wrapped(&padded(2 * MAX_BODY_BYTES + 1))
+            .unwrap_err()
+            .contains("exceeds"));
+    }
+
     #[test]
     fn registration_ids() {
         assert!(is_registration_id("440103123456789"));

@@ -555,6 +555,86 @@ mod tests {
             .unwrap()
     }
 
+    /// Mutation testing: `check_claim`'s `!=` flipped to `==` survived (only the store's
+    /// transaction stood in the way); so did `replaces`' `&&` flipped to `||` and `Reason::code`
+    /// returning "". The rules, without a store.
+    #[test]
+    fn a_claim_spent_by_another_certificate_is_refused_by_the_rule_itself() {
+        let c = config(&[("REQUIRE_CLAIM_RECORD", "true")]);
+        let now = unix_now();
+        let mut spent = claim("claim-1", Some("SN-1"), now + 300);
+        spent.used = Some(ClaimUsed {
+            certificate_id: "first".into(),
+            serial: "SN-1".into(),
+            at: now,
+        });
+        let denied = check_claim(Some(&spent), "SN-1", "second", now, &c).unwrap_err();
+        assert_eq!(denied.code, Reason::ClaimAlreadyUsed);
+        // AWS IoT retrying with the certificate that spent it.
+        let retry = check_claim(Some(&spent), "SN-1", "first", now, &c).unwrap();
+        assert_eq!(
+            retry.map(|u| u.claim_certificate_id),
+            Some("claim-1".into())
+        );
+        let elsewhere = check_claim(Some(&spent), "SN-2", "first", now, &c).unwrap_err();
+        assert_eq!(elsewhere.code, Reason::ClaimBoundElsewhere);
+        let expired = claim("claim-2", None, now);
+        let denied = check_claim(Some(&expired), "SN-1", "c", now, &c).unwrap_err();
+        assert_eq!(denied.code, Reason::ClaimExpired);
+    }
+
+    #[test]
+    fn only_a_stale_pending_provisioning_of_the_same_installer_is_replaced() {
+        let now = unix_now();
+        let pending = Duration::from_secs(600);
+        let record = |state, age: u64, installer: &str| {
+            let mut r = allowed("SN-1");
+            r.provisioning = Some(Provisioning {
+                certificate_id: "old".into(),
+                claim_certificate_id: None,
+                provisioned_at: now - age,
+                state,
+                replaced_certificate_id: None,
+                issued_to: Some(installer.into()),
+                confirmed_at: None,
+            });
+            r
+        };
+        let stale = record(ProvisioningState::Pending, 601, "me");
+        assert!(matches!(
+            replaces(&stale, "new", now, pending, Some("me")),
+            Ok(Replaces::StalePending { .. })
+        ));
+        for (r, who) in [
+            (record(ProvisioningState::Pending, 10, "me"), "me"),
+            (record(ProvisioningState::Confirmed, 601, "me"), "me"),
+            (stale.clone(), "someone-else"),
+        ] {
+            let denied = replaces(&r, "new", now, pending, Some(who)).unwrap_err();
+            assert_eq!(denied.code, Reason::AlreadyProvisioned);
+        }
+        assert!(replaces(&stale, "new", now, pending, None).is_err());
+        assert!(matches!(
+            replaces(&stale, "old", now, pending, None),
+            Ok(Replaces::Itself)
+        ));
+    }
+
+    #[test]
+    fn every_reason_has_its_own_code() {
+        let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.code()).collect();
+        let unique: std::collections::BTreeSet<&str> = codes.iter().copied().collect();
+        assert_eq!(unique.len(), codes.len(), "{codes:?}");
+        for code in &codes {
+            assert!(
+                !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
+                "{code:?}"
+            );
+        }
+        assert_eq!(Reason::ClaimAlreadyUsed.code(), "claim-already-used");
+        assert_eq!(Reason::AlreadyProvisioned.code(), "already-provisioned");
+    }
+
     /// The hole: nothing ever confirmed a provisioning, so after PENDING_SECONDS any installer
     /// could get a claim for a live serial and give its thing a certificate of their own.
     #[tokio::test]

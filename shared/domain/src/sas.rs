@@ -197,6 +197,57 @@ pub fn percent_decode(input: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Mutation testing: `&&` in `registration` turned `||` (an empty scope or registration id
+    /// accepted) survived; and the redacted `Debug` impls emptied.
+    #[test]
+    fn the_registration_form_needs_a_scope_a_kind_and_an_id() {
+        let parsed = |resource: &str| {
+            ParsedSas::parse(&format!(
+                "SharedAccessSignature sr={}&sig=AAAA&se=1",
+                percent_encode(resource)
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            parsed("0ne00/registrations/dev-1").registration(),
+            Some(("0ne00", "dev-1"))
+        );
+        for resource in [
+            "/registrations/dev-1",
+            "0ne00/registrations/",
+            "0ne00/devices/dev-1",
+            "0ne00",
+        ] {
+            assert_eq!(parsed(resource).registration(), None, "{resource}");
+        }
+    }
+
+    #[test]
+    fn tokens_show_no_signature_in_debug() {
+        let k = SymmetricKey::from_base64("O+H9VTcdJP0Tqkl7bh4nVG0OJNrAataMpuWB54D0VEc=").unwrap();
+        let token = registration_token("0ne00", "dev-1", &k, 1_900_000_000);
+        assert_eq!(format!("{token:?}"), "SasToken([redacted])");
+        let parsed = ParsedSas::parse(token.as_str()).unwrap();
+        let shown = format!("{parsed:?}");
+        assert!(
+            shown.starts_with("ParsedSas {") && shown.contains("dev-1"),
+            "{shown}"
+        );
+        let sig = token
+            .as_str()
+            .split("sig=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        assert!(
+            !shown.contains(sig) && !shown.contains("signature"),
+            "{shown}"
+        );
+        assert_eq!(format!("{k:?}"), "SymmetricKey([redacted])");
+    }
+
     /// The lower-case escapes some SDKs and Microsoft's documented vector use.
     fn lowercase_escapes(encoded: &str) -> String {
         encoded.replace("%2F", "%2f")

@@ -223,6 +223,25 @@ pub fn verify_beam(
 mod tests {
     use super::*;
 
+    /// Mutation testing: `&&` in `is_operator_id` turned `||` survived.
+    #[test]
+    fn an_operator_id_is_op_and_8_to_16_digits() {
+        for good in ["OP12345678", "OP0012345678", "OP1234567890123456"] {
+            assert!(is_operator_id(good), "{good}");
+        }
+        for bad in [
+            "OP1234567",
+            "OP12345678901234567",
+            "OP1234567a",
+            "OP12345678 ",
+            "op12345678",
+            "XX12345678",
+            "OP",
+        ] {
+            assert!(!is_operator_id(bad), "{bad}");
+        }
+    }
+
     fn context() -> HashMap<String, String> {
         [
             ("operatorId", "OP0012345678"),

@@ -621,7 +621,11 @@ fn one_serial_pattern_reaches_claim_issuer_the_hook_and_the_page() {
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{plan}");
     assert!(plan.contains("SerialPattern=SN-[0-9]{6}"), "{plan}");
-    assert!(plan.contains("ClaimsApiUrl, SerialPattern)"), "{plan}");
+    assert!(
+        plan.contains("InstallersAppClientId, SerialPattern;"),
+        "{plan}"
+    );
+    assert!(plan.contains("apiUrl empty"), "{plan}");
 }
 
 #[test]
@@ -732,14 +736,41 @@ fn the_installers_page_is_private_behind_cloudfront_with_strict_headers() {
         permissions,
         Some(local_emulators::installer_site::PERMISSIONS_POLICY)
     );
-    // CORS on the claims API for the page's origin only; the app client has no secret.
-    let cors = &r["ClaimsApi"]["Properties"]["CorsConfiguration"];
+    // Issue: connect-src named every API Gateway host in the region. The claims API is served
+    // under the page's own origin (/claims), so connect-src names no API host, and the API
+    // needs no CORS at all; the app client has no secret.
+    assert!(!csp.contains("execute-api"), "{csp}");
+    let connect = csp
+        .split(';')
+        .find(|d| d.trim_start().starts_with("connect-src"))
+        .unwrap();
     assert_eq!(
-        list(cors.get("AllowOrigins")),
-        ["!Sub https://${InstallerPageDistribution.DomainName}"]
+        connect.split_whitespace().skip(1).collect::<Vec<_>>(),
+        [
+            "'self'",
+            "https://cognito-idp.${AWS::Region}.${AWS::URLSuffix}"
+        ]
     );
-    assert_eq!(list(cors.get("AllowMethods")), ["POST"]);
-    assert_eq!(list(cors.get("ExposeHeaders")), ["retry-after"]);
+    assert!(r["ClaimsApi"]["Properties"]
+        .get("CorsConfiguration")
+        .is_none());
+    let claims = &distribution["CacheBehaviors"][0];
+    assert_eq!(claims["PathPattern"].as_str(), Some("/claims"));
+    assert_eq!(claims["ViewerProtocolPolicy"].as_str(), Some("https-only"));
+    let origin = distribution["Origins"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|o| o["Id"] == claims["TargetOriginId"])
+        .unwrap();
+    assert_eq!(
+        text(&origin["DomainName"]).as_deref(),
+        Some("!Sub ${ClaimsApi}.execute-api.${AWS::Region}.${AWS::URLSuffix}")
+    );
+    assert_eq!(
+        origin["CustomOriginConfig"]["OriginProtocolPolicy"].as_str(),
+        Some("https-only")
+    );
     assert_eq!(
         r["InstallersAppClient"]["Properties"]["GenerateSecret"].as_bool(),
         Some(false)

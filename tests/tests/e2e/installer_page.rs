@@ -209,6 +209,8 @@ async fn an_installer_signs_in_gets_a_claim_and_downloads_its_files_in_chromium(
         "The camera is blocked for this page: allow it in the browser's site settings, or type the serial."
     );
     assert_eq!(seen["cameraBlockedAfter"], true, "the scan button is back");
+    // Signing out revoked the refresh token at Cognito (the page says less if it could not).
+    assert_eq!(seen["signedOut"], "Signed out.");
     assert!(seen["signedInAgain"]
         .as_str()
         .unwrap()
