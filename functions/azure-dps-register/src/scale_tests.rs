@@ -407,31 +407,33 @@ async fn a_sim_past_its_share_holds_no_fleet_unit_even_concurrently() {
     );
 }
 
-/// Issue: a SIM blocked while its registration was in flight still got its key (the record's
-/// conditional write failed, was logged, and the answer went out).
+/// Issue: a SIM blocked while its registration was in flight still got its key or certificate
+/// (the record's conditional write failed, was logged, and the answer went out).
 #[tokio::test]
-async fn a_sim_blocked_while_dps_registers_it_gets_no_key() {
-    let s = state(&[]);
-    s.registry.block_before_next_record();
-    let r = call(&s, json!({})).await;
-    assert_eq!(
-        (r.status_code, r.error),
-        (403, Some("sim-blocked")),
-        "{}",
-        r.outline()
-    );
-    assert_eq!(
-        dps_calls(&s),
-        1,
-        "DPS registered it before the block landed"
-    );
-    assert!(!r.body.contains("SharedAccessKey"), "{}", r.body);
-    // Recorded for the card (its termination must find the device), not for the IMSI.
-    assert_eq!(
-        s.registry.card_imsis(crate::handler_tests::SIM_ID),
-        vec![IMSI.to_owned()]
-    );
-    assert_eq!(recorded_or_none(&s), None);
+async fn a_sim_blocked_while_dps_registers_it_gets_no_key_or_certificate() {
+    for s in [state(&[]), crate::x509_tests::x509(&[])] {
+        s.registry.block_before_next_record();
+        let r = call(&s, json!({})).await;
+        assert_eq!(
+            (r.status_code, r.error),
+            (403, Some("sim-blocked")),
+            "{}",
+            r.outline()
+        );
+        assert_eq!(
+            dps_calls(&s),
+            1,
+            "DPS registered it before the block landed"
+        );
+        assert!(!r.body.contains("SharedAccessKey"), "{}", r.body);
+        assert_eq!((r.certificate_pem, r.private_key_pem), (None, None));
+        // Recorded for the card (its termination must find the device), not for the IMSI.
+        assert_eq!(
+            s.registry.card_imsis(crate::handler_tests::SIM_ID),
+            vec![IMSI.to_owned()]
+        );
+        assert_eq!(recorded_or_none(&s), None);
+    }
 }
 
 fn recorded_or_none(s: &TestState) -> Option<Registration> {

@@ -142,6 +142,22 @@ pub(crate) async fn register<R: SimRegistry, K, D: Dps, L: DpsLimits, C: DeviceC
     ))
 }
 
+/// The SIM's recorded certificate, if it was issued for this registration id.
+fn current<'r>(
+    recorded: Option<&'r Registration>,
+    registration_id: &str,
+) -> Option<&'r IssuedCertificate> {
+    recorded
+        .filter(|r| r.registration_id == registration_id)?
+        .certificate
+        .as_ref()
+}
+
+/// How long until `now` reaches `at`, if it has not yet.
+fn wait_until(at: u64, now: u64) -> Option<Duration> {
+    (now < at).then(|| Duration::from_secs(at - now))
+}
+
 /// How long until the SIM's recorded certificate (for this registration id) enters its renewal
 /// window, if it has not yet: until then the device should keep using it.
 fn renewal_wait(
@@ -150,14 +166,11 @@ fn renewal_wait(
     settings: &X509Settings,
     now: u64,
 ) -> Option<Duration> {
-    let certificate = recorded
-        .filter(|r| r.registration_id == registration_id)?
-        .certificate
-        .as_ref()?;
+    let certificate = current(recorded, registration_id)?;
     let renew_from = certificate
         .expires_at
         .saturating_sub(settings.renew_before.as_secs());
-    (now < renew_from).then(|| Duration::from_secs(renew_from - now))
+    wait_until(renew_from, now)
 }
 
 /// How long until the device may have another certificate, if its recorded one (for this
@@ -169,15 +182,11 @@ fn rotation_wait(
     settings: &X509Settings,
     now: u64,
 ) -> Option<Duration> {
-    let certificate = recorded
-        .filter(|r| r.registration_id == registration_id)?
-        .certificate
-        .as_ref()?;
+    let certificate = current(recorded, registration_id)?;
     let issued = certificate
         .expires_at
         .saturating_sub(settings.lifetime.as_secs());
-    let next = issued.saturating_add(settings.min_rotation.as_secs());
-    (now < next).then(|| Duration::from_secs(next - now))
+    wait_until(issued.saturating_add(settings.min_rotation.as_secs()), now)
 }
 
 /// KMS or SSM unavailable, or refusing (the key disabled, access denied): nothing was issued,

@@ -17,7 +17,7 @@ use crate::handler_tests::{entry, funk, sim, state, TestState, IMSI};
 
 const DAY: u64 = 86_400;
 
-fn x509(extra: &[(&str, &str)]) -> TestState {
+pub(crate) fn x509(extra: &[(&str, &str)]) -> TestState {
     let env: Vec<(&str, &str)> = [
         ("ATTESTATION", "x509"),
         ("CA_KMS_KEY_ID", "alias/device-ca"),
@@ -229,27 +229,6 @@ async fn a_certificate_dps_refuses_is_a_502_and_nothing_is_recorded() {
     });
     let r = call(&s, json!({})).await;
     assert_eq!((r.error, r.retry_after), (Some("dps-throttled"), Some(9)));
-}
-
-/// Issue: a SIM blocked while its registration was in flight still got its certificate.
-#[tokio::test]
-async fn a_sim_blocked_while_dps_registers_it_gets_no_certificate() {
-    let s = x509(&[]);
-    s.registry.block_before_next_record();
-    let r = call(&s, json!({})).await;
-    assert_eq!(
-        (r.status_code, r.error),
-        (403, Some("sim-blocked")),
-        "{}",
-        r.outline()
-    );
-    assert_eq!(
-        issued(&s),
-        1,
-        "issued and registered before the block landed"
-    );
-    assert_eq!((r.certificate_pem, r.private_key_pem), (None, None));
-    assert_eq!(recorded(&s), None);
 }
 
 /// Issue: `rotate` revoked nothing and only the last certificate was recorded, so a SIM held
