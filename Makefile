@@ -103,6 +103,7 @@ $(MUTANTS):
 	cargo install --locked --quiet cargo-mutants --version $(MUTANTS_VERSION) --root $(CURDIR)/.tools
 
 mutants: $(MUTANTS)
+	mkdir -p target/mutants/domain target/mutants/fleet-prehook target/mutants/azure-dps-register
 	$(MUTANTS) mutants --package domain --file shared/domain/src/sas.rs \
 	  --file shared/domain/src/soracom.rs --file shared/domain/src/keys.rs \
 	  --output target/mutants/domain
