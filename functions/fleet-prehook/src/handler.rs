@@ -605,13 +605,27 @@ mod tests {
             replaces(&stale, "new", now, pending, Some("me")),
             Ok(Replaces::StalePending { .. })
         ));
-        for (r, who) in [
-            (record(ProvisioningState::Pending, 10, "me"), "me"),
-            (record(ProvisioningState::Confirmed, 601, "me"), "me"),
-            (stale.clone(), "someone-else"),
+        // The log says which rule refused (an operator reads it to tell a retry from an attack).
+        for (r, who, why) in [
+            (
+                record(ProvisioningState::Pending, 10, "me"),
+                "me",
+                "serial is pending with another certificate",
+            ),
+            (
+                record(ProvisioningState::Confirmed, 601, "me"),
+                "me",
+                "serial's device connected with another certificate",
+            ),
+            (
+                stale.clone(),
+                "someone-else",
+                "serial is pending with another certificate, from another installer's claim",
+            ),
         ] {
             let denied = replaces(&r, "new", now, pending, Some(who)).unwrap_err();
             assert_eq!(denied.code, Reason::AlreadyProvisioned);
+            assert_eq!(denied.detail, why);
         }
         assert!(replaces(&stale, "new", now, pending, None).is_err());
         assert!(matches!(
