@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 
-use super::item::{decode, decode_claim, encode, n, projection, s};
+use super::item::{decode, decode_certificate, decode_claim, encode, n, projection, s};
 use super::*;
 use crate::aws::classify;
 
@@ -187,32 +187,13 @@ impl DynamoRegistry {
     pub async fn certificates(&self, now: u64) -> Result<Vec<CertificateIssue>, RegistryError> {
         let mut issued = Vec::new();
         for item in self.scan(&["cert#"], CERTIFICATE_ATTRIBUTES).await? {
-            let Some(AttributeValue::S(key)) = item.get(KEY_ATTRIBUTE) else {
-                continue;
-            };
-            let text = |field: &'static str| match item.get(field) {
-                Some(AttributeValue::S(v)) => Ok(v.clone()),
-                _ => Err(RegistryError::Malformed {
-                    key: key.clone(),
-                    field,
-                }),
-            };
-            let number = |field: &'static str| {
-                text_number(item.get(field)).ok_or_else(|| RegistryError::Malformed {
-                    key: key.clone(),
-                    field,
-                })
-            };
-            let issue = CertificateIssue {
-                serial: key.trim_start_matches("cert#").to_owned(),
-                fingerprint: text("fingerprint")?,
-                imsi: text("imsi")?,
-                registration_id: text("registration_id")?,
-                issued_at: number("issued_at")?,
-                expires_at: number("expires_at")?,
-            };
-            if issue.expires_at > now {
-                issued.push(issue);
+            if let Some(AttributeValue::S(key)) = item.get(KEY_ATTRIBUTE) {
+                if let Some(serial) = key.strip_prefix("cert#") {
+                    let issue = decode_certificate(serial, &item)?;
+                    if issue.expires_at > now {
+                        issued.push(issue);
+                    }
+                }
             }
         }
         issued.sort_by(|a, b| (&a.imsi, a.issued_at).cmp(&(&b.imsi, b.issued_at)));
@@ -364,13 +345,6 @@ impl DynamoRegistry {
             }
         }
         Ok(taken)
-    }
-}
-
-fn text_number(value: Option<&AttributeValue>) -> Option<u64> {
-    match value {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
     }
 }
 

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::{
-    claim_key, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord, DeviceStatus, IssuedCertificate,
-    Provisioning, ProvisioningState, Registration, RegistryError, KEY_ATTRIBUTE,
+    certificate_key, claim_key, CertificateIssue, ClaimRecord, ClaimUsed, DeviceId, DeviceRecord,
+    DeviceStatus, IssuedCertificate, Provisioning, ProvisioningState, Registration, RegistryError,
+    KEY_ATTRIBUTE,
 };
 
 pub(super) fn s(v: &str) -> AttributeValue {
@@ -192,6 +193,25 @@ pub(super) fn decode_provisioning(
     item: &HashMap<String, AttributeValue>,
 ) -> Result<Option<Provisioning>, RegistryError> {
     provisioning(&Attributes { key, item })
+}
+
+/// An issued certificate's item (`cert#<serial>`).
+pub(super) fn decode_certificate(
+    serial: &str,
+    item: &HashMap<String, AttributeValue>,
+) -> Result<CertificateIssue, RegistryError> {
+    let key = certificate_key(serial);
+    let a = Attributes { key: &key, item };
+    let text = |field| a.required(field, a.text(field));
+    let number = |field| a.required(field, a.number(field));
+    Ok(CertificateIssue {
+        serial: serial.to_owned(),
+        fingerprint: text("fingerprint")?,
+        imsi: text("imsi")?,
+        registration_id: text("registration_id")?,
+        issued_at: number("issued_at")?,
+        expires_at: number("expires_at")?,
+    })
 }
 
 pub(super) fn decode_claim(
